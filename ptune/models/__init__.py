@@ -1,0 +1,77 @@
+"""Model families and how to build, initialise and inspect them.
+
+    model = build(model_config("gpt2-tiny"), sites)
+    params = init(model, jax.random.key(0))
+"""
+
+from __future__ import annotations
+
+import re
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from ptune import partition
+from ptune.models.bert import Bert
+from ptune.models.config import PRESETS, ModelConfig, model_config
+from ptune.models.gpt2 import GPT2
+from ptune.models.llama import Llama
+from ptune.models.sites import Sites
+
+FAMILIES = {"gpt2": GPT2, "llama": Llama, "bert": Bert}
+
+# PEFT's default target modules per family (names matched as path suffixes).
+DEFAULT_TARGETS = {
+    "gpt2": dict(lora=["c_attn"], ia3=["c_attn", "mlp.c_proj"], ia3_feedforward=["mlp.c_proj"]),
+    "llama": dict(lora=["q_proj", "v_proj"], ia3=["k_proj", "v_proj", "down_proj"],
+                  ia3_feedforward=["down_proj"]),
+    "bert": dict(lora=["query", "value"], ia3=["key", "value", "output.dense"],
+                 ia3_feedforward=["output.dense"]),
+}
+
+__all__ = ["DEFAULT_TARGETS", "FAMILIES", "PRESETS", "ModelConfig", "Sites", "build", "init",
+           "abstract_params", "linear_layers", "model_config", "init_cache"]
+
+
+def build(config: ModelConfig, sites: Sites = Sites()) -> nn.Module:
+    return FAMILIES[config.family](config, sites)
+
+
+def _dummy(batch: int, length: int):
+    return jnp.zeros((batch, length), jnp.int32)
+
+
+def abstract_params(model: nn.Module, length: int = 8):
+    """Parameter shapes/dtypes (boxed with logical axis names), without allocating anything."""
+    return jax.eval_shape(lambda: model.init(jax.random.key(0), _dummy(1, length))["params"])
+
+
+def init(model: nn.Module, rng, length: int = 8):
+    """Random parameters (unboxed) and a check that every linear-layer site found a layer."""
+    params = nn.unbox(jax.jit(lambda r: model.init(r, _dummy(1, length)))(rng)["params"])
+    check_targets(model, params)
+    return params
+
+
+def linear_layers(params) -> list[str]:
+    """Module paths of every linear layer (those with a 2-D `kernel`)."""
+    return [p[: -len("/kernel")] for p, x in partition.flatten(params).items()
+            if p.endswith("/kernel") and x.ndim == 2]
+
+
+def check_targets(model: nn.Module, params):
+    """A LoRA or IA3 `targets` pattern that matches no layer is a config error, not a no-op."""
+    for kind, leaf in (("lora", "lora_a"), ("ia3", "ia3")):
+        spec = getattr(model.sites, kind)
+        if spec and not any(p.endswith("/" + leaf) for p in partition.flatten(params)):
+            layers = linear_layers(params)
+            raise ValueError(
+                f"method {kind}: targets {spec.targets!r} match no layer of this {model.config.family} model; "
+                f"linear layers are e.g. {sorted({re.sub(r'_[0-9]+/', '_N/', p) for p in layers})}")
+
+
+def init_cache(model: nn.Module, params, batch: int, max_len: int):
+    """An empty KV cache for `max_len` text tokens (plus any soft prompt)."""
+    variables = jax.eval_shape(lambda: model.init(jax.random.key(0), _dummy(batch, max_len), decode=True))
+    return jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), nn.unbox(variables["cache"]))

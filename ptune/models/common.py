@@ -1,0 +1,124 @@
+"""The flow every model family shares: inputs -> (prompt, positions, masks) -> blocks -> outputs.
+
+A family module supplies its embeddings, blocks and final norm; `prepare` and
+`outputs` do the rest, so soft prompts, prefixes, the KV cache and the output
+heads behave identically in every family.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import flax.linen as nn
+import jax.numpy as jnp
+
+from ptune.models.layers import PrefixKV, SoftPrompt, param, visible_mask
+
+OUTPUTS = ("hidden", "logits", "last_logits", "class")
+
+
+class Prepared(NamedTuple):
+    x: jnp.ndarray               # (B, P+T, d) token embeddings, soft prompt first
+    positions: jnp.ndarray       # (B, P+T) position ids
+    mask: jnp.ndarray            # (B, P+T) 1 for real tokens (this call's)
+    visible: jnp.ndarray         # (B, 1, P+T, prefix+S) which keys each query sees
+    prefix: jnp.ndarray | None   # (layers, 2, prefix, kv_heads, head_dim)
+    cache_index: jnp.ndarray | None
+    n_prompt: int
+
+
+def prepare(model: nn.Module, tok, attention_mask, positions, *, decode: bool, with_prompt: bool,
+            causal: bool) -> Prepared:
+    """Prepend the soft prompt and build positions and attention visibility.
+
+    Positions count real tokens from 0 and are shifted past the prompt and
+    prefix (which sit before the text, as in HF PEFT). In decode mode
+    `attention_mask` covers every cache slot of the text (B, max_len), `positions`
+    must be given, and the prompt is prepended only when `with_prompt` (prefill).
+    """
+    cfg, sites = model.config, model.sites
+    B, T = tok.shape[:2]
+    n_prompt = sites.prompt.length if sites.prompt else 0
+    n_prefix = sites.prefix.length if sites.prefix else 0
+    if attention_mask is None:
+        attention_mask = jnp.ones((B, T), jnp.int32)
+    if positions is None:
+        if decode and not model.is_initializing():
+            raise ValueError("decode mode needs explicit positions (see ptune.generate)")
+        positions = jnp.maximum(jnp.cumsum(attention_mask[:, :T], axis=1) - 1, 0)
+    positions = positions + n_prompt + n_prefix
+    kv_mask = jnp.concatenate([jnp.ones((B, n_prompt), attention_mask.dtype), attention_mask], 1)
+    this_mask = attention_mask[:, :T]
+    if sites.prompt and with_prompt:
+        prompt = SoftPrompt(n_prompt, cfg.hidden_size, name="prompt")().astype(tok.dtype)
+        tok = jnp.concatenate([jnp.broadcast_to(prompt, (B,) + prompt.shape), tok], 1)
+        prompt_pos = jnp.broadcast_to(jnp.arange(n_prompt) + n_prefix, (B, n_prompt))
+        positions = jnp.concatenate([prompt_pos, positions], 1)
+        this_mask = jnp.concatenate([jnp.ones((B, n_prompt), this_mask.dtype), this_mask], 1)
+    L = tok.shape[1]
+    cache_index = None
+    if decode:
+        index = model.variable("cache", "index", lambda: jnp.zeros((), jnp.int32))
+        cache_index = index.value
+        q_slots = cache_index + jnp.arange(L)
+        if not model.is_initializing():
+            index.value = cache_index + L
+    else:
+        q_slots, kv_mask = jnp.arange(L), this_mask
+    q_slots = jnp.broadcast_to(q_slots, (B, L))
+    prefix = None
+    if sites.prefix:
+        prefix = PrefixKV(sites.prefix, cfg.num_layers, cfg.num_kv_heads, cfg.head_dim,
+                          cfg.hidden_size, name="prefix")()
+    visible = visible_mask(kv_mask, q_slots, causal, n_prefix)
+    return Prepared(tok, positions, this_mask, visible, prefix, cache_index, n_prompt)
+
+
+def outputs(model: nn.Module, h, mask, n_prompt: int, output: str, lm_logits=None, pool=None):
+    """Drop the prompt positions and compute the requested output.
+
+    hidden: (B,T,d); logits: (B,T,V); last_logits: (B,V) at the last real token;
+    class: (B,num_labels) from the task head on the pooled (or last-token) state.
+    """
+    if output not in OUTPUTS:
+        raise ValueError(f"output={output!r}; choose one of {OUTPUTS}")
+    cfg = model.config
+    if output == "class" and not cfg.num_labels:
+        raise ValueError("output='class' needs a task head: set model.num_labels > 0")
+    pooled = pool(h) if pool else None
+    h, mask = h[:, n_prompt:], mask[:, n_prompt:]
+    last = jnp.take_along_axis(h, last_token(mask)[:, None, None], axis=1)[:, 0]
+    class_logits = lambda: ClassHead(cfg.num_labels, cfg.head_bias, name=cfg.head_name)(
+        last if pooled is None else pooled)
+    if model.is_initializing():
+        # Create every head's parameters, whatever output init was asked for.
+        if lm_logits:
+            lm_logits(last)
+        if cfg.num_labels and output != "class":
+            class_logits()
+    if output == "hidden":
+        return h
+    if output == "class":
+        return class_logits()
+    if lm_logits is None:
+        raise ValueError(f"{type(model).__name__} has no language-model head for output={output!r}")
+    return lm_logits(h if output == "logits" else last)
+
+
+class ClassHead(nn.Module):
+    """The task head (HF: `classifier` for encoders, `score` for decoders)."""
+    num_labels: int
+    use_bias: bool
+
+    @nn.compact
+    def __call__(self, x):
+        y = x.astype(jnp.float32) @ param(self, "kernel", nn.initializers.normal(0.02),
+                                          (x.shape[-1], self.num_labels), ("embed", None))
+        if self.use_bias:
+            y = y + param(self, "bias", nn.initializers.zeros, (self.num_labels,), (None,))
+        return y
+
+
+def last_token(mask):
+    """Index of the last real token per row (works for left and right padding). mask: (B,T)."""
+    return jnp.argmax(jnp.where(mask > 0, jnp.arange(mask.shape[1]), -1), axis=1)

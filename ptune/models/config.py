@@ -1,0 +1,91 @@
+"""One config dataclass for every family, with named presets."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax.numpy as jnp
+
+FAMILIES = ("gpt2", "llama", "bert")
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    family: str
+    vocab_size: int
+    hidden_size: int
+    num_layers: int
+    num_heads: int
+    intermediate_size: int
+    max_positions: int
+    num_kv_heads: int | None = None     # grouped-query attention; None = num_heads
+    norm_eps: float = 1e-5
+    activation: str = "gelu_new"
+    rope_theta: float = 10000.0         # llama
+    tie_embeddings: bool = True         # decoders: lm head = token embedding
+    qkv_bias: bool = False              # llama (Qwen2 style)
+    type_vocab_size: int = 2            # bert
+    num_labels: int = 0                 # task head size; 0 = no head
+    dropout: float = 0.0
+    dtype: str = "float32"              # compute dtype
+
+    def __post_init__(self):
+        if self.family not in FAMILIES:
+            raise ValueError(f"model.family={self.family!r}; choose one of {FAMILIES}")
+        if self.num_kv_heads is None:
+            object.__setattr__(self, "num_kv_heads", self.num_heads)
+        if self.hidden_size % self.num_heads or self.num_heads % self.num_kv_heads:
+            raise ValueError(f"model: hidden_size {self.hidden_size}, num_heads {self.num_heads} and "
+                             f"num_kv_heads {self.num_kv_heads} must divide evenly")
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_heads
+
+    @property
+    def causal(self) -> bool:
+        return self.family != "bert"
+
+    @property
+    def head_name(self) -> str:
+        return "classifier" if self.family == "bert" else "score"
+
+    @property
+    def head_bias(self) -> bool:
+        return self.family == "bert"
+
+    @property
+    def compute_dtype(self):
+        return jnp.dtype(self.dtype)
+
+
+PRESETS: dict[str, dict] = {
+    # Real shapes (weights come from checkpoints; see the real-models issue).
+    "gpt2": dict(family="gpt2", vocab_size=50257, hidden_size=768, num_layers=12, num_heads=12,
+                 intermediate_size=3072, max_positions=1024),
+    "smollm2-135m": dict(family="llama", vocab_size=49152, hidden_size=576, num_layers=30, num_heads=9,
+                         num_kv_heads=3, intermediate_size=1536, max_positions=8192, norm_eps=1e-5,
+                         activation="silu", rope_theta=100000.0, tie_embeddings=True),
+    "bert-base": dict(family="bert", vocab_size=30522, hidden_size=768, num_layers=12, num_heads=12,
+                      intermediate_size=3072, max_positions=512, norm_eps=1e-12, activation="gelu"),
+    "minilm-l6": dict(family="bert", vocab_size=30522, hidden_size=384, num_layers=6, num_heads=12,
+                      intermediate_size=1536, max_positions=512, norm_eps=1e-12, activation="gelu"),
+    # Tiny shapes for tests and CPU smoke runs (random init).
+    "gpt2-tiny": dict(family="gpt2", vocab_size=260, hidden_size=64, num_layers=2, num_heads=4,
+                      intermediate_size=256, max_positions=128),
+    "llama-tiny": dict(family="llama", vocab_size=260, hidden_size=64, num_layers=2, num_heads=4,
+                       num_kv_heads=2, intermediate_size=160, max_positions=128, activation="silu",
+                       rope_theta=10000.0, tie_embeddings=False),
+    "bert-tiny": dict(family="bert", vocab_size=260, hidden_size=64, num_layers=2, num_heads=4,
+                      intermediate_size=256, max_positions=128, norm_eps=1e-12, activation="gelu"),
+}
+
+
+def model_config(preset: str, **overrides) -> ModelConfig:
+    if preset not in PRESETS:
+        raise ValueError(f"model.preset={preset!r} is unknown; choose one of {sorted(PRESETS)}")
+    fields = {f.name for f in dataclasses.fields(ModelConfig)}
+    unknown = sorted(set(overrides) - fields)
+    if unknown:
+        raise ValueError(f"model config has no key(s) {unknown}; valid keys: {sorted(fields)}")
+    return ModelConfig(**{**PRESETS[preset], **overrides})

@@ -1,0 +1,182 @@
+"""Layers shared by every model family, and the sites they know how to grow.
+
+`Linear` grows LoRA and IA3 when its module path matches the site's targets;
+`Adapter`, `SoftPrompt` and `PrefixKV` are whole sites; `attend` is attention
+with optional prefix keys/values and a KV cache. Parameters carry logical axis
+names (``embed``, ``mlp``, ``heads``, ``kv``, ``vocab``) for sharding rules.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from ptune.models.sites import Adapter as AdapterSpec
+from ptune.models.sites import Prefix as PrefixSpec
+from ptune.models.sites import Sites
+
+Dtype = Any
+normal = nn.initializers.normal
+# PEFT initialises LoRA A like torch.nn.Linear: kaiming_uniform(a=sqrt(5)) = U(±1/sqrt(fan_in)).
+lora_a_init = nn.initializers.variance_scaling(1 / 3, "fan_in", "uniform")
+
+
+def param(module: nn.Module, name: str, init, shape, axes, dtype=jnp.float32):
+    """A parameter annotated with logical axis names (one per dimension)."""
+    return module.param(name, nn.with_logical_partitioning(init, axes), shape, dtype)
+
+
+class Linear(nn.Module):
+    """y = x @ kernel + bias, with LoRA and IA3 grown where the sites target this layer."""
+    features: int
+    axes: tuple[str | None, str | None] = ("embed", "mlp")
+    use_bias: bool = True
+    sites: Sites = Sites()
+    kernel_init: Any = normal(0.02)
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x, deterministic: bool = True):
+        path = "/".join(self.path)
+        lora, ia3 = self.sites.lora, self.sites.ia3
+        lora = lora if lora and re.search(lora.targets, path) else None
+        ia3 = ia3 if ia3 and re.search(ia3.targets, path) else None
+        ia3_on_input = bool(ia3 and re.search(ia3.feedforward, path))
+        d_in = x.shape[-1]
+        x = x.astype(self.dtype)
+        if ia3_on_input:
+            x = x * param(self, "ia3", nn.initializers.ones, (d_in,), (self.axes[0],)).astype(self.dtype)
+        kernel = param(self, "kernel", self.kernel_init, (d_in, self.features), self.axes)
+        y = x @ kernel.astype(self.dtype)
+        if lora:
+            a = param(self, "lora_a", lora_a_init, (d_in, lora.rank), (self.axes[0], None))
+            b = param(self, "lora_b", nn.initializers.zeros, (lora.rank, self.features),
+                      (None, self.axes[1]))
+            h = nn.Dropout(lora.dropout)(x, deterministic=deterministic)
+            y = y + (h @ a.astype(self.dtype)) @ (b * lora.scale).astype(self.dtype)
+        if self.use_bias:
+            y = y + param(self, "bias", nn.initializers.zeros, (self.features,), (self.axes[1],)).astype(self.dtype)
+        if ia3 and not ia3_on_input:
+            y = y * param(self, "ia3", nn.initializers.ones, (self.features,), (self.axes[1],)).astype(self.dtype)
+        return y
+
+
+ACTIVATIONS = {"relu": nn.relu, "gelu": nn.gelu, "gelu_new": lambda x: nn.gelu(x, approximate=True),
+               "silu": nn.silu, "swish": nn.silu, "tanh": jnp.tanh}
+
+
+class Adapter(nn.Module):
+    """Houlsby/Pfeiffer bottleneck: x + up(act(down(x))), up initialised to 0 (identity)."""
+    spec: AdapterSpec
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        d = x.shape[-1]
+        h = x.astype(self.dtype) @ param(self, "down", normal(1e-3), (d, self.spec.size), ("embed", None))
+        h = ACTIVATIONS[self.spec.activation](h + param(self, "down_bias", nn.initializers.zeros, (self.spec.size,), (None,)))
+        h = h @ param(self, "up", nn.initializers.zeros, (self.spec.size, d), (None, "embed"))
+        return x + h + param(self, "up_bias", nn.initializers.zeros, (d,), ("embed",))
+
+
+class SoftPrompt(nn.Module):
+    """L trainable input embeddings (Lester et al.), uniform in [-0.5, 0.5] until a method re-initialises them."""
+    length: int
+    features: int
+
+    @nn.compact
+    def __call__(self):
+        init = lambda key, shape, dtype: jax.random.uniform(key, shape, dtype, -0.5, 0.5)
+        return param(self, "embedding", init, (self.length, self.features), (None, "embed"))
+
+
+class PrefixKV(nn.Module):
+    """Per-layer key/value prefixes, shape (layers, 2, L, kv_heads, head_dim).
+
+    With ``spec.hidden`` they come from Li & Liang's reparameterisation
+    (embedding -> Linear -> tanh -> Linear), which `ptune.methods.prefix.fold`
+    evaluates once to give the direct form (a single ``kv`` parameter).
+    """
+    spec: PrefixSpec
+    num_layers: int
+    kv_heads: int
+    head_dim: int
+    d_model: int
+
+    @nn.compact
+    def __call__(self):
+        L, width = self.spec.length, self.num_layers * 2 * self.kv_heads * self.head_dim
+        shape = (self.num_layers, 2, L, self.kv_heads, self.head_dim)
+        if self.spec.hidden is None:
+            kv = param(self, "kv", normal(0.02), (self.num_layers, 2, L, self.kv_heads * self.head_dim),
+                       ("layers", None, None, "kv"))
+            return kv.reshape(shape)
+        e = param(self, "embedding", normal(0.02), (L, self.d_model), (None, "embed"))
+        h = jnp.tanh(nn.Dense(self.spec.hidden, name="mlp_in")(e))
+        kv = nn.Dense(width, name="mlp_out")(h)                       # (L, layers*2*kv)
+        return kv.reshape(L, self.num_layers, 2, self.kv_heads, self.head_dim).transpose(1, 2, 0, 3, 4)
+
+
+def rope(x, positions, theta: float):
+    """Rotary embedding in the HF 'rotate_half' convention. x: (B,T,H,D), positions: (B,T)."""
+    d = x.shape[-1]
+    inv_freq = 1.0 / (theta ** (jnp.arange(0, d, 2, dtype=jnp.float32) / d))
+    angles = positions[..., None].astype(jnp.float32) * inv_freq            # (B,T,D/2)
+    angles = jnp.concatenate([angles, angles], -1)[:, :, None, :]
+    x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
+    rotated = jnp.concatenate([-x2, x1], -1)
+    return (x * jnp.cos(angles) + rotated * jnp.sin(angles)).astype(x.dtype)
+
+
+def visible_mask(kv_mask, q_slots, causal: bool, prefix_len: int = 0):
+    """(B,1,T,P+S) bool: which keys each query sees. kv_mask: (B,S); q_slots: (B,T)."""
+    visible = kv_mask[:, None, :].astype(bool)
+    if causal:
+        visible = visible & (jnp.arange(kv_mask.shape[1])[None, None, :] <= q_slots[:, :, None])
+    if prefix_len:
+        pre = jnp.ones(visible.shape[:2] + (prefix_len,), bool)
+        visible = jnp.concatenate([pre, visible], -1)
+    return visible[:, None]
+
+
+def attend(module: nn.Module, q, k, v, visible, *, prefix=None, cache_index=None, dtype=jnp.float32):
+    """Multi-head / grouped-query attention.
+
+    q: (B,T,H,D); k, v: (B,T,K,D) with H % K == 0; visible: (B,1,T,P+S);
+    prefix: (2,P,K,D) keys/values seen by every query; cache_index: slot where
+    this call's keys go in the module's KV cache (decode mode), else None.
+    Returns (B,T,H*D).
+    """
+    B, T, H, D = q.shape
+    if cache_index is not None:
+        k, v = _update_cache(module, k, v, cache_index)
+    if prefix is not None:
+        pk, pv = (jnp.broadcast_to(p, (B,) + p.shape).astype(k.dtype) for p in prefix)
+        k, v = jnp.concatenate([pk, k], 1), jnp.concatenate([pv, v], 1)
+    K = k.shape[2]
+    q = q.reshape(B, T, K, H // K, D).astype(dtype)
+    scores = jnp.einsum("btkgd,bskd->bkgts", q, k.astype(dtype)).astype(jnp.float32) / jnp.sqrt(D)
+    scores = jnp.where(visible[:, :, None], scores, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(scores, axis=-1).astype(dtype)
+    out = jnp.einsum("bkgts,bskd->btkgd", probs, v.astype(dtype))
+    return out.reshape(B, T, H * D)
+
+
+def _update_cache(module: nn.Module, k, v, index):
+    """Write this call's keys/values at `index` and return the whole cache.
+
+    The cache is created (zeros) by initialising the model in decode mode with
+    inputs of the full cache length; see `ptune.models.init_cache`.
+    """
+    initialized = module.has_variable("cache", "key")
+    ck = module.variable("cache", "key", jnp.zeros, k.shape, k.dtype)
+    cv = module.variable("cache", "value", jnp.zeros, v.shape, v.dtype)
+    if not initialized:
+        return k, v
+    ck.value = jax.lax.dynamic_update_slice(ck.value, k.astype(ck.value.dtype), (0, index, 0, 0))
+    cv.value = jax.lax.dynamic_update_slice(cv.value, v.astype(cv.value.dtype), (0, index, 0, 0))
+    return ck.value, cv.value

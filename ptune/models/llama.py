@@ -1,0 +1,99 @@
+"""LLaMA family: RoPE, RMSNorm, SwiGLU, grouped-query attention, optional qkv bias and
+tied embeddings (HF `LlamaForCausalLM` / `LlamaForSequenceClassification` names), so
+SmolLM2-, Llama- and Qwen2-style checkpoints fit."""
+
+from __future__ import annotations
+
+import flax.linen as nn
+
+from ptune.models import common
+from ptune.models.config import ModelConfig
+from ptune.models.layers import ACTIVATIONS, Adapter, Linear, attend, rope
+from ptune.models.sites import Sites
+
+_EMBED = nn.with_logical_partitioning(nn.initializers.normal(0.02), ("vocab", "embed"))
+
+
+class LlamaAttention(nn.Module):
+    config: ModelConfig
+    sites: Sites
+
+    @nn.compact
+    def __call__(self, x, p: common.Prepared, layer: int, deterministic: bool):
+        cfg, dt = self.config, self.config.compute_dtype
+        B, T, _ = x.shape
+        proj = lambda n, heads, name: Linear(heads * cfg.head_dim, ("embed", "heads"), cfg.qkv_bias, self.sites,
+                                             dtype=dt, name=name)(x, deterministic).reshape(B, T, heads, cfg.head_dim)
+        q = rope(proj("q", cfg.num_heads, "q_proj"), p.positions, cfg.rope_theta)
+        k = rope(proj("k", cfg.num_kv_heads, "k_proj"), p.positions, cfg.rope_theta)
+        v = proj("v", cfg.num_kv_heads, "v_proj")
+        prefix = None if p.prefix is None else p.prefix[layer]
+        out = attend(self, q, k, v, p.visible, prefix=prefix, cache_index=p.cache_index, dtype=dt)
+        return Linear(cfg.hidden_size, ("heads", "embed"), False, self.sites, dtype=dt, name="o_proj")(out, deterministic)
+
+
+class LlamaMLP(nn.Module):
+    config: ModelConfig
+    sites: Sites
+
+    @nn.compact
+    def __call__(self, x, deterministic: bool):
+        cfg, dt = self.config, self.config.compute_dtype
+        lin = lambda n, axes, name: Linear(n, axes, False, self.sites, dtype=dt, name=name)
+        gate = lin(cfg.intermediate_size, ("embed", "mlp"), "gate_proj")(x, deterministic)
+        up = lin(cfg.intermediate_size, ("embed", "mlp"), "up_proj")(x, deterministic)
+        return lin(cfg.hidden_size, ("mlp", "embed"), "down_proj")(ACTIVATIONS[cfg.activation](gate) * up, deterministic)
+
+
+class LlamaBlock(nn.Module):
+    config: ModelConfig
+    sites: Sites
+
+    @nn.compact
+    def __call__(self, x, p: common.Prepared, layer: int, deterministic: bool):
+        cfg, adapter = self.config, self.sites.adapter
+        h = LlamaAttention(cfg, self.sites, name="self_attn")(
+            nn.RMSNorm(cfg.norm_eps, name="input_layernorm")(x), p, layer, deterministic)
+        if adapter and adapter.after_attention:
+            h = Adapter(adapter, name="attn_adapter")(h)
+        x = x + h
+        h = LlamaMLP(cfg, self.sites, name="mlp")(nn.RMSNorm(cfg.norm_eps, name="post_attention_layernorm")(x),
+                                                  deterministic)
+        if adapter:
+            h = Adapter(adapter, name="mlp_adapter")(h)
+        return x + h
+
+
+class LlamaModel(nn.Module):
+    """HF `model`: `embed_tokens`, blocks `layers_i`, final `norm`."""
+    config: ModelConfig
+    sites: Sites
+
+    def setup(self):
+        cfg = self.config
+        self.embed_tokens = nn.Embed(cfg.vocab_size, cfg.hidden_size, embedding_init=_EMBED)
+        self.layers = [LlamaBlock(cfg, self.sites) for _ in range(cfg.num_layers)]
+        self.norm = nn.RMSNorm(cfg.norm_eps)
+
+    def __call__(self, p: common.Prepared, deterministic: bool):
+        x = p.x
+        for i, block in enumerate(self.layers):
+            x = block(x, p, i, deterministic)
+        return self.norm(x)
+
+
+class Llama(nn.Module):
+    config: ModelConfig
+    sites: Sites = Sites()
+
+    @nn.compact
+    def __call__(self, input_ids, attention_mask=None, positions=None, *, output: str = "logits",
+                 decode: bool = False, with_prompt: bool = True, deterministic: bool = True):
+        cfg = self.config
+        body = LlamaModel(cfg, self.sites, name="model")
+        p = common.prepare(self, body.embed_tokens(input_ids), attention_mask, positions, decode=decode,
+                           with_prompt=with_prompt, causal=True)
+        h = body(p, deterministic)
+        lm_head = (body.embed_tokens.attend if cfg.tie_embeddings else
+                   Linear(cfg.vocab_size, ("embed", "vocab"), False, self.sites, name="lm_head"))
+        return common.outputs(self, h, p.mask, p.n_prompt, output, lm_logits=lm_head)
