@@ -74,13 +74,14 @@ def label(params, rules: Rules, default: str | None = None):
 
     `rules` is either an ordered list of ``(regex, label)`` pairs, where the first
     regex that `re.search`-es a leaf's path gives its label, or a callable
-    ``(path, leaf) -> label``. Leaves no rule covers get `default`; with no default
-    they are an error. A regex rule that matches no leaf at all is an error (it is
+    ``(path, leaf) -> label`` (returning None for "no opinion"). Leaves no rule
+    covers get `default`; with no default they are an error. A regex rule that matches no leaf at all is an error (it is
     almost always a typo), and so is a label that is not a non-empty string.
     """
     flat = flatten(params)
     if callable(rules):
         labels = {p: rules(p, leaf) for p, leaf in flat.items()}
+        labels = {p: default if g is None else g for p, g in labels.items()}
     else:
         compiled = compile_rules(rules)
         labels = {p: next((g for regex, g in compiled if regex.search(p)), default)

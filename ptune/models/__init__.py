@@ -30,7 +30,7 @@ DEFAULT_TARGETS = {
                  ia3_feedforward=["output.dense"]),
 }
 
-__all__ = ["DEFAULT_TARGETS", "FAMILIES", "PRESETS", "ModelConfig", "Sites", "build", "init",
+__all__ = ["DEFAULT_TARGETS", "FAMILIES", "PRESETS", "WORD_EMBEDDINGS", "ModelConfig", "Sites", "build", "init",
            "abstract_params", "linear_layers", "model_config", "init_cache"]
 
 
@@ -75,3 +75,8 @@ def init_cache(model: nn.Module, params, batch: int, max_len: int):
     """An empty KV cache for `max_len` text tokens (plus any soft prompt)."""
     variables = jax.eval_shape(lambda: model.init(jax.random.key(0), _dummy(batch, max_len), decode=True))
     return jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), nn.unbox(variables["cache"]))
+
+
+# Where each family keeps its input word embeddings (prompt initialisation reads them).
+WORD_EMBEDDINGS = {"gpt2": "transformer/wte/embedding", "llama": "model/embed_tokens/embedding",
+                   "bert": "bert/embeddings/word_embeddings/embedding"}

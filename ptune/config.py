@@ -1,0 +1,73 @@
+"""The config schema: every knob with its default. Experiment files start from
+`base_config()` and change what they need; `check(config)` rejects keys that do not exist."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import ml_collections
+
+from ptune.optim import Group
+
+
+def base_config() -> ml_collections.ConfigDict:
+    c = ml_collections.ConfigDict()
+    c.seed = 0
+    # model.preset names a shape in ptune.models.config.PRESETS; any ModelConfig field overrides it.
+    c.model = ml_collections.ConfigDict({"preset": "gpt2-tiny"})
+    # method.name is a registered method or 'a+b'; its options sit beside it (or under method.<part>).
+    c.method = ml_collections.ConfigDict({"name": "lora"})
+    c.task = ml_collections.ConfigDict(dict(
+        name="synthetic_sentiment",
+        options=ml_collections.ConfigDict(),   # passed to the task builder
+        objective="auto",                      # auto | lm | verbalizer | head
+        max_length=64,
+        template="",                           # '' keeps the task's template
+    ))
+    c.optim = ml_collections.ConfigDict({f.name: f.default for f in dataclasses.fields(Group)})
+    c.optim.clip_norm = 1.0
+    c.optim.groups = ml_collections.ConfigDict()  # label -> overrides of the fields above
+    c.train = ml_collections.ConfigDict(dict(
+        steps=100, batch_size=16, eval_batch_size=64, eval_every=50, log_every=10,
+        eval_split="validation", progress=True,
+    ))
+    return c
+
+
+def with_method(config: ml_collections.ConfigDict, name: str, **options) -> ml_collections.ConfigDict:
+    """Set config.method to `name` with every option it accepts at its default (so that
+    command-line overrides such as --config.method.rank=16 find their key)."""
+    from ptune import methods   # late: methods import models, which import this package
+    import inspect
+
+    def defaults(part):
+        if part not in methods.REGISTRY:
+            raise ValueError(f"unknown method {part!r}; choose one of {sorted(methods.REGISTRY)}")
+        params = list(inspect.signature(methods.REGISTRY[part]).parameters.values())[1:]
+        return {p.name: p.default for p in params}
+
+    parts = name.split("+")
+    if len(parts) == 1:
+        body = {**defaults(name), **options}
+    else:
+        body = {p: {**defaults(p), **options.get(p, {})} for p in parts}
+    config.method = ml_collections.ConfigDict({"name": name, **body}, type_safe=False)
+    return config
+
+
+def check(config) -> None:
+    """Unknown keys outside the open sections (model, method, task.options, optim.groups)."""
+    base = base_config()
+    for section in ("", "task", "optim", "train"):
+        have = config.get(section) if section else config
+        want = base.get(section) if section else base
+        unknown = sorted(set(have.keys()) - set(want.keys()))
+        if unknown:
+            where = f"config.{section}." if section else "config."
+            raise ValueError(f"unknown config key(s) {[where + k for k in unknown]}; "
+                             f"valid: {sorted(want.keys())}")
+    fields = {f.name for f in dataclasses.fields(Group)}
+    for label, overrides in config.optim.groups.items():
+        unknown = sorted(set(overrides.keys()) - fields)
+        if unknown:
+            raise ValueError(f"config.optim.groups.{label} has unknown key(s) {unknown}; valid: {sorted(fields)}")

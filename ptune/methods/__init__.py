@@ -1,0 +1,55 @@
+"""Methods by name. Each module's `make(model_config, **options) -> Method`.
+
+    method = methods.get("lora", model_config, rank=16)
+    hybrid = methods.compose(methods.get("lora", cfg), methods.get("prompt", cfg, length=20))
+    methods.register("mine", my_make)     # research code, from outside the package
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable, Mapping
+
+from ptune.methods import adapter, bitfit, full, head, ia3, lora, manual, prefix, prompt, ptuning_v2
+from ptune.methods.base import InitContext, Method, compose
+
+__all__ = ["REGISTRY", "InitContext", "Method", "compose", "from_config", "get", "register"]
+
+REGISTRY: dict[str, Callable[..., Method]] = {
+    m.__name__.rsplit(".", 1)[-1]: m.make
+    for m in (full, bitfit, head, lora, adapter, prefix, prompt, ptuning_v2, ia3, manual)
+}
+
+
+def register(name: str, make: Callable[..., Method]):
+    """Add a method: `make(model_config, **options) -> Method`."""
+    if "+" in name:
+        raise ValueError(f"method name {name!r} may not contain '+' (that composes methods)")
+    REGISTRY[name] = make
+
+
+def get(name: str, model_config, **options) -> Method:
+    """One method, or a '+'-joined hybrid whose options are given per part: get("lora+prompt",
+    cfg, lora={"rank": 4}, prompt={"length": 10})."""
+    names = name.split("+")
+    if len(names) > 1:
+        unknown = sorted(set(options) - set(names))
+        if unknown:
+            raise ValueError(f"method {name!r}: options {unknown} belong to no part; "
+                             f"give them as method.<part>.<option>, parts: {names}")
+        return compose(*(get(n, model_config, **options.get(n, {})) for n in names))
+    if name not in REGISTRY:
+        raise ValueError(f"unknown method {name!r}; choose one of {sorted(REGISTRY)} or join them with '+'")
+    make = REGISTRY[name]
+    allowed = [p for p in inspect.signature(make).parameters][1:]
+    unknown = sorted(set(options) - set(allowed))
+    if unknown:
+        raise ValueError(f"method {name!r} has no option(s) {unknown}; its options are {allowed}")
+    return make(model_config, **options)
+
+
+def from_config(method_config: Mapping, model_config) -> Method:
+    """From a config dict: {"name": "lora", "rank": 8} or {"name": "lora+prompt", "lora": {...}}."""
+    options = {k: (dict(v) if isinstance(v, Mapping) else v)
+               for k, v in dict(method_config).items() if k != "name"}
+    return get(method_config["name"], model_config, **options)

@@ -1,0 +1,11 @@
+"""Manual prompts: zero trainable parameters, a text template only (the prompt-engineering
+baseline, evaluated zero-shot). `template` replaces the task's, e.g.
+"Review: {text}\nSentiment:"; the task's verbalizer maps classes to words."""
+
+from ptune.methods.base import Method
+
+
+def make(model_config, template: str | None = None) -> Method:
+    if template is not None and "{text}" not in template:
+        raise ValueError(f"method manual: template {template!r} must contain the '{{text}}' field")
+    return Method("manual", trains=False, template=template)

@@ -1,0 +1,234 @@
+"""`train_and_evaluate(config, workdir)`: build, label, train only the trainable subtree, evaluate.
+
+Everything that can be wrong with a config is found by `setup` before the workdir
+is touched, so a bad run writes nothing.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import os
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from ptune import config as config_lib
+from ptune import methods, models, objectives, optim, partition
+from ptune.data import batching, tasks
+from ptune.data.templates import Template
+from ptune.data.tokenizers import ByteTokenizer
+
+
+@dataclasses.dataclass
+class Run:
+    """Everything a training run needs, built and validated from a config."""
+    config: Any
+    model: Any
+    method: methods.Method
+    params: dict
+    labels: dict
+    task: tasks.Task
+    objective: str
+    label_ids: list[int] | None
+    data: dict[str, dict[str, np.ndarray]]
+    tx: optax.GradientTransformation | None
+
+    @property
+    def summary(self) -> partition.Summary:
+        return partition.summary(self.params, self.labels)
+
+
+def objective_for(task: tasks.Task, family: str, requested: str) -> str:
+    if requested not in ("auto",) + objectives.OBJECTIVES:
+        raise ValueError(f"config.task.objective={requested!r}; choose auto or one of {objectives.OBJECTIVES}")
+    if task.kind == "lm":
+        if requested not in ("auto", "lm"):
+            raise ValueError(f"task {task.name!r} is language modelling; objective {requested!r} does not apply")
+        if family == "bert":
+            raise ValueError(f"task {task.name!r} needs a causal model; {family} is an encoder")
+        return "lm"
+    if requested == "lm":
+        raise ValueError(f"task {task.name!r} is classification; use objective verbalizer or head")
+    if requested == "auto":
+        return "head" if family == "bert" else "verbalizer"
+    if requested == "verbalizer" and family == "bert":
+        raise ValueError("objective 'verbalizer' needs a language-model head; the bert family has none: use 'head'")
+    return requested
+
+
+def setup(config, tokenizer=None) -> Run:
+    """Validate the config and build model, method, labels, data and optimizer. Writes nothing."""
+    config_lib.check(config)
+    tokenizer = tokenizer or ByteTokenizer()
+    task_cfg = config.task
+    task = tasks.get(task_cfg.name, **task_cfg.options.to_dict())
+    model_overrides = {k: v for k, v in config.model.to_dict().items() if k != "preset"}
+    family = models.model_config(config.model.preset, **model_overrides).family
+    objective = objective_for(task, family, task_cfg.objective)
+    if objective == "head":
+        model_overrides["num_labels"] = task.num_classes
+    model_cfg = models.model_config(config.model.preset, **model_overrides)
+
+    method = methods.from_config(config.method.to_dict(), model_cfg)
+    if objective == "head" and method.trains and "head" not in {p.name for p in method.parts or (method,)}:
+        method = methods.compose(method, methods.get("head", model_cfg))   # a fresh head always trains
+    if objective == "head" and not method.trains:
+        raise ValueError(f"method {method.name!r} trains nothing, so a fresh task head would stay random; "
+                         "use config.task.objective='verbalizer' with a decoder")
+    extra = method.sites.extra_positions
+    if task_cfg.max_length + extra > model_cfg.max_positions:
+        raise ValueError(f"task.max_length {task_cfg.max_length} + prompt/prefix length {extra} exceeds the "
+                         f"model's context of {model_cfg.max_positions}; shorten one of them")
+
+    template = task.template
+    if task_cfg.template or method.template:
+        template = Template(task_cfg.template or method.template, task.template.verbalizer)
+    label_ids = template.label_ids(tokenizer) if objective == "verbalizer" else None
+    encode = functools.partial(_encode, task=task, template=template, tokenizer=tokenizer, family=family,
+                               max_length=task_cfg.max_length)
+    data = {"train": encode(task.split("train")) if method.trains else None,
+            config.train.eval_split: encode(task.split(config.train.eval_split))}
+
+    model = models.build(model_cfg, method.sites)
+    rng = jax.random.key(config.seed)
+    params = models.init(model, jax.random.fold_in(rng, 0))
+    ctx = methods.InitContext(jax.random.fold_in(rng, 1), family, tokenizer.encode, template.verbalizer)
+    params = method.initialize(params, ctx)
+    labels = method.labels(params)
+
+    tx = None
+    if method.trains:
+        groups = {}
+        base = {k: v for k, v in config.optim.to_dict().items() if k not in ("groups", "clip_norm")}
+        for g in partition.groups(labels):
+            groups[g] = optim.Group(**{**base, **method.optim.get(g, {}), **config.optim.groups.get(g, {})})
+        unused = sorted(set(config.optim.groups.keys()) - set(groups))
+        if unused:
+            raise ValueError(f"config.optim.groups {unused} name no trainable label; labels: {sorted(groups)}")
+        tx = optim.build(labels, groups, config.train.steps, config.optim.clip_norm or None)
+    return Run(config, model, method, params, labels, task, objective, label_ids, data, tx)
+
+
+def _encode(examples, task, template, tokenizer, family, max_length):
+    if task.kind == "lm":
+        return batching.encode_lm(examples, tokenizer, family, max_length)
+    return batching.encode_classification(examples, template, tokenizer, family, max_length)
+
+
+def make_train_step(run: Run):
+    """jit(trainable, opt_state, frozen, batch, rng) -> (trainable, opt_state, metrics).
+
+    Gradients are taken with respect to `trainable` only, so XLA never computes
+    the frozen weights' gradients; trainable and optimizer state are donated.
+    """
+    def step(trainable, opt_state, frozen, batch, rng):
+        def loss_fn(t):
+            return objectives.loss(run.model, partition.merge(t, frozen), batch, run.objective,
+                                   run.label_ids, rng, deterministic=False)
+        (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(trainable)
+        updates, opt_state = run.tx.update(grads, opt_state, trainable)
+        metrics["grad_norm"] = optax.global_norm(grads)
+        return optax.apply_updates(trainable, updates), opt_state, metrics
+    return jax.jit(step, donate_argnums=(0, 1))
+
+
+def make_eval_step(run: Run):
+    return jax.jit(lambda params, batch: objectives.loss(run.model, params, batch, run.objective,
+                                                         run.label_ids)[1])
+
+
+def evaluate(run: Run, params, split: str, eval_step=None) -> dict:
+    eval_step = eval_step or make_eval_step(run)
+    sums: dict = {}
+    for batch in batching.eval_batches(run.data[split], run.config.train.eval_batch_size):
+        sums = objectives.accumulate(sums, eval_step(params, batch))
+    return objectives.finalize(sums)
+
+
+class MetricWriter:
+    """Metrics to `metrics.jsonl` and TensorBoard event files in the workdir."""
+
+    def __init__(self, workdir: str):
+        from tensorboardX import SummaryWriter
+        self.jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a")
+        self.tb = SummaryWriter(workdir)
+
+    def write(self, step: int, split: str, metrics: dict):
+        self.jsonl.write(json.dumps({"step": step, "split": split, **metrics}) + "\n")
+        self.jsonl.flush()
+        for k, v in metrics.items():
+            self.tb.add_scalar(f"{split}/{k}", v, step)
+
+    def close(self):
+        self.jsonl.close()
+        self.tb.close()
+
+
+def prepare_workdir(workdir: str):
+    """Create the workdir and prove it is writable before any training time is spent."""
+    try:
+        os.makedirs(workdir, exist_ok=True)
+        probe = os.path.join(workdir, ".write_test")
+        with open(probe, "w") as f:
+            f.write("ok")
+        os.remove(probe)
+    except OSError as e:
+        raise ValueError(f"workdir {workdir!r} is not writable ({e.strerror}); choose another --workdir") from None
+
+
+def train_and_evaluate(config, workdir: str, tokenizer=None) -> dict:
+    """Train `config` in `workdir`; returns the final metrics (also in final_metrics.json)."""
+    run = setup(config, tokenizer)
+    prepare_workdir(workdir)
+    summary = run.summary
+    print(f"method {run.method.name} on {config.model.preset}:\n{summary}", flush=True)
+    with open(os.path.join(workdir, "config.json"), "w") as f:
+        f.write(config.to_json_best_effort(indent=2))
+    writer = MetricWriter(workdir)
+    eval_split, tc = config.train.eval_split, config.train
+    params = run.params
+    final = {"method": run.method.name, "trainable_params": summary.trainable,
+             "trainable_fraction": summary.trainable_fraction}
+    if run.method.trains:
+        params, final = _train(run, writer, final)
+    metrics = evaluate(run, params, eval_split)
+    writer.write(tc.steps if run.method.trains else 0, eval_split, metrics)
+    final.update({f"{eval_split}_{k}": v for k, v in metrics.items()})
+    writer.close()
+    with open(os.path.join(workdir, "final_metrics.json"), "w") as f:
+        json.dump(final, f, indent=2)
+    return final
+
+
+def _train(run: Run, writer: MetricWriter, final: dict):
+    from tqdm import tqdm
+    tc, seed = run.config.train, run.config.seed
+    trainable, frozen = partition.split(run.params, run.labels)
+    opt_state = run.tx.init(trainable)
+    train_step, eval_step = make_train_step(run), make_eval_step(run)
+    dropout_rng = jax.random.fold_in(jax.random.key(seed), 2)
+    sums, t0, seen = {}, time.perf_counter(), 0
+    bar = tqdm(range(tc.steps), disable=not tc.progress, desc=run.method.name, dynamic_ncols=True)
+    for step in bar:
+        batch = batching.batch_at(run.data["train"], step, tc.batch_size, seed)
+        trainable, opt_state, metrics = train_step(trainable, opt_state, frozen, batch,
+                                                   jax.random.fold_in(dropout_rng, step))
+        sums, seen = objectives.accumulate(sums, metrics), seen + tc.batch_size
+        if (step + 1) % tc.log_every == 0 or step + 1 == tc.steps:
+            logged = {"loss": sums["loss_sum"] / max(sums["count"], 1),
+                      "grad_norm": sums["grad_norm"] / tc.log_every,
+                      "examples_per_s": seen / (time.perf_counter() - t0)}
+            writer.write(step + 1, "train", logged)
+            bar.set_postfix(loss=f"{logged['loss']:.4f}", ex_s=f"{logged['examples_per_s']:.1f}")
+            final["train_loss"] = logged["loss"]
+            sums, t0, seen = {}, time.perf_counter(), 0
+        if (step + 1) % tc.eval_every == 0 and step + 1 < tc.steps:
+            params = partition.merge(trainable, frozen)
+            writer.write(step + 1, tc.eval_split, evaluate(run, params, tc.eval_split, eval_step))
+    return partition.merge(trainable, frozen), final
