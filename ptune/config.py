@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 
 import ml_collections
+from ml_collections import config_dict
 
 from ptune.optim import Group
 
@@ -44,7 +45,8 @@ def with_method(config: ml_collections.ConfigDict, name: str, **options) -> ml_c
         if part not in methods.REGISTRY:
             raise ValueError(f"unknown method {part!r}; choose one of {sorted(methods.REGISTRY)}")
         params = list(inspect.signature(methods.REGISTRY[part]).parameters.values())[1:]
-        return {p.name: p.default for p in params}
+        # A None default becomes a typed placeholder so --config.method.<option>=... can set it.
+        return {p.name: config_dict.placeholder(str) if p.default is None else p.default for p in params}
 
     parts = name.split("+")
     if len(parts) == 1:

@@ -133,7 +133,7 @@ def make_train_step(run: Run):
                                    run.label_ids, rng, deterministic=False)
         (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(trainable)
         updates, opt_state = run.tx.update(grads, opt_state, trainable)
-        metrics["grad_norm"] = optax.global_norm(grads)
+        metrics["grad_norm"] = optax.tree.norm(grads)
         return optax.apply_updates(trainable, updates), opt_state, metrics
     return jax.jit(step, donate_argnums=(0, 1))
 

@@ -1,0 +1,117 @@
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+from ptune import partition, train
+from ptune.data import batching
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TRAINING_METHODS = ["full", "bitfit", "head", "lora", "adapter", "prefix", "prompt", "ptuning_v2", "ia3",
+                    "lora+prompt"]
+FAMILIES = ["gpt2-tiny", "llama-tiny", "bert-tiny"]
+
+
+# LLaMA has no biases, so bitfit refuses it (tests/methods/test_errors.py).
+@pytest.mark.parametrize("method,preset", [(m, p) for m in TRAINING_METHODS for p in FAMILIES
+                                           if (m, p) != ("bitfit", "llama-tiny")])
+def test_one_step_every_method_every_family(make_config, method, preset):
+    config = make_config(method, preset)
+    if method == "head":
+        config.task.objective = "head"
+    run = train.setup(config)
+    trainable, frozen = partition.split(run.params, run.labels)
+    opt_state = run.tx.init(trainable)
+    batch = batching.batch_at(run.data["train"], 0, 4, 0)
+    new, _, metrics = train.make_train_step(run)(jax.tree.map(np.array, trainable), opt_state, frozen, batch,
+                                                  jax.random.key(0))
+    assert np.isfinite(float(metrics["loss_sum"])) and float(metrics["count"]) == 4
+    changed = [p for p, v in partition.flatten(new).items()
+               if not np.array_equal(np.asarray(v), np.asarray(partition.flatten(trainable)[p]))]
+    assert changed, "one step changed no trainable parameter"
+
+
+def test_lm_objective_on_decoders(make_config):
+    for preset in ("gpt2-tiny", "llama-tiny"):
+        config = make_config("lora", preset)
+        config.task.name = "synthetic_lm"
+        run = train.setup(config)
+        metrics = train.evaluate(run, run.params, "validation")
+        # A random model is near-uniform over the 260-byte vocabulary.
+        assert 150 < metrics["perplexity"] < 400
+
+
+def test_same_seed_same_numbers_and_training_learns(make_config, tmp_path):
+    config = make_config("lora", steps=30)
+    config.optim.learning_rate = 3e-3
+    a = train.train_and_evaluate(config, str(tmp_path / "a"))
+    b = train.train_and_evaluate(config, str(tmp_path / "b"))
+    assert a == b
+    first = json.loads(open(tmp_path / "a" / "metrics.jsonl").readline())
+    assert first["split"] == "train" and a["train_loss"] < first["loss"]
+
+
+def test_manual_prompt_evaluates_without_training(make_config, tmp_path):
+    config = make_config("manual", template="Text: {text} Verdict: ")
+    final = train.train_and_evaluate(config, str(tmp_path))
+    assert final["trainable_params"] == 0 and 0 <= final["validation_accuracy"] <= 1
+    lines = [json.loads(l) for l in open(tmp_path / "metrics.jsonl")]
+    assert [l["split"] for l in lines] == ["validation"]
+
+
+def test_custom_method_from_outside_the_package(tmp_path):
+    spec = importlib.util.spec_from_file_location("custom_mask", os.path.join(ROOT, "experiments/custom_mask.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    config = module.get_config()
+    config.train.update(steps=3, batch_size=4, progress=False, log_every=1)
+    config.task.options = {"n_train": 32, "n_eval": 16}
+    run = train.setup(config)
+    assert run.summary.count == {"norm": 640, "lora": 2560, "frozen": run.summary.total - 3200}
+    final = train.train_and_evaluate(config, str(tmp_path))
+    assert final["trainable_params"] == 3200 and np.isfinite(final["train_loss"])
+
+
+def _launch(workdir, *overrides):
+    cmd = [sys.executable, os.path.join(ROOT, "scripts/train.py"), "--config",
+           os.path.join(ROOT, "experiments/default.py"), f"--workdir={workdir}", "--config.train.progress=False",
+           "--config.train.steps=4", "--config.train.log_every=2", "--config.train.eval_every=2", *overrides]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+
+
+def test_launcher_writes_metrics(tmp_path):
+    proc = _launch(tmp_path, "--config.method.rank=2")
+    assert proc.returncode == 0, proc.stderr
+    assert "trainable params: 1,024" in proc.stdout
+    lines = [json.loads(l) for l in open(tmp_path / "metrics.jsonl")]
+    assert [(l["step"], l["split"]) for l in lines] == [(2, "train"), (2, "validation"), (4, "train"),
+                                                       (4, "validation")]
+    assert any(f.startswith("events.out.tfevents") for f in os.listdir(tmp_path))
+    assert "validation_accuracy" in json.load(open(tmp_path / "final_metrics.json"))
+
+
+@pytest.mark.parametrize("overrides,message", [
+    (["--config.method.name=lorra"], "unknown method 'lorra'"),
+    (["--config.method.rank=0"], "rank=0 must be a positive integer"),
+    (["--config.method.targets=q_proj"], "targets 'q_proj' match no layer"),
+    (["--config.task.max_length=200"], "exceeds the model's context of 128"),
+])
+def test_launcher_bad_input_exits_nonzero_and_writes_nothing(tmp_path, overrides, message):
+    workdir = tmp_path / "run"
+    proc = _launch(workdir, *overrides)
+    assert proc.returncode != 0
+    assert message in proc.stderr
+    assert not workdir.exists()
+
+
+def test_unknown_config_key(make_config):
+    config = make_config()
+    config.unlock()
+    config.train.stesp = 3
+    with pytest.raises(ValueError, match=r"unknown config key\(s\) \['config.train.stesp'\]"):
+        train.setup(config)
