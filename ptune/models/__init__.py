@@ -44,12 +44,12 @@ def _dummy(batch: int, length: int):
 
 def abstract_params(model: nn.Module, length: int = 8):
     """Parameter shapes/dtypes (boxed with logical axis names), without allocating anything."""
-    return jax.eval_shape(lambda: model.init(jax.random.key(0), _dummy(1, length))["params"])
+    return jax.eval_shape(lambda: model.init(jax.random.key(0), _dummy(1, length), output="hidden")["params"])
 
 
 def init(model: nn.Module, rng, length: int = 8):
     """Random parameters (unboxed) and a check that every linear-layer site found a layer."""
-    params = nn.unbox(jax.jit(lambda r: model.init(r, _dummy(1, length)))(rng)["params"])
+    params = nn.unbox(jax.jit(lambda r: model.init(r, _dummy(1, length), output="hidden"))(rng)["params"])
     check_targets(model, params)
     return params
 
@@ -73,7 +73,7 @@ def check_targets(model: nn.Module, params):
 
 def init_cache(model: nn.Module, params, batch: int, max_len: int):
     """An empty KV cache for `max_len` text tokens (plus any soft prompt)."""
-    variables = jax.eval_shape(lambda: model.init(jax.random.key(0), _dummy(batch, max_len), decode=True))
+    variables = jax.eval_shape(lambda: model.init(jax.random.key(0), _dummy(batch, max_len), output="hidden", decode=True))
     return jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), nn.unbox(variables["cache"]))
 
 

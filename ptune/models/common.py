@@ -71,7 +71,8 @@ def prepare(model: nn.Module, tok, attention_mask, positions, *, decode: bool, w
         prefix = PrefixKV(sites.prefix, cfg.num_layers, cfg.num_kv_heads, cfg.head_dim,
                           cfg.hidden_size, name="prefix")()
     visible = visible_mask(kv_mask, q_slots, causal, n_prefix)
-    return Prepared(tok, positions, this_mask, visible, prefix, cache_index, n_prompt)
+    prepended = n_prompt if (sites.prompt and with_prompt) else 0
+    return Prepared(tok, positions, this_mask, visible, prefix, cache_index, prepended)
 
 
 def outputs(model: nn.Module, h, mask, n_prompt: int, output: str, lm_logits=None, pool=None):
