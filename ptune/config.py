@@ -14,8 +14,10 @@ from ptune.optim import Group
 def base_config() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
     c.seed = 0
-    # model.preset names a shape in ptune.models.config.PRESETS; any ModelConfig field overrides it.
-    c.model = ml_collections.ConfigDict({"preset": "gpt2-tiny"})
+    # model.checkpoint: an asset name, HF directory or .gguf file with pretrained weights; without
+    # one, model.preset names a random-init shape in ptune.models.config.PRESETS. Any ModelConfig
+    # field given beside them overrides the shape.
+    c.model = ml_collections.ConfigDict({"preset": "gpt2-tiny", "checkpoint": ""})
     # method.name is a registered method or 'a+b'; its options sit beside it (or under method.<part>).
     c.method = ml_collections.ConfigDict({"name": "lora"})
     c.task = ml_collections.ConfigDict(dict(

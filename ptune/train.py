@@ -38,6 +38,7 @@ class Run:
     label_ids: list[int] | None
     data: dict[str, dict[str, np.ndarray]]
     tx: optax.GradientTransformation | None
+    tokenizer: Any
 
     @property
     def summary(self) -> partition.Summary:
@@ -62,18 +63,38 @@ def objective_for(task: tasks.Task, family: str, requested: str) -> str:
     return requested
 
 
-def setup(config, tokenizer=None) -> Run:
+def base_model(config):
+    """(ModelConfig, pretrained HF-named state dict or None, tokenizer) from config.model.
+
+    `model.checkpoint` is an asset name (see ptune.assets), an HF directory or a .gguf
+    file; without one, `model.preset` gives a random-init shape and the byte tokenizer.
+    """
+    overrides = {k: v for k, v in config.model.to_dict().items() if k not in ("preset", "checkpoint")}
+    source = config.model.checkpoint
+    if not source:
+        return models.model_config(config.model.preset, **overrides), None, ByteTokenizer()
+    from ptune import assets
+    from ptune.models import checkpoints
+    path = assets.ensure(source) if source in assets.ASSETS else source
+    hf_config, state = checkpoints.read(path)
+    model_cfg = checkpoints.config_from_hf(hf_config, **overrides)
+    tokenizer = checkpoints.load_tokenizer(path)
+    if tokenizer.vocab_size > model_cfg.vocab_size:
+        raise ValueError(f"tokenizer of {source} has {tokenizer.vocab_size} tokens but the model's vocabulary "
+                         f"is {model_cfg.vocab_size}; they do not belong together")
+    return model_cfg, state, tokenizer
+
+
+def setup(config) -> Run:
     """Validate the config and build model, method, labels, data and optimizer. Writes nothing."""
     config_lib.check(config)
-    tokenizer = tokenizer or ByteTokenizer()
     task_cfg = config.task
     task = tasks.get(task_cfg.name, **task_cfg.options.to_dict())
-    model_overrides = {k: v for k, v in config.model.to_dict().items() if k != "preset"}
-    family = models.model_config(config.model.preset, **model_overrides).family
+    model_cfg, state, tokenizer = base_model(config)
+    family = model_cfg.family
     objective = objective_for(task, family, task_cfg.objective)
     if objective == "head":
-        model_overrides["num_labels"] = task.num_classes
-    model_cfg = models.model_config(config.model.preset, **model_overrides)
+        model_cfg = dataclasses.replace(model_cfg, num_labels=task.num_classes)
 
     method = methods.from_config(config.method.to_dict(), model_cfg)
     if objective == "head" and method.trains and "head" not in {p.name for p in method.parts or (method,)}:
@@ -98,6 +119,9 @@ def setup(config, tokenizer=None) -> Run:
     model = models.build(model_cfg, method.sites)
     rng = jax.random.key(config.seed)
     params = models.init(model, jax.random.fold_in(rng, 0))
+    if state is not None:
+        from ptune.models import hf
+        params = hf.from_hf(family, state, params)
     ctx = methods.InitContext(jax.random.fold_in(rng, 1), family, tokenizer.encode, template.verbalizer)
     params = method.initialize(params, ctx)
     labels = method.labels(params)
@@ -112,7 +136,7 @@ def setup(config, tokenizer=None) -> Run:
         if unused:
             raise ValueError(f"config.optim.groups {unused} name no trainable label; labels: {sorted(groups)}")
         tx = optim.build(labels, groups, config.train.steps, config.optim.clip_norm or None)
-    return Run(config, model, method, params, labels, task, objective, label_ids, data, tx)
+    return Run(config, model, method, params, labels, task, objective, label_ids, data, tx, tokenizer)
 
 
 def _encode(examples, task, template, tokenizer, family, max_length):
@@ -182,9 +206,9 @@ def prepare_workdir(workdir: str):
         raise ValueError(f"workdir {workdir!r} is not writable ({e.strerror}); choose another --workdir") from None
 
 
-def train_and_evaluate(config, workdir: str, tokenizer=None) -> dict:
+def train_and_evaluate(config, workdir: str) -> dict:
     """Train `config` in `workdir`; returns the final metrics (also in final_metrics.json)."""
-    run = setup(config, tokenizer)
+    run = setup(config)
     prepare_workdir(workdir)
     summary = run.summary
     print(f"method {run.method.name} on {config.model.preset}:\n{summary}", flush=True)
