@@ -10,6 +10,7 @@ from __future__ import annotations
 from typing import NamedTuple
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 
 from ptune.models.layers import PrefixKV, SoftPrompt, param, visible_mask
@@ -61,6 +62,8 @@ def prepare(model: nn.Module, tok, attention_mask, positions, *, decode: bool, w
         index = model.variable("cache", "index", lambda: jnp.zeros((), jnp.int32))
         cache_index = index.value
         q_slots = cache_index + jnp.arange(L)
+        if not model.is_initializing():   # this call's tokens sit at slots index .. index + L
+            this_mask = jax.lax.dynamic_slice_in_dim(kv_mask, cache_index, L, axis=1)
         if not model.is_initializing():
             index.value = cache_index + L
     else:
