@@ -25,3 +25,27 @@ class ByteTokenizer:
     def specials(self, family: str) -> tuple[list[int], list[int]]:
         """(ids before, ids after) a sequence: BERT's [CLS] ... [SEP], decoders' BOS."""
         return ([self.cls_id], [self.eos_id]) if family == "bert" else ([self.bos_id], [])
+
+
+class HFTokenizer:
+    """A transformers tokenizer behind ptune's interface."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+        self.vocab_size = len(tokenizer)
+        self.eos_id = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else tokenizer.sep_token_id
+        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.eos_id
+        # What the tokenizer itself puts around a text ([CLS] ... [SEP] for BERT, maybe BOS for decoders).
+        plain = tokenizer.encode("a", add_special_tokens=False)
+        full = tokenizer.encode("a")
+        start = full.index(plain[0])
+        self._specials = (full[:start], full[start + len(plain):])
+
+    def encode(self, text: str) -> list[int]:
+        return self.tokenizer.encode(text, add_special_tokens=False)
+
+    def decode(self, ids) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=True)
+
+    def specials(self, family: str) -> tuple[list[int], list[int]]:
+        return self._specials

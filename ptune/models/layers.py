@@ -159,7 +159,7 @@ def attend(module: nn.Module, q, k, v, visible, *, prefix=None, cache_index=None
         k, v = jnp.concatenate([pk, k], 1), jnp.concatenate([pv, v], 1)
     K = k.shape[2]
     q = q.reshape(B, T, K, H // K, D).astype(dtype)
-    scores = jnp.einsum("btkgd,bskd->bkgts", q, k.astype(dtype)).astype(jnp.float32) / jnp.sqrt(D)
+    scores = jnp.einsum("btkgd,bskd->bkgts", q, k.astype(dtype)).astype(jnp.float32) * D ** -0.5
     scores = jnp.where(visible[:, :, None], scores, jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(scores, axis=-1).astype(dtype)
     out = jnp.einsum("bkgts,bskd->btkgd", probs, v.astype(dtype))
