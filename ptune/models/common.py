@@ -41,8 +41,7 @@ def prepare(model: nn.Module, tok, attention_mask, positions, *, decode: bool, w
     B, T = tok.shape[:2]
     n_prompt = sites.prompt.length if sites.prompt else 0
     n_prefix = sites.prefix.length if sites.prefix else 0
-    if attention_mask is None:
-        attention_mask = jnp.ones((B, T), jnp.int32)
+    attention_mask = jnp.ones((B, T), jnp.int32) if attention_mask is None else attention_mask.astype(jnp.int32)
     if positions is None:
         if decode and not model.is_initializing():
             raise ValueError("decode mode needs explicit positions (see ptune.generate)")

@@ -1,26 +1,46 @@
-"""ptune parameter paths <-> Hugging Face checkpoint keys, by rule rather than by list.
+"""ptune parameter trees <-> Hugging Face state dicts, for GPT-2, LLaMA (and Qwen2) and BERT.
 
-    transformer/h_0/attn/c_attn/kernel  <->  transformer.h.0.attn.c_attn.weight
-    model/layers_3/self_attn/q_proj/kernel  <->  model.layers.3.self_attn.q_proj.weight  (transposed)
+The ptune models use HF's module names, so a leaf path maps to an HF key by the rules
+in the tables below, never by a per-key list:
 
-Rules: `h_N`/`layers_N`/`layer_N` <-> `h.N`...; `kernel`, `embedding`, `scale` <-> `weight`;
-kernels are transposed for torch `nn.Linear` but not for GPT-2's `Conv1D` layers. Site
-leaves (LoRA, IA3, adapters, prompt, prefix) have no HF base key.
+    transformer/h_0/attn/c_attn/kernel             transformer.h.0.attn.c_attn.weight    (Conv1D: as is)
+    model/layers_3/self_attn/q_proj/kernel         model.layers.3.self_attn.q_proj.weight (nn.Linear: transposed)
+    bert/encoder/layer_1/output/LayerNorm/scale    bert.encoder.layer.1.output.LayerNorm.weight
+    score/kernel, classifier/bias, lm_head/kernel  score.weight, classifier.bias, lm_head.weight
+
+Site leaves (LoRA, IA3, adapters, soft prompt, prefix) are the methods' parameters: no
+base checkpoint has them, so `to_hf` leaves them out and `from_hf` keeps the template's.
 """
 
 from __future__ import annotations
 
 import re
 
+import jax
 import numpy as np
 
 from ptune import partition
+from ptune.models import WORD_EMBEDDINGS
 
-PREFIX = {"gpt2": "transformer", "llama": "model", "bert": "bert"}
-HEADS = ("lm_head", "score", "classifier")
+# Where each family's body sits in `*ForCausalLM` / `*ForSequenceClassification` state dicts.
+# A bare `GPT2Model` / `LlamaModel` / `BertModel` saves its keys without it; we add it back.
+BASE = {"gpt2": "transformer", "llama": "model", "bert": "bert"}
+# Heads outside the body: the LM head (untied decoders) and the task heads.
+LM_HEAD, TASK_HEADS = "lm_head.weight", ("score.", "classifier.")
+# Flax leaf name -> torch parameter name (nn.Dense/Linear, nn.Embed, LayerNorm/RMSNorm).
+LEAF_NAMES = {"kernel": "weight", "embedding": "weight", "scale": "weight", "bias": "bias"}
+# Flax names list entries `h_3`, `layers_3`, `layer_3`; torch ModuleLists `h.3`, ...
+LIST_ENTRY = re.compile(r"^(h|layers|layer)_(\d+)$")
+# Kernels are (in, out) in Flax and (out, in) in torch's nn.Linear, except in GPT-2's body,
+# whose Conv1D layers store (in, out) too. Paths under these prefixes are not transposed.
+CONV1D_BODY = {"gpt2": "transformer/"}
+# Older checkpoints' names for the same tensors.
+OLD_NAMES = [(re.compile(r"LayerNorm\.gamma$"), "LayerNorm.weight"), (re.compile(r"LayerNorm\.beta$"), "LayerNorm.bias")]
+# Site leaves: ptune paths that have no HF base key.
 SITE = re.compile(r"^(prompt|prefix)/|adapter/|/lora_[ab]$|/ia3$")
-# Buffers and heads HF checkpoints may carry that ptune does not model.
-IGNORED = re.compile(r"(position_ids$|rotary_emb\.inv_freq$|\.attn\.(masked_)?bias$|^cls\.)")
+# HF keys skipped on reading: non-parameter buffers (position ids, RoPE frequencies, GPT-2's
+# causal-mask buffers) and BERT's pre-training heads, which ptune does not model.
+IGNORED = re.compile(r"position_ids$|rotary_emb\.inv_freq$|\.attn\.(masked_)?bias$|^cls\.")
 
 
 def is_site(path: str) -> bool:
@@ -28,21 +48,27 @@ def is_site(path: str) -> bool:
 
 
 def hf_key(path: str) -> str:
+    """The HF key of a ptune leaf path (any family)."""
     *modules, leaf = path.split("/")
-    modules = [re.sub(r"^(h|layers|layer)_(\d+)$", r"\1.\2", m) for m in modules]
-    return ".".join(modules + [{"kernel": "weight", "embedding": "weight", "scale": "weight"}.get(leaf, leaf)])
+    return ".".join([LIST_ENTRY.sub(r"\1.\2", m) for m in modules] + [LEAF_NAMES.get(leaf, leaf)])
 
 
 def _transposed(family: str, path: str) -> bool:
-    return path.endswith("/kernel") and not (family == "gpt2" and path.startswith("transformer/"))
+    body = CONV1D_BODY.get(family)
+    return path.endswith("/kernel") and not (body and path.startswith(body))
 
 
-def _normalize(family: str, key: str) -> str:
-    """Canonical key: add the base prefix bare models omit; old LayerNorm names."""
-    key = re.sub(r"LayerNorm\.gamma$", "LayerNorm.weight", re.sub(r"LayerNorm\.beta$", "LayerNorm.bias", key))
-    if not key.startswith(PREFIX[family] + ".") and not key.startswith(HEADS):
-        key = f"{PREFIX[family]}.{key}"
+def _canonical(family: str, key: str) -> str:
+    """An HF key as a `*For...` model names it: current names, body prefix added."""
+    for old, new in OLD_NAMES:
+        key = old.sub(new, key)
+    if not key.startswith((BASE[family] + ".", LM_HEAD) + TASK_HEADS):
+        key = f"{BASE[family]}.{key}"
     return key
+
+
+def _numpy(value) -> np.ndarray:
+    return np.asarray(value.numpy() if hasattr(value, "numpy") else value)   # torch tensors too
 
 
 def to_hf(family: str, params) -> dict[str, np.ndarray]:
@@ -51,35 +77,44 @@ def to_hf(family: str, params) -> dict[str, np.ndarray]:
             for p, x in partition.flatten(params).items() if not is_site(p)}
 
 
-def from_hf(family: str, state: dict, template):
-    """`template` (a ptune params tree) with its base leaves replaced by `state`.
+def _names(keys) -> str:
+    keys = sorted(keys)
+    return ", ".join(keys[:8]) + (f" and {len(keys) - 8} more" if len(keys) > 8 else "")
 
-    Sites keep their template values, and so does a task head the checkpoint lacks (a
-    fresh head), or the LM head when the checkpoint is a classification one. Any other missing key, an unexpected key or a shape
-    mismatch is an error naming the key and both shapes.
+
+def from_hf(family: str, state: dict, template):
+    """`template` (a ptune params tree) with its base leaves taken from the HF `state` dict.
+
+    Site leaves keep their template values, and so do heads a checkpoint may lack: a task
+    head (fresh for fine-tuning) and, in a classification checkpoint, the LM head. When the
+    template ties the LM head to the embedding, the checkpoint's `lm_head.weight` copy is
+    checked and dropped. Any other missing key, unknown key or shape mismatch is an error
+    naming the keys.
     """
-    state = {_normalize(family, k): v for k, v in state.items() if not IGNORED.search(k)}
+    state = {_canonical(family, k): _numpy(v) for k, v in state.items() if not IGNORED.search(k)}
     flat = partition.flatten(template)
-    # A task head is fresh when absent; so is the LM head of a classification checkpoint.
-    fresh = HEADS[1:] + (("lm_head",) if any(k.startswith(HEADS[1:]) for k in state) else ())
-    out, used = {}, set()
-    for path, leaf in flat.items():
-        key = hf_key(path)
-        if is_site(path) or (key not in state and key.startswith(fresh)):
-            out[path] = leaf
-            continue
-        if key not in state:
-            raise ValueError(f"checkpoint lacks {key!r} (ptune {path}, shape {tuple(leaf.shape)}); "
-                             "is it a checkpoint of this architecture and size?")
-        value = np.asarray(state[key].numpy() if hasattr(state[key], "numpy") else state[key])
-        value = value.T if _transposed(family, path) else value
-        if value.shape != tuple(leaf.shape):
-            raise ValueError(f"checkpoint key {key!r} has shape {value.shape} but ptune {path} expects "
-                             f"{tuple(leaf.shape)}; the config does not match the checkpoint")
-        out[path], _ = value.astype(leaf.dtype), used.add(key)
-    # A tied model ignores the checkpoint's copy of the embedding as lm_head.
-    unexpected = sorted(set(state) - used - {"lm_head.weight"})
-    if unexpected:
-        raise ValueError(f"checkpoint has {len(unexpected)} key(s) ptune does not know, e.g. {unexpected[:3]}")
-    import jax
-    return jax.tree.unflatten(jax.tree.structure(template), [out[p] for p in flat])
+    keys = {p: hf_key(p) for p in flat if not is_site(p)}
+    optional = TASK_HEADS + ((LM_HEAD,) if any(k.startswith(TASK_HEADS) for k in state) else ())
+    missing = [k for k in keys.values() if k not in state and not k.startswith(optional)]
+    unknown = set(state) - set(keys.values())
+    embedding = hf_key(WORD_EMBEDDINGS[family])
+    if LM_HEAD in unknown and embedding in state:   # a tied template: the LM head must be the embedding
+        if not np.array_equal(state[LM_HEAD], state[embedding]):
+            raise ValueError(f"checkpoint's {LM_HEAD} differs from {embedding}: its LM head is untied; "
+                             "set model.tie_embeddings=False")
+        unknown.discard(LM_HEAD)
+    out, wrong_shape = dict(flat), []
+    for path, key in keys.items():
+        if key in state:
+            value = state[key].T if _transposed(family, path) else state[key]
+            if value.shape == tuple(flat[path].shape):
+                out[path] = value.astype(flat[path].dtype)
+            else:
+                wrong_shape.append(f"{key!r} has shape {value.shape} but ptune {path} expects "
+                                   f"{tuple(flat[path].shape)}")
+    errors = [f"it lacks {_names(missing)}"] if missing else []
+    errors += [f"ptune has no parameter for {_names(unknown)}"] if unknown else []
+    errors += wrong_shape
+    if errors:
+        raise ValueError(f"{family} checkpoint does not fit this model config: " + "; ".join(errors))
+    return jax.tree.unflatten(jax.tree.structure(template), list(out.values()))

@@ -47,21 +47,26 @@ class Linear(nn.Module):
         ia3 = ia3 if ia3 and re.search(ia3.targets, path) else None
         ia3_on_input = bool(ia3 and re.search(ia3.feedforward, path))
         d_in = x.shape[-1]
-        x = x.astype(self.dtype)
-        if ia3_on_input:
-            x = x * param(self, "ia3", nn.initializers.ones, (d_in,), (self.axes[0],)).astype(self.dtype)
+        # Base parameters first: Flax derives each parameter's init RNG from the creation
+        # order, so sites created later leave the base initialisation unchanged.
         kernel = param(self, "kernel", self.kernel_init, (d_in, self.features), self.axes)
+        bias = param(self, "bias", nn.initializers.zeros, (self.features,), (self.axes[1],)) if self.use_bias else None
+        x = x.astype(self.dtype)
+        if ia3:
+            size, axis = (d_in, self.axes[0]) if ia3_on_input else (self.features, self.axes[1])
+            scale = param(self, "ia3", nn.initializers.ones, (size,), (axis,)).astype(self.dtype)
+        if ia3_on_input:
+            x = x * scale
         y = x @ kernel.astype(self.dtype)
         if lora:
             a = param(self, "lora_a", lora_a_init, (d_in, lora.rank), (self.axes[0], None))
-            b = param(self, "lora_b", nn.initializers.zeros, (lora.rank, self.features),
-                      (None, self.axes[1]))
+            b = param(self, "lora_b", nn.initializers.zeros, (lora.rank, self.features), (None, self.axes[1]))
             h = nn.Dropout(lora.dropout)(x, deterministic=deterministic)
             y = y + (h @ a.astype(self.dtype)) @ (b * lora.scale).astype(self.dtype)
-        if self.use_bias:
-            y = y + param(self, "bias", nn.initializers.zeros, (self.features,), (self.axes[1],)).astype(self.dtype)
+        if bias is not None:
+            y = y + bias.astype(self.dtype)
         if ia3 and not ia3_on_input:
-            y = y * param(self, "ia3", nn.initializers.ones, (self.features,), (self.axes[1],)).astype(self.dtype)
+            y = y * scale
         return y
 
 
