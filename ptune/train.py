@@ -211,7 +211,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
     run = setup(config)
     prepare_workdir(workdir)
     summary = run.summary
-    print(f"method {run.method.name} on {config.model.preset}:\n{summary}", flush=True)
+    print(f"method {run.method.name} on {config.model.checkpoint or config.model.preset}:\n{summary}", flush=True)
     with open(os.path.join(workdir, "config.json"), "w") as f:
         f.write(config.to_json_best_effort(indent=2))
     writer = MetricWriter(workdir)
