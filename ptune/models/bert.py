@@ -109,6 +109,9 @@ class BertModel(nn.Module):
         self.encoder = BertEncoder(self.config, self.sites)
         self.pooler = BertPooler(self.config)
 
+    def embed(self, input_ids):
+        return self.embeddings.word_embeddings(input_ids)
+
     def __call__(self, p: common.Prepared, deterministic: bool):
         return self.encoder(self.embeddings(p, deterministic), p, deterministic)
 
@@ -135,17 +138,6 @@ class BertPooler(nn.Module):
         return jnp.tanh(nn.Dense(cfg.hidden_size, kernel_init=_init(("embed", "embed_out")), name="dense")(h[:, 0]))
 
 
-class Bert(nn.Module):
-    config: ModelConfig
-    sites: Sites = Sites()
-
-    @nn.compact
-    def __call__(self, input_ids, attention_mask=None, positions=None, *, output: str = "class",
-                 decode: bool = False, with_prompt: bool = True, deterministic: bool = True):
-        if decode:
-            raise ValueError("the BERT family is an encoder: it has no decode mode")
-        body = BertModel(self.config, self.sites, name="bert")
-        p = common.prepare(self, body.embeddings.word_embeddings(input_ids), attention_mask, positions,
-                           decode=False, with_prompt=with_prompt, causal=False)
-        h = body(p, deterministic)
-        return common.outputs(self, h, p.mask, p.n_prompt, output, pool=body.pooler)
+class Bert(common.Model):
+    body = BertModel
+    body_name = "bert"

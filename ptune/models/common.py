@@ -7,13 +7,15 @@ heads behave identically in every family.
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import ClassVar, NamedTuple
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from ptune.models.layers import PrefixKV, SoftPrompt, param, visible_mask
+from ptune.models.config import ModelConfig
+from ptune.models.layers import Linear, PrefixKV, SoftPrompt, param, visible_mask
+from ptune.models.sites import Sites
 
 OUTPUTS = ("hidden", "logits", "last_logits", "class")
 
@@ -106,6 +108,37 @@ def outputs(model: nn.Module, h, mask, n_prompt: int, output: str, lm_logits=Non
     if lm_logits is None:
         raise ValueError(f"{type(model).__name__} has no language-model head for output={output!r}")
     return lm_logits(h if output == "logits" else last)
+
+
+class Model(nn.Module):
+    """The top level of every family: its body under the HF name, then the shared heads.
+
+    A family sets `body` (a module with `embed(ids)`, `__call__(prepared, deterministic)`,
+    `attend(h)` for a tied LM head, and optionally a `pooler`) and `body_name`.
+    """
+    config: ModelConfig
+    sites: Sites = Sites()
+    body: ClassVar[type]
+    body_name: ClassVar[str]
+
+    @nn.compact
+    def __call__(self, input_ids, attention_mask=None, positions=None, *, output: str | None = None,
+                 decode: bool = False, with_prompt: bool = True, deterministic: bool = True):
+        """input_ids: (B,T) -> `output` ("logits" for decoders, "class" for encoders by default;
+        see `outputs`). decode: use and update the KV cache (see `prepare`)."""
+        cfg = self.config
+        if decode and not cfg.causal:
+            raise ValueError(f"the {cfg.family} family is an encoder: it has no decode mode")
+        body = self.body(cfg, self.sites, name=self.body_name)
+        p = prepare(self, body.embed(input_ids), attention_mask, positions, decode=decode,
+                    with_prompt=with_prompt, causal=cfg.causal)
+        h = body(p, deterministic)
+        lm_logits = None
+        if cfg.causal:
+            lm_logits = body.attend if cfg.tie_embeddings else Linear(
+                cfg.vocab_size, ("embed", "vocab"), False, self.sites, name="lm_head")
+        output = output or ("logits" if cfg.causal else "class")
+        return outputs(self, h, p.mask, p.n_prompt, output, lm_logits, getattr(body, "pooler", None))
 
 
 class ClassHead(nn.Module):

@@ -73,6 +73,12 @@ class GPT2Model(nn.Module):
         self.ln_f = nn.LayerNorm(self.config.norm_eps)
         self.drop = nn.Dropout(cfg.dropout)
 
+    def embed(self, input_ids):
+        return self.wte(input_ids)
+
+    def attend(self, h):
+        return self.wte.attend(h)
+
     def __call__(self, p: common.Prepared, deterministic: bool):
         x = self.drop(p.x + self.wpe(p.positions), deterministic=deterministic)
         for i, block in enumerate(self.h):
@@ -80,15 +86,6 @@ class GPT2Model(nn.Module):
         return self.ln_f(x)
 
 
-class GPT2(nn.Module):
-    config: ModelConfig
-    sites: Sites = Sites()
-
-    @nn.compact
-    def __call__(self, input_ids, attention_mask=None, positions=None, *, output: str = "logits",
-                 decode: bool = False, with_prompt: bool = True, deterministic: bool = True):
-        body = GPT2Model(self.config, self.sites, name="transformer")
-        p = common.prepare(self, body.wte(input_ids), attention_mask, positions, decode=decode,
-                           with_prompt=with_prompt, causal=True)
-        h = body(p, deterministic)
-        return common.outputs(self, h, p.mask, p.n_prompt, output, lm_logits=body.wte.attend)
+class GPT2(common.Model):
+    body = GPT2Model
+    body_name = "transformer"

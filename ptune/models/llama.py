@@ -75,6 +75,12 @@ class LlamaModel(nn.Module):
         self.layers = [LlamaBlock(cfg, self.sites) for _ in range(cfg.num_layers)]
         self.norm = nn.RMSNorm(cfg.norm_eps)
 
+    def embed(self, input_ids):
+        return self.embed_tokens(input_ids)
+
+    def attend(self, h):
+        return self.embed_tokens.attend(h)
+
     def __call__(self, p: common.Prepared, deterministic: bool):
         x = p.x
         for i, block in enumerate(self.layers):
@@ -82,18 +88,6 @@ class LlamaModel(nn.Module):
         return self.norm(x)
 
 
-class Llama(nn.Module):
-    config: ModelConfig
-    sites: Sites = Sites()
-
-    @nn.compact
-    def __call__(self, input_ids, attention_mask=None, positions=None, *, output: str = "logits",
-                 decode: bool = False, with_prompt: bool = True, deterministic: bool = True):
-        cfg = self.config
-        body = LlamaModel(cfg, self.sites, name="model")
-        p = common.prepare(self, body.embed_tokens(input_ids), attention_mask, positions, decode=decode,
-                           with_prompt=with_prompt, causal=True)
-        h = body(p, deterministic)
-        lm_head = (body.embed_tokens.attend if cfg.tie_embeddings else
-                   Linear(cfg.vocab_size, ("embed", "vocab"), False, self.sites, name="lm_head"))
-        return common.outputs(self, h, p.mask, p.n_prompt, output, lm_logits=lm_head)
+class Llama(common.Model):
+    body = LlamaModel
+    body_name = "model"
