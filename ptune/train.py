@@ -47,9 +47,9 @@ class Run:
 def objective_for(task: tasks.Task, family: str, requested: str) -> str:
     if requested not in ("auto",) + objectives.OBJECTIVES:
         raise ValueError(f"config.task.objective={requested!r}; choose auto or one of {objectives.OBJECTIVES}")
-    if task.kind == "lm":
+    if task.kind in ("lm", "generate"):   # generate: LM loss on the output given the input
         if requested not in ("auto", "lm"):
-            raise ValueError(f"task {task.name!r} is language modelling; objective {requested!r} does not apply")
+            raise ValueError(f"task {task.name!r} is {task.kind}; objective {requested!r} does not apply")
         if family == "bert":
             raise ValueError(f"task {task.name!r} needs a causal model; {family} is an encoder")
         return "lm"
@@ -141,6 +141,8 @@ def setup(config) -> Run:
 def _encode(examples, task, template, tokenizer, family, max_length):
     if task.kind == "lm":
         return batching.encode_lm(examples, tokenizer, family, max_length)
+    if task.kind == "generate":
+        return batching.encode_generate(examples, template, tokenizer, family, max_length)
     return batching.encode_classification(examples, template, tokenizer, family, max_length)
 
 

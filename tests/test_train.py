@@ -115,3 +115,12 @@ def test_unknown_config_key(make_config):
     config.train.stesp = 3
     with pytest.raises(ValueError, match=r"unknown config key\(s\) \['config.train.stesp'\]"):
         train.setup(config)
+
+
+def test_generation_task_trains_on_outputs(make_config, tmp_path):
+    config = make_config("lora", steps=2)
+    config.task.name = "chatterbot_qa"
+    config.task.options = {"k_shot": 16}
+    config.task.max_length = 64
+    final = train.train_and_evaluate(config, str(tmp_path))
+    assert np.isfinite(final["train_loss"]) and final["validation_perplexity"] > 1

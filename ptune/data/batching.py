@@ -8,7 +8,8 @@ from ptune.data.templates import Template
 
 
 def encode_classification(examples, template: Template, tokenizer, family: str, max_length: int):
-    """Render `template` around each text, truncating only the text, right-padded.
+    """Render `template` around each text, right-padded. Truncation policy: only the text is
+    cut (from its end), so the template and the verbalizer position always survive.
 
     Returns {"input_ids", "attention_mask": (N, max_length) int32, "labels": (N,) int32}.
     """
@@ -32,6 +33,25 @@ def encode_lm(examples, tokenizer, family: str, max_length: int):
     arrays = _pad(rows, max_length, tokenizer.pad_id)
     arrays["loss_mask"] = arrays["attention_mask"].copy()
     arrays["loss_mask"][:, 0] = 0
+    return arrays
+
+
+def encode_generate(examples, template: Template, tokenizer, family: str, max_length: int):
+    """Prompt = the template around the input, target = the output then EOS; only target
+    tokens are predicted (`loss_mask`). The input is truncated first, then the output."""
+    before, after = template.parts()
+    head, _ = tokenizer.specials(family)
+    rows, targets = [], []
+    for e in examples:
+        output = (tokenizer.encode(e["output"]) + [tokenizer.eos_id])[: max_length // 2]
+        fixed = head + tokenizer.encode(before)
+        tail = tokenizer.encode(after)
+        budget = max(max_length - len(fixed) - len(tail) - len(output), 0)
+        prompt = (fixed + tokenizer.encode(e["input"])[:budget] + tail)[: max_length - len(output)]
+        rows.append(prompt + output)
+        targets.append(len(prompt))
+    arrays = _pad(rows, max_length, tokenizer.pad_id)
+    arrays["loss_mask"] = arrays["attention_mask"] * (np.arange(max_length)[None] >= np.asarray(targets)[:, None])
     return arrays
 
 
