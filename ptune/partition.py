@@ -48,6 +48,18 @@ def flatten(tree) -> dict[str, Any]:
     return {path_str(kp): leaf for kp, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
 
 
+def unflatten(flat: Mapping[str, Any]) -> dict:
+    """Nested dicts from {path: leaf} (the inverse of `flatten` for dict trees)."""
+    out: dict = {}
+    for path, leaf in flat.items():
+        *parents, name = path.split("/")
+        node = out
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[name] = leaf
+    return out
+
+
 def nearest_paths(pattern: str, paths: Sequence[str], n: int = 5) -> list[str]:
     """The paths that look most like `pattern`, to suggest a fix for a rule."""
     close = difflib.get_close_matches(pattern, paths, n=n, cutoff=0.0)

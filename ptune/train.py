@@ -117,10 +117,10 @@ def setup(config) -> Run:
 
     model = models.build(model_cfg, method.sites)
     rng = jax.random.key(config.seed)
-    params = models.init(model, jax.random.fold_in(rng, 0))
-    if state is not None:
-        from ptune.models import hf
-        params = hf.from_hf(family, state, params)
+    if state is None:
+        params = models.init(model, jax.random.fold_in(rng, 0))
+    else:
+        params = models.from_checkpoint(model, state, jax.random.fold_in(rng, 0))
     ctx = methods.InitContext(jax.random.fold_in(rng, 1), family, tokenizer.encode, template.verbalizer)
     params = method.initialize(params, ctx)
     labels = method.labels(params)

@@ -31,7 +31,7 @@ DEFAULT_TARGETS = {
 }
 
 __all__ = ["DEFAULT_TARGETS", "FAMILIES", "PRESETS", "WORD_EMBEDDINGS", "ModelConfig", "Sites", "build", "init",
-           "abstract_params", "linear_layers", "model_config", "init_cache"]
+           "abstract_params", "from_checkpoint", "linear_layers", "model_config", "init_cache"]
 
 
 def build(config: ModelConfig, sites: Sites = Sites()) -> nn.Module:
@@ -47,11 +47,31 @@ def abstract_params(model: nn.Module, length: int = 8):
     return jax.eval_shape(lambda: model.init(jax.random.key(0), _dummy(1, length), output="hidden")["params"])
 
 
-def init(model: nn.Module, rng, length: int = 8):
-    """Random parameters (unboxed) and a check that every linear-layer site found a layer."""
-    params = nn.unbox(jax.jit(lambda r: model.init(r, _dummy(1, length), output="hidden"))(rng)["params"])
+def init(model: nn.Module, rng, length: int = 8, pretrained: dict | None = None):
+    """Parameters (unboxed), checked that every linear-layer site found a layer.
+
+    `pretrained` (nested dicts of arrays, e.g. base weights from a checkpoint) is used as
+    is; only the parameters it lacks (sites, a fresh head) are initialised, so no time is
+    spent drawing random base weights that would be thrown away.
+    """
+    if pretrained is None:
+        params = jax.jit(lambda r: model.init(r, _dummy(1, length), output="hidden"))(rng)["params"]
+    else:
+        fill = lambda r, p: model.apply({"params": p}, _dummy(1, length), output="hidden",
+                                        rngs={"params": r}, mutable=["params"])[1]["params"]
+        params = jax.jit(fill)(rng, pretrained)
+    params = nn.unbox(params)
     check_targets(model, params)
     return params
+
+
+def from_checkpoint(model: nn.Module, state: dict, rng):
+    """Parameters with the base from an HF-named `state` dict and fresh sites (and heads it lacks)."""
+    from ptune.models import hf
+    template = nn.unbox(abstract_params(model))
+    loaded = partition.flatten(hf.from_hf(model.config.family, state, template))
+    pretrained = {p: x for p, x in loaded.items() if not isinstance(x, jax.ShapeDtypeStruct)}
+    return init(model, rng, pretrained=partition.unflatten(pretrained))
 
 
 def linear_layers(params) -> list[str]:

@@ -16,7 +16,7 @@ import tempfile
 import jax
 import numpy as np
 
-from ptune.models import build, hf, init
+from ptune.models import build, from_checkpoint
 from ptune.models.config import ModelConfig
 from ptune.models.sites import Sites
 
@@ -133,8 +133,7 @@ def load(source, sites: Sites = Sites(), **overrides) -> tuple[ModelConfig, dict
     """(config, params): pretrained base weights plus freshly initialised sites."""
     hf_config, state = read(source)
     cfg = config_from_hf(hf_config, **overrides)
-    template = init(build(cfg, sites), jax.random.key(0))
-    return cfg, hf.from_hf(cfg.family, state, template)
+    return cfg, from_checkpoint(build(cfg, sites), state, jax.random.key(0))
 
 
 def load_tokenizer(source):

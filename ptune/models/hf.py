@@ -108,7 +108,7 @@ def from_hf(family: str, state: dict, template):
         if key in state:
             value = state[key].T if _transposed(family, path) else state[key]
             if value.shape == tuple(flat[path].shape):
-                out[path] = value.astype(flat[path].dtype)
+                out[path] = np.asarray(value, dtype=flat[path].dtype)   # no copy when dtypes agree
             else:
                 wrong_shape.append(f"{key!r} has shape {value.shape} but ptune {path} expects "
                                    f"{tuple(flat[path].shape)}")
