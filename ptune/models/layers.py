@@ -70,7 +70,10 @@ class Linear(nn.Module):
         return y
 
 
-ACTIVATIONS = {"relu": nn.relu, "gelu": nn.gelu, "gelu_new": lambda x: nn.gelu(x, approximate=True),
+# HF `hidden_act` names. "gelu" is the exact (erf) GELU; flax's nn.gelu defaults to the tanh form.
+ACTIVATIONS = {"relu": nn.relu, "gelu": lambda x: nn.gelu(x, approximate=False),
+               "gelu_new": lambda x: nn.gelu(x, approximate=True),
+               "gelu_pytorch_tanh": lambda x: nn.gelu(x, approximate=True),
                "silu": nn.silu, "swish": nn.silu, "tanh": jnp.tanh}
 
 
