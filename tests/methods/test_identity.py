@@ -1,112 +1,180 @@
-"""Adding a method's sites leaves the model as it was: the same base weights, the same outputs.
-Prompts and prefixes add context by design; for them the identity is "a soft prompt (prefix)
-made from a text equals that text in front of the input"."""
-
-import functools
+"""Adding a method's sites leaves the model as it was before training: the same base
+weights (same init rng) and the same outputs. Prompts and prefixes add context by design;
+for them the identity is "a soft prompt made from a text equals that text in front of the
+input" and "a prefix equals a KV cache of that text"."""
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from ptune import methods, models
+from ptune import methods, models, partition
 from ptune.data.tokenizers import ByteTokenizer
 
-PRESETS = ["gpt2-tiny", "llama-tiny", "bert-tiny"]
+TINY = ["gpt2-tiny", "llama-tiny", "bert-tiny"]
+DECODERS = ["gpt2-tiny", "llama-tiny"]
+P = 4                                    # prompt / prefix length everywhere (shares cached inits)
+TEXT = "Hi: "                            # exactly P bytes
 IDS = np.array([[11, 12, 13, 14, 15, 16], [17, 18, 19, 20, 21, 22]])
-MASK = np.array([[1, 1, 1, 1, 1, 1], [1, 1, 1, 1, 0, 0]])
-IDENTITY_AT_INIT = [("lora", {}), ("ia3", {}), ("adapter", {"placement": "houlsby"}),
-                    ("adapter", {"placement": "pfeiffer"}), ("full", {}), ("head", {}), ("manual", {})]
+MASK = np.array([[1, 1, 1, 1, 1, 1], [1, 1, 1, 1, 0, 0]])     # padding in one row
+REAL = MASK.astype(bool)
+ENCODE = ByteTokenizer().encode
+
+# Methods whose sites are identity at init (LoRA B = 0, IA3 = 1, adapter up = 0).
+IDENTITY = [("lora", {}), ("ia3", {}), ("adapter", {"placement": "houlsby"}),
+            ("adapter", {"placement": "pfeiffer"})]
+NO_SITES = ["full", "bitfit", "head", "manual"]
+CONTEXT = [("prompt", {"length": P}), ("prefix", {"length": P, "hidden": 16}), ("ptuning_v2", {"length": P})]
 
 
-def _build(preset, method=None):
-    cfg = models.model_config(preset, num_labels=3)
-    model = models.build(cfg, method.sites if method else models.Sites())
-    return cfg, model, models.init(model, jax.random.key(0))
-
-
-def _outputs(cfg, model, params):
-    out = {"class": model.apply({"params": params}, IDS, MASK, output="class")}
+def outputs(cfg, model, params, ids=IDS, mask=MASK):
+    """{"class": (B, labels), "hidden": (B, T, d)} and, for decoders, "logits": (B, T, V)."""
+    out = {"class": model.apply({"params": params}, ids, mask, output="class"),
+           "hidden": model.apply({"params": params}, ids, mask, output="hidden")}
     if cfg.causal:
-        out["logits"] = model.apply({"params": params}, IDS, MASK, output="logits")
-    return out
+        out["logits"] = model.apply({"params": params}, ids, mask, output="logits")
+    return {k: np.asarray(v) for k, v in out.items()}
 
 
-@functools.lru_cache
-def _plain(preset):
-    """The model without sites, its parameters and outputs (shared by the tests)."""
-    cfg, model, params = _build(preset)
-    return cfg, model, params, _outputs(cfg, model, params)
+def context(text_ids, batch=2):
+    """(ids, mask) of `text_ids` in front of IDS / MASK."""
+    t = np.tile(np.asarray(text_ids), (batch, 1))
+    return np.concatenate([t, IDS], 1), np.concatenate([np.ones_like(t), MASK], 1)
 
 
-# bitfit refuses llama (no biases; test_errors).
-@pytest.mark.parametrize("preset,name,options", [
-    (p, n, o) for p in PRESETS for n, o in IDENTITY_AT_INIT + [("prompt", {}), ("prefix", {}), ("bitfit", {})]
-    if (p, n) != ("llama-tiny", "bitfit")])
-def test_sites_leave_base_weights_and_outputs_unchanged(preset, name, options):
-    cfg, plain, base, expected = _plain(preset)
-    method = methods.get(name, cfg, **options)
-    _, model, params = _build(preset, method)
-    flat_params = dict(jax.tree_util.tree_leaves_with_path(params))
-    for path, leaf in jax.tree_util.tree_leaves_with_path(base):
-        np.testing.assert_array_equal(flat_params[path], leaf)
-    if (name, options) in IDENTITY_AT_INIT or name == "bitfit":
-        got = _outputs(cfg, model, params)
-        for key in expected:
-            np.testing.assert_allclose(got[key], expected[key], atol=1e-6)
+def assert_base_unchanged(base, params):
+    """Every leaf of the plain model's init appears, bitwise equal, in `params`."""
+    flat, sited = partition.flatten(base), partition.flatten(params)
+    missing = sorted(set(flat) - set(sited))
+    assert not missing, f"base leaves missing from the sited model: {missing[:3]}"
+    for path, leaf in flat.items():
+        np.testing.assert_array_equal(sited[path], leaf, err_msg=path)
 
 
-@pytest.mark.parametrize("preset", PRESETS)
-def test_prompt_initialised_from_text_equals_that_text_in_front(preset):
-    text = "Hi:"                                    # 3 bytes = 3 prompt vectors
-    prefix_ids = ByteTokenizer().encode(text)
-    cfg, plain, base, _ = _plain(preset)
-    method = methods.get("prompt", cfg, length=len(prefix_ids), init="text", init_text=text)
-    _, model, params = _build(preset, method)
-    params = method.initialize(params, methods.InitContext(jax.random.key(1), cfg.family, ByteTokenizer().encode))
-    ids = np.concatenate([np.tile(prefix_ids, (2, 1)), IDS], 1)
-    mask = np.concatenate([np.ones((2, len(prefix_ids)), int), MASK], 1)
-    expected = plain.apply({"params": base}, ids, mask, output="hidden")[:, len(prefix_ids):]
-    got = model.apply({"params": params}, IDS, MASK, output="hidden")
-    real = MASK.astype(bool)
-    np.testing.assert_allclose(np.asarray(got)[real], np.asarray(expected)[real], atol=2e-5)
+def ctx(cfg):
+    return methods.InitContext(jax.random.key(1), cfg.family, ENCODE, ("yes", "no"))
 
 
-def _cache_leaves(cache, name):
-    """Per-layer cached keys or values in layer order."""
-    flat = {"/".join(str(k.key) for k in path): x for path, x in jax.tree_util.tree_leaves_with_path(cache)}
-    layer = lambda p: int(p.split("/")[1].split("_")[1])
-    return [flat[p] for p in sorted((p for p in flat if p.endswith("/" + name)), key=layer)]
-
-
-@pytest.mark.parametrize("preset", ["gpt2-tiny", "llama-tiny"])
-def test_prefix_equals_a_kv_cache_of_context(preset):
-    context = np.array([[30, 31, 32, 33]] * 2)
-    P = context.shape[1]
-    cfg, plain, base, _ = _plain(preset)
-    cache = models.init_cache(plain, base, 2, P)
-    _, state = plain.apply({"params": base, "cache": cache}, context, np.ones_like(context), np.tile(np.arange(P), (2, 1)),
-                           output="hidden", decode=True, mutable=["cache"])
-    keys, values = _cache_leaves(state["cache"], "key"), _cache_leaves(state["cache"], "value")
-    kv = jnp.stack([jnp.stack([k[0], v[0]]) for k, v in zip(keys, values)])          # (layers, 2, P, K, D)
-    method = methods.get("ptuning_v2", cfg, length=P)
-    _, model, params = _build(preset, method)
-    params = {**params, "prefix": {"kv": kv.reshape(kv.shape[:3] + (-1,))}}
-    ids = np.concatenate([context, IDS], 1)
-    mask = np.concatenate([np.ones_like(context), MASK], 1)
-    expected = plain.apply({"params": base}, ids, mask)[:, P:]
-    got = model.apply({"params": params}, IDS, MASK)
-    real = MASK.astype(bool)
-    np.testing.assert_allclose(np.asarray(got)[real], np.asarray(expected)[real], atol=1e-5)
-
-
-@pytest.mark.parametrize("preset", PRESETS)
-def test_prefix_folding_keeps_outputs(preset):
+@pytest.mark.parametrize("preset", TINY)
+@pytest.mark.parametrize("name,options", IDENTITY + CONTEXT, ids=lambda x: str(x) if isinstance(x, str) else
+                         "-".join(map(str, x.values())))
+def test_sites_leave_base_weights_unchanged(tiny, preset, name, options):
+    _, _, base = tiny(preset, models.Sites())
     cfg = models.model_config(preset, num_labels=3)
-    method = methods.get("prefix", cfg, length=5, hidden=16)
+    method = methods.get(name, cfg, **options)
+    assert method.sites != models.Sites()
+    _, model, params = tiny(preset, method.sites)
+    assert len(partition.flatten(params)) > len(partition.flatten(base))
+    assert_base_unchanged(base, params)
+    assert_base_unchanged(base, method.initialize(params, ctx(cfg)))
+
+
+@pytest.mark.parametrize("preset", TINY)
+@pytest.mark.parametrize("name,options", IDENTITY, ids=lambda x: str(x) if isinstance(x, str) else
+                         "-".join(map(str, x.values())))
+def test_identity_sites_leave_outputs_unchanged(tiny, preset, name, options):
+    cfg, plain, base = tiny(preset, models.Sites())
+    expected = outputs(cfg, plain, base)
+    method = methods.get(name, cfg, **options)
+    _, model, params = tiny(preset, method.sites)
+    params = method.initialize(params, ctx(cfg))
+    got = outputs(cfg, model, params)
+    assert got.keys() == expected.keys()
+    for key in expected:
+        np.testing.assert_allclose(got[key], expected[key], atol=1e-6, rtol=0, err_msg=key)
+
+
+@pytest.mark.parametrize("preset", TINY)
+@pytest.mark.parametrize("name", NO_SITES)
+def test_methods_without_sites_are_the_plain_model(tiny, preset, name):
+    """full, bitfit, head and manual only label: the model they build is the plain one, its
+    initialisation the plain one's, and nothing of it changes before training."""
+    cfg, plain, base = tiny(preset, models.Sites())
+    method = methods.get(name, cfg)
+    assert method.sites == models.Sites() and method.init is None and method.fold is None
     model = models.build(cfg, method.sites)
-    params = models.init(model, jax.random.key(0))
+    assert model == plain
+    params = method.initialize(base, ctx(cfg))
+    assert params is base
+    expected = outputs(cfg, plain, base)
+    for key, value in outputs(cfg, model, params).items():
+        np.testing.assert_allclose(value, expected[key], atol=1e-6, rtol=0, err_msg=key)
+
+
+@pytest.mark.parametrize("preset", TINY)
+def test_prompt_from_text_equals_that_text_in_front(tiny, preset):
+    text_ids = ENCODE(TEXT)
+    assert len(text_ids) == P
+    cfg, plain, base = tiny(preset, models.Sites())
+    method = methods.get("prompt", cfg, length=P, init="text", init_text=TEXT)
+    _, model, params = tiny(preset, method.sites)
+    params = method.initialize(params, methods.InitContext(jax.random.key(1), cfg.family, ENCODE, ()))
+    table = partition.flatten(base)[models.WORD_EMBEDDINGS[cfg.family]]
+    np.testing.assert_array_equal(params["prompt"]["embedding"], table[np.array(text_ids)])
+
+    got = outputs(cfg, model, params)
+    expected = outputs(cfg, plain, base, *context(text_ids))
+    alone = outputs(cfg, plain, base)
+    for key in ("hidden", "logits"):        # at x's positions (the prompt's are dropped)
+        if key in got:
+            assert got[key].shape == alone[key].shape
+            np.testing.assert_allclose(got[key][REAL], expected[key][:, P:][REAL], atol=2e-5, rtol=0, err_msg=key)
+            assert np.abs(alone[key][REAL] - expected[key][:, P:][REAL]).max() > 1e-3   # the text matters
+    # Decoders classify from the last real token, BERT pools the first position: the
+    # prompt's first vector there, the text's first token in the plain run.
+    np.testing.assert_allclose(got["class"], expected["class"], atol=2e-5, rtol=0)
+
+
+def _cached_kv(cache):
+    """(layers, 2, P, kv_heads * head_dim) from a decode cache {..., <block_i>: {<attn>: {key, value}}}."""
+    flat = partition.flatten(cache)
+    per_layer = {}
+    for path, x in flat.items():
+        parts = path.split("/")
+        if parts[-1] in ("key", "value"):
+            block = parts[1]                                  # h_3 | layers_3
+            per_layer.setdefault(int(block.rsplit("_", 1)[1]), {})[parts[-1]] = x
+    assert sorted(per_layer) == list(range(len(per_layer)))
+    kv = jnp.stack([jnp.stack([per_layer[i]["key"][0], per_layer[i]["value"][0]]) for i in sorted(per_layer)])
+    return kv.reshape(kv.shape[:3] + (-1,))
+
+
+@pytest.mark.parametrize("preset", DECODERS)
+def test_prefix_equals_a_kv_cache_of_context(tiny, preset):
+    """Direct prefix keys/values set to what the plain model caches for a text t give, on x,
+    the plain model's outputs on concat(t, x) at x's positions."""
+    t = np.array([ENCODE("abcd")] * 2)
+    assert t.shape[1] == P
+    cfg, plain, base = tiny(preset, models.Sites())
+    cache = models.init_cache(plain, base, 2, P)
+    _, state = plain.apply({"params": base, "cache": cache}, t, np.ones_like(t), np.tile(np.arange(P), (2, 1)),
+                           output="hidden", decode=True, mutable=["cache"])
+    kv = _cached_kv(state["cache"])
+    assert kv.shape == (cfg.num_layers, 2, P, cfg.num_kv_heads * cfg.head_dim)
+
+    method = methods.get("ptuning_v2", cfg, length=P)
+    _, model, params = tiny(preset, method.sites)
+    assert params["prefix"]["kv"].shape == kv.shape
+    params = {**params, "prefix": {"kv": kv}}
+    got = outputs(cfg, model, params)
+    expected = outputs(cfg, plain, base, *context(t[0]))
+    alone = outputs(cfg, plain, base)
+    for key in ("hidden", "logits"):
+        np.testing.assert_allclose(got[key][REAL], expected[key][:, P:][REAL], atol=1e-5, rtol=0, err_msg=key)
+        assert np.abs(alone[key][REAL] - expected[key][:, P:][REAL]).max() > 1e-3   # the context matters
+    np.testing.assert_allclose(got["class"], expected["class"], atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("preset", TINY)
+def test_prefix_folding_keeps_outputs(tiny, preset):
+    cfg, plain, base = tiny(preset, models.Sites())
+    method = methods.get("prefix", cfg, length=P, hidden=16)
+    _, model, params = tiny(preset, method.sites)
     folded, sites = method.folded(params, model)
-    expected = model.apply({"params": params}, IDS, MASK, output="hidden")
-    got = models.build(cfg, sites).apply({"params": folded}, IDS, MASK, output="hidden")
-    np.testing.assert_allclose(got, expected, atol=1e-5)
+    assert sites.prefix.hidden is None and sites.prefix.length == P
+    before = outputs(cfg, model, params)
+    after = outputs(cfg, models.build(cfg, sites), folded)
+    alone = outputs(cfg, plain, base)
+    for key in before:
+        np.testing.assert_allclose(after[key], before[key], atol=1e-6, rtol=0, err_msg=key)
+    assert np.abs(alone["hidden"][REAL] - before["hidden"][REAL]).max() > 1e-3   # the prefix matters
