@@ -25,7 +25,8 @@ def base_config() -> ml_collections.ConfigDict:
         options=ml_collections.ConfigDict(),   # passed to the task builder
         objective="auto",                      # auto | lm | verbalizer | head
         max_length=64,
-        template="",                           # '' keeps the task's template
+        template_index=0,                      # which of the task's paraphrased templates
+        template="",                           # a custom template text ('' = the indexed one)
     ))
     c.optim = ml_collections.ConfigDict({f.name: f.default for f in dataclasses.fields(Group)})
     c.optim.clip_norm = 1.0

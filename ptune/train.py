@@ -106,9 +106,12 @@ def setup(config) -> Run:
         raise ValueError(f"task.max_length {task_cfg.max_length} + prompt/prefix length {extra} exceeds the "
                          f"model's context of {model_cfg.max_positions}; shorten one of them")
 
-    template = task.template
-    if task_cfg.template or method.template:
-        template = Template(task_cfg.template or method.template, task.template.verbalizer)
+    if not 0 <= task_cfg.template_index < len(task.templates):
+        raise ValueError(f"config.task.template_index={task_cfg.template_index}: task {task.name!r} has "
+                         f"{len(task.templates)} templates (0..{len(task.templates) - 1})")
+    template = task.templates[task_cfg.template_index]
+    if task_cfg.template or method.template:   # a custom text keeps the chosen template's verbalizer
+        template = Template(task_cfg.template or method.template, template.verbalizer)
     label_ids = template.label_ids(tokenizer) if objective == "verbalizer" else None
     encode = functools.partial(_encode, task=task, template=template, tokenizer=tokenizer, family=family,
                                max_length=task_cfg.max_length)
@@ -127,13 +130,12 @@ def setup(config) -> Run:
 
     tx = None
     if method.trains:
-        groups = {}
+        # Each group: the config's default optimizer < the method's defaults < optim.groups.<label>.
+        # A configured group naming no label reaches optim.build, which says so.
         base = {k: v for k, v in config.optim.to_dict().items() if k not in ("groups", "clip_norm")}
-        for g in partition.groups(labels):
-            groups[g] = optim.Group(**{**base, **method.optim.get(g, {}), **config.optim.groups.get(g, {})})
-        unused = sorted(set(config.optim.groups.keys()) - set(groups))
-        if unused:
-            raise ValueError(f"config.optim.groups {unused} name no trainable label; labels: {sorted(groups)}")
+        names = list(dict.fromkeys(partition.groups(labels) + list(config.optim.groups.keys())))
+        groups = {g: optim.Group(**{**base, **method.optim.get(g, {}), **config.optim.groups.get(g, {})})
+                  for g in names}
         tx = optim.build(labels, groups, config.train.steps, config.optim.clip_norm or None)
     return Run(config, model, method, params, labels, task, objective, label_ids, data, tx, tokenizer)
 

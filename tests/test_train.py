@@ -124,3 +124,20 @@ def test_generation_task_trains_on_outputs(make_config, tmp_path):
     config.task.max_length = 64
     final = train.train_and_evaluate(config, str(tmp_path))
     assert np.isfinite(final["train_loss"]) and final["validation_perplexity"] > 1
+
+
+def test_optimizer_group_override_and_unknown_group(make_config):
+    config = make_config("lora", lr_ratio_b=4.0)
+    config.optim.groups = {"lora": {"learning_rate": 0.01}}
+    run = train.setup(config)
+    assert partition.groups(run.labels) == ["lora", "lora_b"]
+    config.optim.groups = {"prompt": {"learning_rate": 0.3}}
+    with pytest.raises(partition.PartitionError, match=r"group\(s\) \['prompt'\] match no trainable label"):
+        train.setup(config)
+
+
+def test_template_index_selects_a_paraphrase(make_config):
+    config = make_config("manual")
+    config.task.template_index = 5
+    with pytest.raises(ValueError, match=r"template_index=5: task 'synthetic_sentiment' has 1 templates"):
+        train.setup(config)
