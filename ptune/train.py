@@ -230,6 +230,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
     writer.close()
     with open(os.path.join(workdir, "final_metrics.json"), "w") as f:
         json.dump(final, f, indent=2)
+    print(" ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in final.items()), flush=True)
     return final
 
 
