@@ -78,3 +78,8 @@ def test_summary_counts_bytes_and_fraction(params):
     assert np.isclose(s.trainable_fraction, 14 / 29)
     text = str(s)
     assert "trainable params: 14 || all params: 29 || trainable%: 48.2759" in text
+
+
+def test_unflatten_inverts_flatten(params):
+    assert partition.flatten(partition.unflatten(partition.flatten(params))) == partition.flatten(params)
+    assert partition.unflatten({"a/b": 1, "a/c/d": 2}) == {"a": {"b": 1, "c": {"d": 2}}}
