@@ -2,7 +2,7 @@
 during training by an MLP over L embeddings (the reparameterisation that stabilises
 training) and folded into plain keys/values for inference and saving."""
 
-import flax.linen as nn
+import dataclasses
 
 from ptune.methods.base import Method, positive_int
 from ptune.models.layers import PrefixKV
@@ -20,6 +20,5 @@ def fold(params, model):
     cfg, spec = model.config, model.sites.prefix
     module = PrefixKV(spec, cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, cfg.hidden_size)
     kv = module.apply({"params": params["prefix"]})                # (layers, 2, L, K, D)
-    kv = kv.reshape(kv.shape[:3] + (-1,))
-    folded = {**params, "prefix": {"kv": nn.unbox(kv)}}
-    return folded, model.sites.__class__(**{**vars(model.sites), "prefix": Prefix(spec.length, None)})
+    folded = {**params, "prefix": {"kv": kv.reshape(kv.shape[:3] + (-1,))}}
+    return folded, dataclasses.replace(model.sites, prefix=Prefix(spec.length, None))

@@ -36,8 +36,8 @@ LIMIT = GPT2.max_positions
     ("adapter", {"size": 0}, "method adapter: size=0 must be a positive integer"),
     ("adapter", {"activation": "swiglu"}, "method adapter: activation='swiglu'; choose one of"),
     ("manual", {"template": "no field"}, r"method manual: template 'no field' must contain the '\{text\}' field"),
-    ("lora+prompt", {"rank": 4}, r"method 'lora\+prompt': options \['rank'\] belong to no part; "
-                                 r"give them as method.<part>.<option>, parts: \['lora', 'prompt'\]"),
+    ("lora+prompt", {"rank": 4}, (r"method 'lora\+prompt': options \['rank'\] belong to no part; "
+                                  r"give them as method.<part>.<option>, parts: \['lora', 'prompt'\]")),
     ("lora+prompt", {"prefix": {"length": 4}}, r"options \['prefix'\] belong to no part"),
     ("lora+prompt", {"lora": {"rnak": 4}}, r"method 'lora' has no option\(s\) \['rnak'\]"),
     ("lora+prompt", {"prompt": {"length": 0}}, "method prompt: length=0 must be a positive integer"),

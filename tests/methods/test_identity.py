@@ -27,6 +27,10 @@ NO_SITES = ["full", "bitfit", "head", "manual"]
 CONTEXT = [("prompt", {"length": P}), ("prefix", {"length": P, "hidden": 16}), ("ptuning_v2", {"length": P})]
 
 
+def cases(table):
+    return [pytest.param(n, o, id="-".join([n, *map(str, o.values())])) for n, o in table]
+
+
 def outputs(cfg, model, params, ids=IDS, mask=MASK):
     """{"class": (B, labels), "hidden": (B, T, d)} and, for decoders, "logits": (B, T, V)."""
     out = {"class": model.apply({"params": params}, ids, mask, output="class"),
@@ -56,22 +60,20 @@ def ctx(cfg):
 
 
 @pytest.mark.parametrize("preset", TINY)
-@pytest.mark.parametrize("name,options", IDENTITY + CONTEXT, ids=lambda x: str(x) if isinstance(x, str) else
-                         "-".join(map(str, x.values())))
+@pytest.mark.parametrize("name,options", cases(IDENTITY + CONTEXT))
 def test_sites_leave_base_weights_unchanged(tiny, preset, name, options):
     _, _, base = tiny(preset, models.Sites())
     cfg = models.model_config(preset, num_labels=3)
     method = methods.get(name, cfg, **options)
     assert method.sites != models.Sites()
-    _, model, params = tiny(preset, method.sites)
+    _, _, params = tiny(preset, method.sites)
     assert len(partition.flatten(params)) > len(partition.flatten(base))
     assert_base_unchanged(base, params)
     assert_base_unchanged(base, method.initialize(params, ctx(cfg)))
 
 
 @pytest.mark.parametrize("preset", TINY)
-@pytest.mark.parametrize("name,options", IDENTITY, ids=lambda x: str(x) if isinstance(x, str) else
-                         "-".join(map(str, x.values())))
+@pytest.mark.parametrize("name,options", cases(IDENTITY))
 def test_identity_sites_leave_outputs_unchanged(tiny, preset, name, options):
     cfg, plain, base = tiny(preset, models.Sites())
     expected = outputs(cfg, plain, base)
