@@ -51,7 +51,7 @@ def _generate(model, params, ids, mask, rng, eos_id, pad_id, *, max_new_tokens, 
     B, T = ids.shape
     full_mask = jnp.concatenate([mask, jnp.ones((B, max_new_tokens), mask.dtype)], 1)
     positions = jnp.maximum(jnp.cumsum(full_mask, 1) - 1, 0)
-    cache = models.init_cache(model, params, B, T + max_new_tokens)
+    cache = models.init_cache(model, B, T + max_new_tokens)
     logits, state = model.apply({"params": params, "cache": cache}, ids, full_mask, positions[:, :T],
                                 output="logits", decode=True, with_prompt=True, mutable=["cache"])
 

@@ -91,9 +91,10 @@ def check_targets(model: nn.Module, params):
                 f"linear layers are e.g. {sorted({re.sub(r'_[0-9]+/', '_N/', p) for p in layers})}")
 
 
-def init_cache(model: nn.Module, params, batch: int, max_len: int):
+def init_cache(model: nn.Module, batch: int, max_len: int):
     """An empty KV cache for `max_len` text tokens (plus any soft prompt)."""
-    variables = jax.eval_shape(lambda: model.init(jax.random.key(0), _dummy(batch, max_len), output="hidden", decode=True))
+    variables = jax.eval_shape(lambda: model.init(jax.random.key(0), _dummy(batch, max_len), output="hidden",
+                                                  decode=True))
     return jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), nn.unbox(variables["cache"]))
 
 

@@ -22,11 +22,13 @@ class GPT2Attention(nn.Module):
     def __call__(self, x, p: common.Prepared, layer: int, deterministic: bool):
         cfg, dt = self.config, self.config.compute_dtype
         B, T, _ = x.shape
-        qkv = Linear(3 * cfg.hidden_size, ("embed", "heads"), sites=self.sites, dtype=dt, name="c_attn")(x, deterministic)
+        qkv = Linear(3 * cfg.hidden_size, ("embed", "heads"), sites=self.sites, dtype=dt,
+                     name="c_attn")(x, deterministic)
         q, k, v = (t.reshape(B, T, cfg.num_heads, cfg.head_dim) for t in jnp.split(qkv, 3, axis=-1))
         prefix = None if p.prefix is None else p.prefix[layer]
         out = attend(self, q, k, v, p.visible, prefix=prefix, cache_index=p.cache_index, dtype=dt)
-        return Linear(cfg.hidden_size, ("heads", "embed"), sites=self.sites, dtype=dt, name="c_proj")(out, deterministic)
+        return Linear(cfg.hidden_size, ("heads", "embed"), sites=self.sites, dtype=dt,
+                      name="c_proj")(out, deterministic)
 
 
 class GPT2MLP(nn.Module):

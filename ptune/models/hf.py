@@ -35,7 +35,8 @@ LIST_ENTRY = re.compile(r"^(h|layers|layer)_(\d+)$")
 # whose Conv1D layers store (in, out) too. Paths under these prefixes are not transposed.
 CONV1D_BODY = {"gpt2": "transformer/"}
 # Older checkpoints' names for the same tensors.
-OLD_NAMES = [(re.compile(r"LayerNorm\.gamma$"), "LayerNorm.weight"), (re.compile(r"LayerNorm\.beta$"), "LayerNorm.bias")]
+OLD_NAMES = [(re.compile(r"LayerNorm\.gamma$"), "LayerNorm.weight"),
+             (re.compile(r"LayerNorm\.beta$"), "LayerNorm.bias")]
 # Site leaves: ptune paths that have no HF base key.
 SITE = re.compile(r"^(prompt|prefix)/|adapter/|/lora_[ab]$|/ia3$")
 # HF keys skipped on reading: non-parameter buffers (position ids, RoPE frequencies, GPT-2's

@@ -84,11 +84,11 @@ class Adapter(nn.Module):
 
     @nn.compact
     def __call__(self, x):
-        d = x.shape[-1]
-        h = x.astype(self.dtype) @ param(self, "down", normal(1e-3), (d, self.spec.size), ("embed", None))
-        h = ACTIVATIONS[self.spec.activation](h + param(self, "down_bias", nn.initializers.zeros, (self.spec.size,), (None,)))
-        h = h @ param(self, "up", nn.initializers.zeros, (self.spec.size, d), (None, "embed"))
-        return x + h + param(self, "up_bias", nn.initializers.zeros, (d,), ("embed",))
+        d, m, zeros = x.shape[-1], self.spec.size, nn.initializers.zeros
+        h = x.astype(self.dtype) @ param(self, "down", normal(1e-3), (d, m), ("embed", None))
+        h = ACTIVATIONS[self.spec.activation](h + param(self, "down_bias", zeros, (m,), (None,)))
+        h = h @ param(self, "up", zeros, (m, d), (None, "embed"))
+        return x + h + param(self, "up_bias", zeros, (d,), ("embed",))
 
 
 class SoftPrompt(nn.Module):

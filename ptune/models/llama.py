@@ -29,7 +29,8 @@ class LlamaAttention(nn.Module):
         v = proj("v", cfg.num_kv_heads, "v_proj")
         prefix = None if p.prefix is None else p.prefix[layer]
         out = attend(self, q, k, v, p.visible, prefix=prefix, cache_index=p.cache_index, dtype=dt)
-        return Linear(cfg.hidden_size, ("heads", "embed"), False, self.sites, dtype=dt, name="o_proj")(out, deterministic)
+        return Linear(cfg.hidden_size, ("heads", "embed"), False, self.sites, dtype=dt,
+                      name="o_proj")(out, deterministic)
 
 
 class LlamaMLP(nn.Module):
@@ -42,7 +43,8 @@ class LlamaMLP(nn.Module):
         lin = lambda n, axes, name: Linear(n, axes, False, self.sites, dtype=dt, name=name)
         gate = lin(cfg.intermediate_size, ("embed", "mlp"), "gate_proj")(x, deterministic)
         up = lin(cfg.intermediate_size, ("embed", "mlp"), "up_proj")(x, deterministic)
-        return lin(cfg.hidden_size, ("mlp", "embed"), "down_proj")(ACTIVATIONS[cfg.activation](gate) * up, deterministic)
+        hidden = ACTIVATIONS[cfg.activation](gate) * up
+        return lin(cfg.hidden_size, ("mlp", "embed"), "down_proj")(hidden, deterministic)
 
 
 class LlamaBlock(nn.Module):

@@ -148,7 +148,7 @@ def test_prefix_equals_a_kv_cache_of_context(tiny, preset):
     t = np.array([ENCODE("abcd")] * 2)
     assert t.shape[1] == P
     cfg, plain, base = tiny(preset, models.Sites())
-    cache = models.init_cache(plain, base, 2, P)
+    cache = models.init_cache(plain, 2, P)
     _, state = plain.apply({"params": base, "cache": cache}, t, np.ones_like(t), np.tile(np.arange(P), (2, 1)),
                            output="hidden", decode=True, mutable=["cache"])
     kv = _cached_kv(state["cache"])

@@ -34,7 +34,7 @@ def _model(preset, sites):
 
 def test_init_cache_is_empty_and_holds_the_soft_prompt():
     model, params = _model("llama-tiny", SITES["prompt"])
-    cache = partition.flatten(models.init_cache(model, params, batch=2, max_len=8))
+    cache = partition.flatten(models.init_cache(model, batch=2, max_len=8))
     assert cache["model/layers_0/self_attn/key"].shape == (2, 4 + 8, 2, 16)   # (B, prompt + max_len, kv heads, D)
     assert cache["index"].shape == ()
     assert all(not np.any(x) for x in cache.values())
@@ -48,7 +48,7 @@ def test_cached_decoding_matches_full_forward(preset, sites):
     decode = jax.jit(functools.partial(model.apply, output="logits", decode=True, mutable=["cache"]),
                      static_argnames="with_prompt")
     # Prefill (soft prompt prepended), then one token at a time; the mask always covers every cache slot.
-    logits, state = decode({"params": params, "cache": models.init_cache(model, params, *IDS.shape)},
+    logits, state = decode({"params": params, "cache": models.init_cache(model, *IDS.shape)},
                            IDS[:, :PREFILL], MASK, POSITIONS[:, :PREFILL], with_prompt=True)
     steps = [logits]
     for t in range(PREFILL, IDS.shape[1]):
