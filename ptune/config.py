@@ -4,10 +4,12 @@
 from __future__ import annotations
 
 import dataclasses
+import inspect
 
 import ml_collections
 from ml_collections import config_dict
 
+from ptune import methods
 from ptune.optim import Group
 
 
@@ -41,9 +43,6 @@ def base_config() -> ml_collections.ConfigDict:
 def with_method(config: ml_collections.ConfigDict, name: str, **options) -> ml_collections.ConfigDict:
     """Set config.method to `name` with every option it accepts at its default (so that
     command-line overrides such as --config.method.rank=16 find their key)."""
-    from ptune import methods   # late: methods import models, which import this package
-    import inspect
-
     def defaults(part):
         if part not in methods.REGISTRY:
             raise ValueError(f"unknown method {part!r}; choose one of {sorted(methods.REGISTRY)}")

@@ -8,19 +8,22 @@
 
 from __future__ import annotations
 
-import jax
 import jax.numpy as jnp
 import optax
 
 OBJECTIVES = ("lm", "verbalizer", "head")
 
 
+def _apply(model, params, batch, output: str, rng, deterministic: bool):
+    return model.apply({"params": params}, batch["input_ids"], batch["attention_mask"], output=output,
+                       deterministic=deterministic, rngs={"dropout": rng} if rng is not None else None)
+
+
 def class_logits(model, params, batch, objective: str, label_ids=None, rng=None, deterministic=True):
     """(B, num_classes) logits for a classification batch."""
-    kw = dict(deterministic=deterministic, rngs={"dropout": rng} if rng is not None else None)
     if objective == "head":
-        return model.apply({"params": params}, batch["input_ids"], batch["attention_mask"], output="class", **kw)
-    logits = model.apply({"params": params}, batch["input_ids"], batch["attention_mask"], output="last_logits", **kw)
+        return _apply(model, params, batch, "class", rng, deterministic)
+    logits = _apply(model, params, batch, "last_logits", rng, deterministic)
     return logits[:, jnp.asarray(label_ids)].astype(jnp.float32)
 
 
@@ -28,8 +31,7 @@ def loss(model, params, batch, objective: str, label_ids=None, rng=None, determi
     """(mean loss, metrics) with per-example `weight` (1 when absent); metrics are weighted sums."""
     weight = batch.get("weight", jnp.ones(batch["input_ids"].shape[0], jnp.float32))
     if objective == "lm":
-        kw = dict(deterministic=deterministic, rngs={"dropout": rng} if rng is not None else None)
-        logits = model.apply({"params": params}, batch["input_ids"], batch["attention_mask"], output="logits", **kw)
+        logits = _apply(model, params, batch, "logits", rng, deterministic)
         token_loss = optax.softmax_cross_entropy_with_integer_labels(
             logits[:, :-1].astype(jnp.float32), batch["input_ids"][:, 1:])
         mask = batch["loss_mask"][:, 1:] * weight[:, None]
@@ -55,4 +57,5 @@ def finalize(sums: dict) -> dict:
 
 
 def accumulate(sums: dict, metrics: dict) -> dict:
-    return {k: sums.get(k, 0.0) + float(v) for k, v in jax.device_get(metrics).items()}
+    """Running sums, kept on the device: adding does not wait for the step to finish."""
+    return {k: sums.get(k, 0.0) + v for k, v in metrics.items()}

@@ -241,21 +241,22 @@ def _train(run: Run, writer: MetricWriter, final: dict):
     opt_state = run.tx.init(trainable)
     train_step, eval_step = make_train_step(run), make_eval_step(run)
     dropout_rng = jax.random.fold_in(jax.random.key(seed), 2)
-    sums, t0, seen = {}, time.perf_counter(), 0
+    sums, t0, steps = {}, time.perf_counter(), 0
     bar = tqdm(range(tc.steps), disable=not tc.progress, desc=run.method.name, dynamic_ncols=True)
     for step in bar:
         batch = batching.batch_at(run.data["train"], step, tc.batch_size, seed)
         trainable, opt_state, metrics = train_step(trainable, opt_state, frozen, batch,
                                                    jax.random.fold_in(dropout_rng, step))
-        sums, seen = objectives.accumulate(sums, metrics), seen + tc.batch_size
+        sums, steps = objectives.accumulate(sums, metrics), steps + 1
         if (step + 1) % tc.log_every == 0 or step + 1 == tc.steps:
+            sums = {k: float(v) for k, v in jax.device_get(sums).items()}
             logged = {"loss": sums["loss_sum"] / max(sums["count"], 1),
-                      "grad_norm": sums["grad_norm"] / tc.log_every,
-                      "examples_per_s": seen / (time.perf_counter() - t0)}
+                      "grad_norm": sums["grad_norm"] / steps,
+                      "examples_per_s": steps * tc.batch_size / (time.perf_counter() - t0)}
             writer.write(step + 1, "train", logged)
             bar.set_postfix(loss=f"{logged['loss']:.4f}", ex_s=f"{logged['examples_per_s']:.1f}")
             final["train_loss"] = logged["loss"]
-            sums, t0, seen = {}, time.perf_counter(), 0
+            sums, t0, steps = {}, time.perf_counter(), 0
         if (step + 1) % tc.eval_every == 0 and step + 1 < tc.steps:
             params = partition.merge(trainable, frozen)
             writer.write(step + 1, tc.eval_split, evaluate(run, params, tc.eval_split, eval_step))
