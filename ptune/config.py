@@ -9,7 +9,7 @@ import inspect
 import ml_collections
 from ml_collections import config_dict
 
-from ptune import methods
+from ptune import methods, sharding
 from ptune.optim import Group
 
 
@@ -36,7 +36,12 @@ def base_config() -> ml_collections.ConfigDict:
     c.train = ml_collections.ConfigDict(dict(
         steps=100, batch_size=16, eval_batch_size=64, eval_every=50, log_every=10,
         eval_split="validation", progress=True,
+        grad_accum=1,                          # micro-batches per step (equal to the whole batch at once)
     ))
+    # Devices as a (data, fsdp, tensor) mesh; -1 = the rest. rules: logical parameter axis -> mesh
+    # axes ("" replicates). Method sites are replicated unless their path matches shard_sites.
+    c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1, shard_sites="",
+                                            rules=ml_collections.ConfigDict(sharding.DEFAULT_RULES)))
     return c
 
 
@@ -60,9 +65,9 @@ def with_method(config: ml_collections.ConfigDict, name: str, **options) -> ml_c
 
 
 def check(config) -> None:
-    """Unknown keys outside the open sections (model, method, task.options, optim.groups)."""
+    """Unknown keys outside the open sections (model, method, task.options, optim.groups, mesh.rules)."""
     base = base_config()
-    for section in ("", "task", "optim", "train"):
+    for section in ("", "task", "optim", "train", "mesh"):
         have = config.get(section) if section else config
         want = base.get(section) if section else base
         unknown = sorted(set(have.keys()) - set(want.keys()))

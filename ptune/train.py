@@ -14,11 +14,12 @@ import time
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import optax
 
 from ptune import config as config_lib
-from ptune import methods, models, objectives, optim, partition
+from ptune import methods, models, objectives, optim, partition, sharding
 from ptune.data import batching, tasks
 from ptune.data.templates import Template
 from ptune.data.tokenizers import ByteTokenizer
@@ -38,10 +39,36 @@ class Run:
     data: dict[str, dict[str, np.ndarray]]
     tx: optax.GradientTransformation | None
     tokenizer: Any
+    mesh: jax.sharding.Mesh
 
     @property
     def summary(self) -> partition.Summary:
         return partition.summary(self.params, self.labels)
+
+
+@dataclasses.dataclass(frozen=True)
+class Layout:
+    """Where each array of a run lives on the mesh (see ptune.sharding)."""
+    trainable: Any
+    frozen: Any
+    opt_state: Any
+    batch: jax.sharding.NamedSharding
+    replicated: jax.sharding.NamedSharding
+
+    @property
+    def params(self):
+        return partition.merge(self.trainable, self.frozen)
+
+
+def layout(run: Run, trainable, frozen) -> Layout:
+    mesh, mesh_cfg = run.mesh, run.config.mesh
+    boxed = models.abstract_params(run.model)
+    trainable_sh = sharding.param_shardings(trainable, boxed, mesh, mesh_cfg)
+    opt_sh = None
+    if run.tx is not None:
+        opt_sh = sharding.state_shardings(jax.eval_shape(run.tx.init, trainable), trainable, trainable_sh, mesh)
+    return Layout(trainable_sh, sharding.param_shardings(frozen, boxed, mesh, mesh_cfg), opt_sh,
+                  sharding.batch_sharding(mesh), sharding.replicated(mesh))
 
 
 def objective_for(task: tasks.Task, family: str, requested: str) -> str:
@@ -101,6 +128,8 @@ def setup(config) -> Run:
     if objective == "head" and not method.trains:
         raise ValueError(f"method {method.name!r} trains nothing, so a fresh task head would stay random; "
                          "use config.task.objective='verbalizer' with a decoder")
+    mesh = sharding.make_mesh(config.mesh)
+    check_batch_sizes(config.train, sharding.data_parallel_size(mesh))
     extra = method.sites.extra_positions
     if task_cfg.max_length + extra > model_cfg.max_positions:
         raise ValueError(f"task.max_length {task_cfg.max_length} + prompt/prefix length {extra} exceeds the "
@@ -137,7 +166,22 @@ def setup(config) -> Run:
         groups = {g: optim.Group(**{**base, **method.optim.get(g, {}), **config.optim.groups.get(g, {})})
                   for g in names}
         tx = optim.build(labels, groups, config.train.steps, config.optim.clip_norm or None)
-    return Run(config, model, method, params, labels, task, objective, label_ids, data, tx, tokenizer)
+    return Run(config, model, method, params, labels, task, objective, label_ids, data, tx, tokenizer, mesh)
+
+
+def check_batch_sizes(train_cfg, data_parallel: int):
+    """Each micro-batch, and each eval batch, is split evenly over the data-parallel devices."""
+    accum, batch = train_cfg.grad_accum, train_cfg.batch_size
+    if not (isinstance(accum, int) and accum >= 1) or batch % accum:
+        raise ValueError(f"config.train.grad_accum={accum} must be a positive integer dividing "
+                         f"config.train.batch_size={batch}")
+    if (batch // accum) % data_parallel:
+        raise ValueError(f"config.train.batch_size={batch} (in {accum} micro-batch(es)) is not divisible by the "
+                         f"{data_parallel} data-parallel devices (mesh data x fsdp); use a multiple of "
+                         f"{data_parallel * accum}")
+    if train_cfg.eval_batch_size % data_parallel:
+        raise ValueError(f"config.train.eval_batch_size={train_cfg.eval_batch_size} is not divisible by the "
+                         f"{data_parallel} data-parallel devices (mesh data x fsdp)")
 
 
 def _encode(examples, task, template, tokenizer, family, max_length):
@@ -148,60 +192,101 @@ def _encode(examples, task, template, tokenizer, family, max_length):
     return batching.encode_classification(examples, template, tokenizer, family, max_length)
 
 
-def make_train_step(run: Run):
-    """jit(trainable, opt_state, frozen, batch, rng) -> (trainable, opt_state, metrics).
+def train_step_fn(run: Run):
+    """The un-jitted step(trainable, opt_state, frozen, batch, rng) -> (trainable, opt_state, metrics).
 
-    Gradients are taken with respect to `trainable` only, so XLA never computes
-    the frozen weights' gradients; trainable and optimizer state are donated.
+    Gradients are taken with respect to `trainable` only, so XLA never computes the frozen
+    weights' gradients. With `train.grad_accum` = k the batch is split into k micro-batches
+    whose summed-loss gradients are added and divided by the whole batch's count once, so the
+    update equals the one-batch update.
     """
+    accum = run.config.train.grad_accum
+
+    def grads_of(trainable, frozen, batch, rng):
+        def loss_sum(t):
+            _, metrics = objectives.loss(run.model, partition.merge(t, frozen), batch, run.objective,
+                                         run.label_ids, rng, deterministic=False)
+            return metrics["loss_sum"], metrics
+        (_, metrics), grads = jax.value_and_grad(loss_sum, has_aux=True)(trainable)
+        return grads, metrics
+
     def step(trainable, opt_state, frozen, batch, rng):
-        def loss_fn(t):
-            return objectives.loss(run.model, partition.merge(t, frozen), batch, run.objective,
-                                   run.label_ids, rng, deterministic=False)
-        (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(trainable)
+        if accum == 1:
+            grads, metrics = grads_of(trainable, frozen, batch, rng)
+        else:
+            # Micro-batch i takes rows i, i+k, ...: rows stay spread over the data-parallel devices.
+            micro = jax.tree.map(lambda x: x.reshape((x.shape[0] // accum, accum) + x.shape[1:]).swapaxes(0, 1),
+                                 batch)
+
+            def add(total, i):
+                mb = jax.tree.map(lambda x: x[i], micro)
+                return jax.tree.map(jnp.add, total, grads_of(trainable, frozen, mb, jax.random.fold_in(rng, i))), None
+            shapes = jax.eval_shape(grads_of, trainable, frozen, jax.tree.map(lambda x: x[0], micro), rng)
+            zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
+            (grads, metrics), _ = jax.lax.scan(add, zeros, jnp.arange(accum))
+        grads = jax.tree.map(lambda g: g / jnp.maximum(metrics["count"], 1), grads)
         updates, opt_state = run.tx.update(grads, opt_state, trainable)
         metrics["grad_norm"] = optax.tree.norm(grads)
         return optax.apply_updates(trainable, updates), opt_state, metrics
-    return jax.jit(step, donate_argnums=(0, 1))
+    return step
 
 
-def make_eval_step(run: Run):
-    return jax.jit(lambda params, batch: objectives.loss(run.model, params, batch, run.objective,
-                                                         run.label_ids)[1])
+def make_train_step(run: Run, where: Layout | None = None):
+    """`train_step_fn` jitted with the layout's shardings; trainable and optimizer state are donated."""
+    if where is None:
+        return jax.jit(train_step_fn(run), donate_argnums=(0, 1))
+    return jax.jit(train_step_fn(run), donate_argnums=(0, 1),
+                   in_shardings=(where.trainable, where.opt_state, where.frozen, where.batch, where.replicated),
+                   out_shardings=(where.trainable, where.opt_state, where.replicated))
 
 
-def evaluate(run: Run, params, split: str, eval_step=None) -> dict:
-    eval_step = eval_step or make_eval_step(run)
+def make_eval_step(run: Run, where: Layout | None = None):
+    fn = lambda params, batch: objectives.loss(run.model, params, batch, run.objective, run.label_ids)[1]
+    if where is None:
+        return jax.jit(fn)
+    return jax.jit(fn, in_shardings=(where.params, where.batch), out_shardings=where.replicated)
+
+
+def evaluate(run: Run, params, split: str, eval_step=None, where: Layout | None = None) -> dict:
+    eval_step = eval_step or make_eval_step(run, where)
     sums: dict = {}
     for batch in batching.eval_batches(run.data[split], run.config.train.eval_batch_size):
+        if where is not None:
+            batch = sharding.put_batch(batch, where.batch)
         sums = objectives.accumulate(sums, eval_step(params, batch))
-    return objectives.finalize(sums)
+    return objectives.finalize(sharding.to_host(sums))
 
 
 class MetricWriter:
-    """Metrics to `metrics.jsonl` and TensorBoard event files in the workdir."""
+    """Metrics to `metrics.jsonl` and TensorBoard event files in the workdir (process 0 only:
+    in a multi-host job every process holds the same replicated metrics)."""
 
     def __init__(self, workdir: str):
-        from tensorboardX import SummaryWriter
-        self.jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a")
-        self.tb = SummaryWriter(workdir)
+        self.active = jax.process_index() == 0
+        if self.active:
+            from tensorboardX import SummaryWriter
+            self.jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a")
+            self.tb = SummaryWriter(workdir)
 
     def write(self, step: int, split: str, metrics: dict):
+        if not self.active:
+            return
         self.jsonl.write(json.dumps({"step": step, "split": split, **metrics}) + "\n")
         self.jsonl.flush()
         for k, v in metrics.items():
             self.tb.add_scalar(f"{split}/{k}", v, step)
 
     def close(self):
-        self.jsonl.close()
-        self.tb.close()
+        if self.active:
+            self.jsonl.close()
+            self.tb.close()
 
 
 def prepare_workdir(workdir: str):
     """Create the workdir and prove it is writable before any training time is spent."""
     try:
         os.makedirs(workdir, exist_ok=True)
-        probe = os.path.join(workdir, ".write_test")
+        probe = os.path.join(workdir, f".write_test.{jax.process_index()}")
         with open(probe, "w") as f:
             f.write("ok")
         os.remove(probe)
@@ -213,43 +298,51 @@ def train_and_evaluate(config, workdir: str) -> dict:
     """Train `config` in `workdir`; returns the final metrics (also in final_metrics.json)."""
     run = setup(config)
     prepare_workdir(workdir)
+    chief = jax.process_index() == 0
     summary = run.summary
-    print(f"method {run.method.name} on {config.model.checkpoint or config.model.preset}:\n{summary}", flush=True)
-    with open(os.path.join(workdir, "config.json"), "w") as f:
-        f.write(config.to_json_best_effort(indent=2))
+    if chief:
+        print(f"method {run.method.name} on {config.model.checkpoint or config.model.preset} "
+              f"(mesh {dict(run.mesh.shape)}):\n{summary}", flush=True)
+        with open(os.path.join(workdir, "config.json"), "w") as f:
+            f.write(config.to_json_best_effort(indent=2))
     writer = MetricWriter(workdir)
     eval_split, tc = config.train.eval_split, config.train
-    params = run.params
+    trainable, frozen = partition.split(run.params, run.labels)
+    where = layout(run, trainable, frozen)
+    trainable, frozen = sharding.put(trainable, where.trainable), sharding.put(frozen, where.frozen)
+    eval_step = make_eval_step(run, where)
     final = {"method": run.method.name, "trainable_params": summary.trainable,
              "trainable_fraction": summary.trainable_fraction}
     if run.method.trains:
-        params, final = _train(run, writer, final)
-    metrics = evaluate(run, params, eval_split)
+        trainable, final = _train(run, trainable, frozen, where, eval_step, writer, final)
+    metrics = evaluate(run, partition.merge(trainable, frozen), eval_split, eval_step, where)
     writer.write(tc.steps if run.method.trains else 0, eval_split, metrics)
     final.update({f"{eval_split}_{k}": v for k, v in metrics.items()})
     writer.close()
-    with open(os.path.join(workdir, "final_metrics.json"), "w") as f:
-        json.dump(final, f, indent=2)
-    print(" ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in final.items()), flush=True)
+    if chief:
+        with open(os.path.join(workdir, "final_metrics.json"), "w") as f:
+            json.dump(final, f, indent=2)
+        print(" ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in final.items()),
+              flush=True)
     return final
 
 
-def _train(run: Run, writer: MetricWriter, final: dict):
+def _train(run: Run, trainable, frozen, where: Layout, eval_step, writer: MetricWriter, final: dict):
     from tqdm import tqdm
     tc, seed = run.config.train, run.config.seed
-    trainable, frozen = partition.split(run.params, run.labels)
-    opt_state = run.tx.init(trainable)
-    train_step, eval_step = make_train_step(run), make_eval_step(run)
+    opt_state = jax.jit(run.tx.init, out_shardings=where.opt_state)(trainable)
+    train_step = make_train_step(run, where)
     dropout_rng = jax.random.fold_in(jax.random.key(seed), 2)
     sums, t0, steps = {}, time.perf_counter(), 0
-    bar = tqdm(range(tc.steps), disable=not tc.progress, desc=run.method.name, dynamic_ncols=True)
+    bar = tqdm(range(tc.steps), disable=not (tc.progress and writer.active), desc=run.method.name,
+               dynamic_ncols=True)
     for step in bar:
-        batch = batching.batch_at(run.data["train"], step, tc.batch_size, seed)
+        batch = sharding.put_batch(batching.batch_at(run.data["train"], step, tc.batch_size, seed), where.batch)
         trainable, opt_state, metrics = train_step(trainable, opt_state, frozen, batch,
                                                    jax.random.fold_in(dropout_rng, step))
         sums, steps = objectives.accumulate(sums, metrics), steps + 1
         if (step + 1) % tc.log_every == 0 or step + 1 == tc.steps:
-            sums = {k: float(v) for k, v in jax.device_get(sums).items()}
+            sums = {k: float(v) for k, v in sharding.to_host(sums).items()}
             logged = {"loss": sums["loss_sum"] / max(sums["count"], 1),
                       "grad_norm": sums["grad_norm"] / steps,
                       "examples_per_s": steps * tc.batch_size / (time.perf_counter() - t0)}
@@ -258,6 +351,6 @@ def _train(run: Run, writer: MetricWriter, final: dict):
             final["train_loss"] = logged["loss"]
             sums, t0, steps = {}, time.perf_counter(), 0
         if (step + 1) % tc.eval_every == 0 and step + 1 < tc.steps:
-            params = partition.merge(trainable, frozen)
-            writer.write(step + 1, tc.eval_split, evaluate(run, params, tc.eval_split, eval_step))
-    return partition.merge(trainable, frozen), final
+            metrics = evaluate(run, partition.merge(trainable, frozen), tc.eval_split, eval_step, where)
+            writer.write(step + 1, tc.eval_split, metrics)
+    return trainable, final

@@ -1,5 +1,8 @@
 """Train one config:  python scripts/train.py --config experiments/default.py --workdir /tmp/run
-Override any key:     --config.method.rank=16 --config.train.steps=500"""
+Override any key:     --config.method.rank=16 --config.train.steps=500
+Multi-host (one process per host; omit on a single host, or use --distributed where JAX detects
+the cluster, e.g. TPU pods or SLURM):
+                      --coordinator_address=host0:1234 --num_processes=2 --process_id=0"""
 
 import os
 import sys
@@ -9,18 +12,24 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 from absl import app, flags
 from ml_collections import config_flags
 
-from ptune import train
+from ptune import sharding, train
 
 config_flags.DEFINE_config_file("config", None, "Experiment config file (get_config).", lock_config=True)
 flags.DEFINE_string("workdir", None, "Where metrics (and later checkpoints) go.")
+flags.DEFINE_string("coordinator_address", None, "host:port of process 0 (else $JAX_COORDINATOR_ADDRESS).")
+flags.DEFINE_integer("num_processes", None, "Processes in the job (else $JAX_NUM_PROCESSES).")
+flags.DEFINE_integer("process_id", None, "This process's index (else $JAX_PROCESS_ID).")
+flags.DEFINE_bool("distributed", False, "Join a multi-process job that JAX detects (TPU pod, SLURM, ...).")
 flags.mark_flags_as_required(["config", "workdir"])
 
 
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments {argv[1:]}")
+    f = flags.FLAGS
     try:
-        train.train_and_evaluate(flags.FLAGS.config, flags.FLAGS.workdir)
+        sharding.initialize_distributed(f.coordinator_address, f.num_processes, f.process_id, f.distributed)
+        train.train_and_evaluate(f.config, f.workdir)
     except ValueError as e:   # config errors: one clear line, non-zero exit
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)

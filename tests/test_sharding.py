@@ -1,0 +1,96 @@
+"""Sharded training on fake CPU devices equals one device; the frozen base is split over fsdp x tensor.
+
+The meshes need 8 devices, fixed when JAX starts, so the steps run in a separate process
+(tests/multidevice.py) and these tests check what it measured.
+"""
+
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+from ptune import sharding, train
+from ptune.config import base_config
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+METHODS = ["full", "bitfit", "head", "lora", "adapter", "prefix", "prompt", "ptuning_v2", "ia3", "lora+prompt",
+           "lora@llama-tiny", "lora@bert-tiny"]
+ADAM = ["lora:adamw", "full:adamw"]
+
+
+@pytest.fixture(scope="module")
+def measured(tmp_path_factory):
+    out = tmp_path_factory.mktemp("multidevice") / "steps.json"
+    env = {**os.environ, "PYTHONPATH": ROOT}
+    subprocess.run([sys.executable, os.path.join(ROOT, "tests", "multidevice.py"), str(out), *METHODS, *ADAM],
+                   check=True, env=env, cwd=ROOT, timeout=1200)
+    return json.loads(out.read_text())
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_every_mesh_gives_the_single_device_step(measured, method):
+    result = measured[method]
+    assert set(result["meshes"]) == {"8x1x1", "2x2x2", "1x2x4"}
+    for mesh, row in result["meshes"].items():
+        assert row["loss_diff"] <= 1e-5, (mesh, row)
+        assert row["param_diff"] <= 1e-5, (mesh, row)
+        assert row["step_size"] > 1e-3, "the step must move the parameters for the comparison to mean anything"
+
+
+@pytest.mark.parametrize("method", ADAM)
+def test_adam_steps_agree_within_rounding_of_near_zero_gradients(measured, method):
+    for mesh, row in measured[method]["meshes"].items():
+        assert row["loss_diff"] <= 1e-5, (mesh, row)
+        assert row["param_diff"] <= 5e-5, (mesh, row)   # Adam's step is 1e-3 * g/|g|: 5% of one step
+
+
+def test_frozen_base_bytes_shrink_by_fsdp_times_tensor(measured):
+    result = measured["lora"]
+    kernels = result["full_bytes"]["kernels"]
+    for mesh, factor in (("8x1x1", 1), ("2x2x2", 4), ("1x2x4", 8)):
+        held = result["meshes"][mesh]["held"]
+        assert held["kernels"] * factor == kernels, (mesh, held, kernels)
+        # Norms stay replicated and 1-D biases split over one axis: the rest shrinks less.
+        assert held["other"] <= result["full_bytes"]["other"]
+
+
+def test_mesh_and_batch_errors_name_the_fix(make_config):
+    config = make_config("lora")
+    config.mesh.update(data=3, fsdp=1, tensor=1)
+    with pytest.raises(ValueError, match=r"does not divide the 1 devices"):
+        train.setup(config)
+    config.mesh.update(data=-1, fsdp=-1)
+    with pytest.raises(ValueError, match="at most one -1"):
+        train.setup(config)
+    config.mesh.update(data=1, fsdp=1)
+    config.train.grad_accum = 3
+    with pytest.raises(ValueError, match=r"grad_accum=3 must be a positive integer dividing config.train.batch_size=4"):
+        train.setup(config)
+
+
+def test_batch_not_divisible_by_data_parallel_devices():
+    with pytest.raises(ValueError, match=r"batch_size=12 .* not divisible by the 8 data-parallel devices.*multiple of 16"):
+        config = base_config()
+        config.train.update(batch_size=12, grad_accum=2)
+        train.check_batch_sizes(config.train, 8)
+
+
+def test_logical_axis_without_rule_and_unknown_mesh_axis():
+    mesh = jax.sharding.Mesh(np.array(jax.devices()[:1]).reshape(1, 1, 1), sharding.AXES)
+    with pytest.raises(ValueError, match=r"logical axis 'experts' has no sharding rule; add config.mesh.rules.experts"):
+        sharding.spec_for((4, 4), ("experts", "embed"), sharding.rules_from_config(base_config().mesh), mesh)
+    config = base_config()
+    config.mesh.rules.embed = "fsdp,model"
+    with pytest.raises(ValueError, match=r"config.mesh.rules.embed='fsdp,model' names mesh axes \['model'\]"):
+        sharding.rules_from_config(config.mesh)
+
+
+def test_process_flags_out_of_range():
+    with pytest.raises(ValueError, match=r"--process_id=2 must be in 0..1"):
+        sharding.initialize_distributed("127.0.0.1:1", 2, 2)
+    with pytest.raises(ValueError, match="needs all of --coordinator_address"):
+        sharding.initialize_distributed("127.0.0.1:1", None, 0)
