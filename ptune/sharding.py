@@ -119,24 +119,36 @@ def logical_axes(boxed_params) -> dict[str, tuple]:
 
 
 def spec_for(shape, names, rules, mesh: Mesh) -> PartitionSpec:
-    """The mesh placement of one array; a dimension the mesh axes do not divide stays whole."""
+    """The mesh placement of one array.
+
+    Each dimension takes the mesh axes its logical name's rule gives. An axis that does not
+    divide its dimension (GPT-2's 50,257-word vocabulary) moves to the largest other dimension
+    it divides, so the array is still split over it; failing that the array stays whole on it.
+    """
     if not names:
         return PartitionSpec()
-    dims, used = [], set()
-    for size, name in zip(shape, names):
+    dims: list[list[str]] = [[] for _ in shape]
+    leftover = []
+    for i, (size, name) in enumerate(zip(shape, names)):
         if name is None:
-            dims.append(None)
             continue
         if name not in rules:
             raise ValueError(f"logical axis {name!r} has no sharding rule; add config.mesh.rules.{name} "
                              f"(mesh axes {AXES}, or '' to replicate)")
-        axes = tuple(a for a in rules[name] if a not in used and mesh.shape[a] > 1)
-        if not axes or size % math.prod(mesh.shape[a] for a in axes):
-            dims.append(None)
-            continue
-        used.update(axes)
-        dims.append(axes[0] if len(axes) == 1 else axes)
-    return PartitionSpec(*dims)
+        for axis in rules[name]:
+            if mesh.shape[axis] > 1:
+                (dims[i] if size % (_ways(dims[i], mesh) * mesh.shape[axis]) == 0 else leftover).append(axis)
+    used = {a for d in dims for a in d}
+    for axis in dict.fromkeys(a for a in leftover if a not in used):
+        fits = [i for i in sorted(range(len(shape)), key=lambda i: -shape[i])
+                if shape[i] % (_ways(dims[i], mesh) * mesh.shape[axis]) == 0]
+        if fits:
+            dims[fits[0]].append(axis)
+    return PartitionSpec(*(None if not d else d[0] if len(d) == 1 else tuple(d) for d in dims))
+
+
+def _ways(axes, mesh: Mesh) -> int:
+    return math.prod(mesh.shape[a] for a in axes)
 
 
 def param_shardings(params, boxed_params, mesh: Mesh, mesh_config):

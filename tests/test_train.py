@@ -1,3 +1,4 @@
+import dataclasses
 import importlib.util
 import json
 import os
@@ -141,3 +142,30 @@ def test_template_index_selects_a_paraphrase(make_config):
     config.task.template_index = 5
     with pytest.raises(ValueError, match=r"template_index=5: task 'synthetic_sentiment' has 1 templates"):
         train.setup(config)
+
+
+@pytest.mark.parametrize("task", ["synthetic_sentiment", "synthetic_lm"])
+def test_gradient_accumulation_equals_the_whole_batch(make_config, task):
+    """4 micro-batches of 2 give the update of one batch of 8, also when micro-batches hold
+    different numbers of loss tokens (LM): gradients are summed, then divided by the whole count."""
+    config = make_config("lora+prompt")
+    config.task.name = task
+    config.optim.update(optimizer="sgd", learning_rate=1.0)   # update = gradient: nothing scaled away
+    config.train.batch_size = 8
+    run = train.setup(config)
+    trainable, frozen = jax.tree.map(np.asarray, partition.split(run.params, run.labels))
+    batch = batching.batch_at(run.data["train"], 0, 8, 0)
+    if task == "synthetic_lm":
+        assert len({int(m.sum()) for m in batch["loss_mask"].reshape(4, 2, -1)}) > 1
+    results = []
+    for accum in (1, 4):
+        config.train.grad_accum = accum
+        step = train.make_train_step(dataclasses.replace(run, config=config))
+        t = jax.tree.map(np.copy, trainable)
+        results.append(step(t, run.tx.init(t), frozen, batch, jax.random.key(0)))
+    (one, _, m1), (four, _, m4) = results
+    assert float(m1["count"]) == float(m4["count"]) and float(m4["loss_sum"]) == pytest.approx(float(m1["loss_sum"]), rel=1e-6)
+    assert float(m4["grad_norm"]) == pytest.approx(float(m1["grad_norm"]), rel=1e-5)
+    moved = max(float(np.abs(np.asarray(a) - b).max()) for a, b in zip(jax.tree.leaves(one), jax.tree.leaves(trainable)))
+    diff = max(float(np.abs(np.asarray(a) - np.asarray(b)).max()) for a, b in zip(jax.tree.leaves(one), jax.tree.leaves(four)))
+    assert moved > 1e-3 and diff < 1e-6
