@@ -227,9 +227,9 @@ def train_and_evaluate(config, workdir: str) -> dict:
     print(f"method {run.method.name} on {config.model.checkpoint or config.model.preset}:\n{summary}", flush=True)
     if checkpoints and checkpoints.manager:
         print(f"base sha256 {checkpoints.base['sha256'][:16]} ({checkpoints.base_hash_seconds:.2f} s)", flush=True)
-    if checkpoints and checkpoints.start_step:
-        print(f"resuming from step {checkpoints.start_step} of {checkpoints.directory}", flush=True)
-        checkpoint.truncate_metrics(workdir, checkpoints.start_step)
+        if checkpoints.start_step:
+            print(f"resuming from step {checkpoints.start_step} of {checkpoints.directory}", flush=True)
+        checkpoint.truncate_metrics(workdir, checkpoints.start_step)   # a killed run logged past it
     with open(os.path.join(workdir, "config.json"), "w") as f:
         f.write(config.to_json_best_effort(indent=2))
     writer = MetricWriter(workdir)
