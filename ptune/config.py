@@ -42,6 +42,16 @@ def base_config() -> ml_collections.ConfigDict:
     # axes ("" replicates). Method sites are replicated unless their path matches shard_sites.
     c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1, shard_sites="",
                                             rules=ml_collections.ConfigDict(sharding.DEFAULT_RULES)))
+    # Adapter-only checkpoints in <workdir>/checkpoints (ptune.checkpoint); a run restarted on
+    # the same workdir resumes from the newest one.
+    c.checkpoint = ml_collections.ConfigDict(dict(
+        every_steps=100,            # save every N steps and after the last step; 0: no checkpoints
+        keep=2,                     # keep the newest N
+        keep_best=0,                # also keep the best N by the eval best_metric (each save then evaluates)
+        best_metric="loss",         # loss | accuracy (classification) | perplexity (lm)
+        best_mode="min",            # min | max
+        allow_base_mismatch=False,  # resume even if the frozen base's sha256 differs from the checkpoint's
+    ))
     return c
 
 
@@ -67,7 +77,7 @@ def with_method(config: ml_collections.ConfigDict, name: str, **options) -> ml_c
 def check(config) -> None:
     """Unknown keys outside the open sections (model, method, task.options, optim.groups, mesh.rules)."""
     base = base_config()
-    for section in ("", "task", "optim", "train", "mesh"):
+    for section in ("", "task", "optim", "train", "mesh", "checkpoint"):
         have = config.get(section) if section else config
         want = base.get(section) if section else base
         unknown = sorted(set(have.keys()) - set(want.keys()))
