@@ -177,13 +177,13 @@ def test_merged_lora_and_ia3_load_in_transformers(preset):
 
 
 def test_config_round_trips_through_hf():
+    """num_labels belongs to the task, not the checkpoint: loading leaves it to the run (train.setup)."""
     for cfg in (_config("gpt2-tiny"), _config("llama-tiny"), _config("bert-tiny"),
                 models.model_config("llama-tiny", qkv_bias=True, tie_embeddings=True, num_labels=2)):
-        hf_config = checkpoints.config_to_hf(cfg)
-        assert hf_config["num_labels" if cfg.num_labels else "architectures"] == (
-            cfg.num_labels or [{"gpt2": "GPT2LMHeadModel", "llama": "LlamaForCausalLM"}[cfg.family]])
-        # num_labels belongs to the task, not the checkpoint: loading leaves it to the run (train.setup).
-        assert checkpoints.config_from_hf(hf_config) == dataclasses.replace(cfg, num_labels=0)
+        assert checkpoints.config_from_hf(checkpoints.config_to_hf(cfg)) == dataclasses.replace(cfg, num_labels=0)
+    assert checkpoints.config_to_hf(_config("bert-tiny"))["architectures"] == ["BertForSequenceClassification"]
+    assert checkpoints.config_to_hf(models.model_config("llama-tiny", qkv_bias=True))["architectures"] == [
+        "Qwen2ForCausalLM"]
 
 
 # ------------------------------------------------------------------------------------------- bad input
