@@ -3,6 +3,7 @@
     export("out/adapter", params, method, model_config)     # adapter_config.json + adapter_model.safetensors
     method, trainable = load("out/adapter", model_config)   # then partition.merge(trainable, frozen base)
     save_pretrained_merged("out/merged", params, model)     # config.json + model.safetensors, LoRA/IA3 folded in
+    export_workdir("/tmp/run", "/tmp/run/peft")             # a trained run's checkpoint (scripts/export.py)
 
 An adapter directory is what `peft.PeftModel.from_pretrained(hf_model, dir)` reads, for the
 `*ForCausalLM` / `*ForSequenceClassification` model of the same base. Supported: LoRA
@@ -109,6 +110,21 @@ def export(out_dir, params, method: methods.Method, model_config: ModelConfig, b
     tensors = {(k if k == "prompt_embeddings" else prefix + k): np.ascontiguousarray(v, np.float32)
                for k, v in tensors.items()}
     return _write_dir(out_dir, {ADAPTER_CONFIG: config}, ADAPTER_WEIGHTS, tensors)
+
+
+def export_workdir(workdir, out_dir, which: str | int = "latest", merge: bool = False):
+    """A trained run's adapter checkpoint (`ptune.checkpoint`) as a PEFT adapter directory, or with
+    `merge` as a transformers checkpoint with LoRA/IA3 merged in. The frozen base is rebuilt from
+    the run's config, as training built it. Returns the directory path."""
+    from ptune import checkpoint, train
+    config, trainable, _ = checkpoint.load_adapter(workdir, which)
+    run = train.setup(config)
+    _, frozen = partition.split(run.params, run.labels)
+    params = partition.merge(trainable, frozen)
+    if merge:
+        return save_pretrained_merged(out_dir, params, run.model)
+    return export(out_dir, params, run.method, run.model.config,
+                  base_name=config.model.checkpoint or config.model.preset)
 
 
 def _one_peft_kind(name: str, sites: Sites, family: str) -> str:

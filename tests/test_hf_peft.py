@@ -274,3 +274,21 @@ def test_load_refuses_truncated_and_mismatched_files():
     wider = models.model_config("gpt2-tiny", hidden_size=128)
     with pytest.raises(ValueError, match=rf"'{KEY}' has shape \(2, 64\), which does not fit .* \(128, 2\)"):
         hf_peft.load(good, wider)
+
+
+def test_trained_run_exports_and_merges(make_config, tmp_path):
+    """scripts/export.py's core: a run's checkpoint -> PEFT adapter and merged checkpoint, which agree."""
+    from ptune import train
+    config = make_config("lora", steps=3)
+    config.optim.learning_rate = 1e-2
+    train.train_and_evaluate(config, str(tmp_path / "run"))
+    adapter = hf_peft.export_workdir(tmp_path / "run", tmp_path / "peft")
+    merged = hf_peft.export_workdir(tmp_path / "run", tmp_path / "merged", merge=True)
+    run = train.setup(config)
+    base = {p: x for p, x in partition.flatten(run.params).items() if not hf.is_site(p)}
+    base_dir = hf_peft.save_pretrained_merged(tmp_path / "base", partition.unflatten(base), models.build(run.model.config))
+    cfg = run.model.config
+    with_adapter = peft.PeftModel.from_pretrained(_hf_model(base_dir, cfg), str(adapter)).eval()
+    trained_b = with_adapter.base_model.model.transformer.h[0].attn.c_attn.lora_B["default"].weight
+    assert float(trained_b.abs().max()) > 0    # trained away from B = 0, so the check below can fail
+    assert _max_diff(cfg, _torch(with_adapter, cfg), _torch(_hf_model(merged, cfg), cfg)) < TOL
