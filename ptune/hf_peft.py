@@ -37,13 +37,16 @@ PEFT_TYPES = {"lora": "LORA", "ia3": "IA3", "prompt": "PROMPT_TUNING", "prefix":
 HEAD = re.compile(r"^(classifier|score)/")
 # PEFT prefixes every key with the path of the transformers model inside its PeftModel.
 TUNER_PREFIX, PROMPT_PREFIX = "base_model.model.", "base_model."
-# adapter_config.json keys ptune reads or that do not change the loaded model (init schemes,
-# bookkeeping). Any other key must be off (None, False, {}, []): ptune cannot honour it.
+# adapter_config.json keys ptune reads or that do not change the loaded model (bookkeeping, init
+# schemes). Any other key must be off (None, False, {}, []): ptune cannot honour it. Which layers
+# carry LoRA/IA3 is read from the weight file's keys, so the options that select layers
+# (target_modules, layers_to_transform, exclude_modules...) are honoured whatever they say.
 UNDERSTOOD = {"peft_type", "task_type", "base_model_name_or_path", "revision", "inference_mode", "peft_version",
-              "auto_mapping", "modules_to_save", "target_modules", "fan_in_fan_out"}
+              "auto_mapping", "modules_to_save", "target_modules", "exclude_modules", "fan_in_fan_out",
+              "layers_to_transform", "layers_pattern"}
 UNDERSTOOD_BY_TYPE = {
     "LORA": {"r", "lora_alpha", "use_rslora", "lora_dropout", "bias", "init_lora_weights", "megatron_core",
-             "qalora_group_size", "layers_pattern"},
+             "qalora_group_size"},
     "IA3": {"feedforward_modules", "init_ia3_weights"},
     "PROMPT_TUNING": {"num_virtual_tokens", "token_dim", "num_transformer_submodules", "num_attention_heads",
                       "num_layers", "prompt_tuning_init", "prompt_tuning_init_text", "tokenizer_name_or_path",
@@ -52,6 +55,9 @@ UNDERSTOOD_BY_TYPE = {
                       "num_layers", "encoder_hidden_size", "prefix_projection", "init_weights"},
 }
 TASK_TYPES = (None, "CAUSAL_LM", "SEQ_CLS", "FEATURE_EXTRACTION")
+# LoRA initialisations that leave the base weights as they are; the others (PiSSA, OLoRA, CorDA,
+# LoftQ...) subtract the initial adapter from the base, so their adapters need that changed base.
+PLAIN_LORA_INITS = (True, False, "gaussian")
 
 
 # ---------------------------------------------------------------------------------------------- export
@@ -284,10 +290,13 @@ def _check_options(where, config: dict, cfg: ModelConfig):
     unsupported = {k: v for k, v in config.items() if k not in understood and v not in (None, False, {}, [])}
     if config.get("bias", "none") != "none":
         unsupported["bias"] = config["bias"]
+    if config.get("init_lora_weights", True) not in PLAIN_LORA_INITS:   # PEFT converts such adapters on request
+        unsupported["init_lora_weights"] = config["init_lora_weights"]
     if unsupported:
         raise ValueError(f"{where}: PEFT option(s) ptune does not support: "
                          + ", ".join(f"{k}={v!r}" for k, v in sorted(unsupported.items()))
-                         + "; save the adapter without them")
+                         + "; save the adapter without them (init_lora_weights: save with "
+                         "path_initial_model_for_weight_conversion, which makes it a plain LoRA)")
     if config.get("task_type") not in TASK_TYPES:
         raise ValueError(f"{where}: task_type={config['task_type']!r}; ptune models are {TASK_TYPES[1:]}")
     extra = set(config.get("modules_to_save") or ()) - {"classifier", "score"}
