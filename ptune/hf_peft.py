@@ -28,13 +28,15 @@ import flax.linen as nn
 import numpy as np
 
 from ptune import methods, models, partition
+from ptune.methods import head
 from ptune.models import checkpoints, hf
 from ptune.models.config import ModelConfig
 from ptune.models.sites import Sites
 
 ADAPTER_CONFIG, ADAPTER_WEIGHTS = "adapter_config.json", "adapter_model.safetensors"
 PEFT_TYPES = {"lora": "LORA", "ia3": "IA3", "prompt": "PROMPT_TUNING", "prefix": "PREFIX_TUNING"}
-HEAD = re.compile(r"^(classifier|score)/")
+HEAD = re.compile(head.HEAD)
+HEAD_KEY = re.compile(r"(classifier|score)\.(weight|bias)")   # a head in modules_to_save, not a LoRA on it
 # PEFT prefixes every key with the path of the transformers model inside its PeftModel.
 TUNER_PREFIX, PROMPT_PREFIX = "base_model.model.", "base_model."
 # adapter_config.json keys ptune reads or that do not change the loaded model (bookkeeping, init
@@ -109,9 +111,9 @@ def export(out_dir, params, method: methods.Method, model_config: ModelConfig, b
         else:
             on_input = [m for m in targeted if re.search(sites.ia3.feedforward, m)]
             config.update(feedforward_modules=_peft_names(on_input, layers))
-    head = {p: flat[p] for p in trained if HEAD.search(p)}
-    if head:
-        tensors.update(hf.to_hf(cfg.family, partition.unflatten(head)))
+    task_head = {p: flat[p] for p in trained if HEAD.search(p)}
+    if task_head:
+        tensors.update(hf.to_hf(cfg.family, partition.unflatten(task_head)))
         config["modules_to_save"] = [cfg.head_name]
     tensors = {(k if k == "prompt_embeddings" else prefix + k): np.ascontiguousarray(v, np.float32)
                for k, v in tensors.items()}
@@ -210,8 +212,9 @@ def save_pretrained_merged(out_dir, params, model):
         raise ValueError(f"a merged checkpoint holds base weights only, and this model also has {left} sites; "
                          "export those as a PEFT adapter (hf_peft.export) instead")
     cfg = model.config
-    return _write_dir(out_dir, {"config.json": checkpoints.config_to_hf(cfg)}, "model.safetensors",
-                      {k: np.ascontiguousarray(v) for k, v in hf.to_hf(cfg.family, params).items()})
+    tensors = {k: np.ascontiguousarray(v) for k, v in hf.to_hf(cfg.family, params).items()}
+    config = {**checkpoints.config_to_hf(cfg), "dtype": str(next(iter(tensors.values())).dtype)}
+    return _write_dir(out_dir, {"config.json": config}, "model.safetensors", tensors)
 
 
 def _write_dir(out_dir, jsons: dict[str, dict], weights_name: str, tensors: dict[str, np.ndarray]) -> pathlib.Path:
@@ -249,13 +252,14 @@ def load(adapter_dir, model_config: ModelConfig) -> tuple[methods.Method, dict]:
     peft_type = config.get("peft_type")
     kind = {v: k for k, v in PEFT_TYPES.items()}.get(peft_type)
     if kind is None:
-        raise ValueError(f"{path / ADAPTER_CONFIG}: peft_type={peft_type!r}; ptune loads {sorted(PEFT_TYPES.values())}")
+        raise ValueError(f"{path / ADAPTER_CONFIG}: peft_type={peft_type!r}; ptune loads "
+                         f"{sorted(PEFT_TYPES.values())}")
     _check_options(path / ADAPTER_CONFIG, config, cfg)
     if kind == "prefix" and cfg.family == "bert":
         raise ValueError(f"{path}: a PEFT prefix-tuning adapter for BERT cannot exist (transformers' BERT takes "
                          "no past_key_values); this adapter does not belong to a BERT model")
-    head_keys = {k for k in tensors if k.removeprefix(TUNER_PREFIX).removeprefix(PROMPT_PREFIX)
-                 .startswith(hf.TASK_HEADS)}
+    head_keys = {k for k in tensors
+                 if HEAD_KEY.fullmatch(k.removeprefix(TUNER_PREFIX).removeprefix(PROMPT_PREFIX))}
     if kind in ("prompt", "prefix"):
         method, origin = _load_prompt(kind, config, tensors, head_keys, cfg, path)
     else:
@@ -293,10 +297,11 @@ def _check_options(where, config: dict, cfg: ModelConfig):
     if config.get("init_lora_weights", True) not in PLAIN_LORA_INITS:   # PEFT converts such adapters on request
         unsupported["init_lora_weights"] = config["init_lora_weights"]
     if unsupported:
+        hint = (" (for init_lora_weights, save with path_initial_model_for_weight_conversion, which turns it "
+                "into a plain LoRA)" if "init_lora_weights" in unsupported else "")
         raise ValueError(f"{where}: PEFT option(s) ptune does not support: "
                          + ", ".join(f"{k}={v!r}" for k, v in sorted(unsupported.items()))
-                         + "; save the adapter without them (init_lora_weights: save with "
-                         "path_initial_model_for_weight_conversion, which makes it a plain LoRA)")
+                         + f"; save the adapter without them{hint}")
     if config.get("task_type") not in TASK_TYPES:
         raise ValueError(f"{where}: task_type={config['task_type']!r}; ptune models are {TASK_TYPES[1:]}")
     extra = set(config.get("modules_to_save") or ()) - {"classifier", "score"}
@@ -353,7 +358,8 @@ def _load_tuner(kind, config, tensors, head_keys, cfg: ModelConfig, path):
             origin[f"{module}/{'lora_a' if 'lora_A' in leaf else 'lora_b'}"] = key, x.T
     targeted = sorted({p.rpartition("/")[0] for p in origin})
     if kind == "lora":
-        method = methods.get("lora", cfg, rank=config["r"], alpha=config["lora_alpha"],
+        # r and lora_alpha default to PEFT's own defaults when a config leaves them out.
+        method = methods.get("lora", cfg, rank=config.get("r", 8), alpha=config.get("lora_alpha", 8),
                              targets=_suffix_names(targeted, layers), rslora=bool(config.get("use_rslora")),
                              dropout=config.get("lora_dropout") or 0.0)
     else:
@@ -363,13 +369,13 @@ def _load_tuner(kind, config, tensors, head_keys, cfg: ModelConfig, path):
 
 
 def _head_leaves(tensors, head_keys, cfg: ModelConfig) -> dict:
-    head = {}
+    leaves = {}
     for key in head_keys:
         name = key.removeprefix(TUNER_PREFIX).removeprefix(PROMPT_PREFIX)   # classifier.weight
         module, _, leaf = name.rpartition(".")
         path = f"{module}/{'kernel' if leaf == 'weight' else leaf}"
-        head[path] = key, tensors[key].T if hf.transposed(cfg.family, path) else tensors[key]
-    return head
+        leaves[path] = key, tensors[key].T if hf.transposed(cfg.family, path) else tensors[key]
+    return leaves
 
 
 def _check_fit(origin: dict, tensors: dict, template, method, path):

@@ -212,6 +212,13 @@ def test_export_refuses_what_peft_cannot_hold(preset, name, options, message):
     assert not (_TMP / "refused").exists()
 
 
+def test_merge_refuses_sites_it_cannot_fold():
+    cfg, method, model, params = _trained("gpt2-tiny", "prompt")
+    with pytest.raises(ValueError, match=r"also has \['prompt'\] sites; export those as a PEFT adapter"):
+        hf_peft.save_pretrained_merged(_TMP / "merged-prompt", params, model)
+    assert not (_TMP / "merged-prompt").exists()
+
+
 def test_export_never_overwrites():
     cfg, method, _, params = _trained("gpt2-tiny", "lora")
     out = _TMP / "occupied"

@@ -84,7 +84,7 @@ def config_to_hf(cfg: ModelConfig) -> dict:
     architecture = classifier if cfg.num_labels else lm if cfg.causal else body
     labels = dict(num_labels=cfg.num_labels) if cfg.num_labels else {}
     return dict(model_type=model_type, architectures=[architecture], vocab_size=cfg.vocab_size,
-                tie_word_embeddings=cfg.tie_embeddings, dtype=cfg.dtype, **fields, **labels)
+                tie_word_embeddings=cfg.tie_embeddings, **fields, **labels)
 
 
 def read_hf_dir(path: pathlib.Path) -> tuple[dict, dict[str, np.ndarray]]:
