@@ -125,6 +125,7 @@ def export_workdir(workdir, out_dir, which: str | int = "latest", merge: bool = 
     `merge` as a transformers checkpoint with LoRA/IA3 merged in. The frozen base is rebuilt from
     the run's config, as training built it. Returns the directory path."""
     from ptune import checkpoint, train
+    _require_new_dir(pathlib.Path(out_dir))   # before minutes of loading, not after
     config, trainable, _ = checkpoint.load_adapter(workdir, which)
     run = train.setup(config)
     _, frozen = partition.split(run.params, run.labels)
@@ -217,13 +218,17 @@ def save_pretrained_merged(out_dir, params, model):
     return _write_dir(out_dir, {"config.json": config}, "model.safetensors", tensors)
 
 
-def _write_dir(out_dir, jsons: dict[str, dict], weights_name: str, tensors: dict[str, np.ndarray]) -> pathlib.Path:
-    """Write the files into a fresh temporary directory beside `out_dir`, then rename it into place."""
-    from safetensors.numpy import save_file
-    out = pathlib.Path(out_dir)
+def _require_new_dir(out: pathlib.Path) -> pathlib.Path:
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise ValueError(f"{out} already exists and is not an empty directory; choose a new output directory "
                          "or remove it")
+    return out
+
+
+def _write_dir(out_dir, jsons: dict[str, dict], weights_name: str, tensors: dict[str, np.ndarray]) -> pathlib.Path:
+    """Write the files into a fresh temporary directory beside `out_dir`, then rename it into place."""
+    from safetensors.numpy import save_file
+    out = _require_new_dir(pathlib.Path(out_dir))
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = pathlib.Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:

@@ -13,7 +13,7 @@ import sys
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from absl import app, flags
+from absl import app, flags, logging
 
 from ptune import hf_peft
 
@@ -27,6 +27,7 @@ flags.mark_flags_as_required(["workdir", "out"])
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments {argv[1:]}")
+    logging.set_verbosity(logging.WARNING)   # Orbax logs every restore step at INFO
     which = flags.FLAGS.which
     try:
         out = hf_peft.export_workdir(flags.FLAGS.workdir, flags.FLAGS.out, int(which) if which.isdigit() else which,
