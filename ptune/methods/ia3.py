@@ -8,6 +8,7 @@ from ptune.models.sites import IA3, Sites, targets_regex
 
 def make(model_config, targets=None, feedforward=None) -> Method:
     defaults = DEFAULT_TARGETS[model_config.family]
-    sites = Sites(ia3=IA3(targets_regex(targets or defaults["ia3"]),
-                          targets_regex(feedforward or defaults["ia3_feedforward"])))
+    # feedforward=[] is meaningful (no layer scaled on its input), so only None takes the default.
+    feedforward = defaults["ia3_feedforward"] if feedforward is None else feedforward
+    sites = Sites(ia3=IA3(targets_regex(targets or defaults["ia3"]), targets_regex(feedforward)))
     return Method("ia3", sites, rules=[(r"/ia3$", "ia3")])

@@ -52,6 +52,41 @@ def config_from_hf(hf_config: dict, **overrides) -> ModelConfig:
     return ModelConfig(family=family, **{**fields, **overrides})
 
 
+# ptune family -> transformers classes: (language model, sequence classifier, bare body).
+HF_CLASSES = {"gpt2": ("GPT2LMHeadModel", "GPT2ForSequenceClassification", "GPT2Model"),
+              "llama": ("LlamaForCausalLM", "LlamaForSequenceClassification", "LlamaModel"),
+              "qwen2": ("Qwen2ForCausalLM", "Qwen2ForSequenceClassification", "Qwen2Model"),
+              "bert": ("BertForMaskedLM", "BertForSequenceClassification", "BertModel")}
+
+
+def config_to_hf(cfg: ModelConfig) -> dict:
+    """The HF config.json dict of a ModelConfig (the inverse of `config_from_hf`).
+
+    `architectures` names the class whose state dict `hf.to_hf` writes: the sequence
+    classifier with a task head, else the LM (decoders) or the bare body (BERT: ptune has
+    no masked-LM head).
+    """
+    model_type = "qwen2" if cfg.qkv_bias else cfg.family   # LLaMA's attention_bias would add o_proj's too
+    if cfg.family == "gpt2":
+        fields = dict(n_embd=cfg.hidden_size, n_layer=cfg.num_layers, n_head=cfg.num_heads,
+                      n_inner=cfg.intermediate_size, n_positions=cfg.max_positions,
+                      layer_norm_epsilon=cfg.norm_eps, activation_function=cfg.activation)
+    else:
+        fields = dict(hidden_size=cfg.hidden_size, num_hidden_layers=cfg.num_layers,
+                      num_attention_heads=cfg.num_heads, intermediate_size=cfg.intermediate_size,
+                      max_position_embeddings=cfg.max_positions, hidden_act=cfg.activation)
+    if cfg.family == "llama":
+        fields.update(num_key_value_heads=cfg.num_kv_heads, head_dim=cfg.head_dim, rms_norm_eps=cfg.norm_eps,
+                      rope_theta=cfg.rope_theta, rope_parameters={"rope_type": "default", "rope_theta": cfg.rope_theta})
+    if cfg.family == "bert":
+        fields.update(layer_norm_eps=cfg.norm_eps, type_vocab_size=cfg.type_vocab_size)
+    lm, classifier, body = HF_CLASSES[model_type]
+    architecture = classifier if cfg.num_labels else lm if cfg.causal else body
+    labels = dict(num_labels=cfg.num_labels) if cfg.num_labels else {}
+    return dict(model_type=model_type, architectures=[architecture], vocab_size=cfg.vocab_size,
+                tie_word_embeddings=cfg.tie_embeddings, **fields, **labels)
+
+
 def read_hf_dir(path: pathlib.Path) -> tuple[dict, dict[str, np.ndarray]]:
     """(config.json dict, state dict) from an HF directory with one or more safetensors files."""
     from safetensors.numpy import load_file

@@ -27,8 +27,10 @@ from ptune.models import WORD_EMBEDDINGS
 BASE = {"gpt2": "transformer", "llama": "model", "bert": "bert"}
 # Heads outside the body: the LM head (untied decoders) and the task heads.
 LM_HEAD, TASK_HEADS = "lm_head.weight", ("score.", "classifier.")
-# Flax leaf name -> torch parameter name (nn.Dense/Linear, nn.Embed, LayerNorm/RMSNorm).
-LEAF_NAMES = {"kernel": "weight", "embedding": "weight", "scale": "weight", "bias": "bias"}
+# Flax leaf name -> torch parameter name (nn.Dense/Linear, nn.Embed, LayerNorm/RMSNorm), and
+# LoRA/IA3 site leaves -> HF PEFT's names for them (see `ptune.hf_peft`).
+LEAF_NAMES = {"kernel": "weight", "embedding": "weight", "scale": "weight", "bias": "bias",
+              "lora_a": "lora_A.weight", "lora_b": "lora_B.weight", "ia3": "ia3_l"}
 # Flax names list entries `h_3`, `layers_3`, `layer_3`; torch ModuleLists `h.3`, ...
 LIST_ENTRY = re.compile(r"^(h|layers|layer)_(\d+)$")
 # Kernels are (in, out) in Flax and (out, in) in torch's nn.Linear, except in GPT-2's body,
@@ -48,18 +50,23 @@ def is_site(path: str) -> bool:
     return bool(SITE.search(path))
 
 
+def hf_module(path: str) -> str:
+    """The HF module name of a ptune module path: transformer/h_0/attn -> transformer.h.0.attn."""
+    return ".".join(LIST_ENTRY.sub(r"\1.\2", m) for m in path.split("/"))
+
+
 def hf_key(path: str) -> str:
     """The HF key of a ptune leaf path (any family)."""
-    *modules, leaf = path.split("/")
-    return ".".join([LIST_ENTRY.sub(r"\1.\2", m) for m in modules] + [LEAF_NAMES.get(leaf, leaf)])
+    module, _, leaf = path.rpartition("/")
+    return f"{hf_module(module)}.{LEAF_NAMES.get(leaf, leaf)}"
 
 
-def _transposed(family: str, path: str) -> bool:
+def transposed(family: str, path: str) -> bool:
     body = CONV1D_BODY.get(family)
     return path.endswith("/kernel") and not (body and path.startswith(body))
 
 
-def _canonical(family: str, key: str) -> str:
+def canonical(family: str, key: str) -> str:
     """An HF key as a `*For...` model names it: current names, body prefix added."""
     for old, new in OLD_NAMES:
         key = old.sub(new, key)
@@ -74,11 +81,11 @@ def _numpy(value) -> np.ndarray:
 
 def to_hf(family: str, params) -> dict[str, np.ndarray]:
     """HF state dict (numpy, torch layouts) of the base parameters; sites are left out."""
-    return {hf_key(p): np.asarray(x).T if _transposed(family, p) else np.asarray(x)
+    return {hf_key(p): np.asarray(x).T if transposed(family, p) else np.asarray(x)
             for p, x in partition.flatten(params).items() if not is_site(p)}
 
 
-def _names(keys) -> str:
+def short_list(keys) -> str:
     keys = sorted(keys)
     return ", ".join(keys[:8]) + (f" and {len(keys) - 8} more" if len(keys) > 8 else "")
 
@@ -92,7 +99,7 @@ def from_hf(family: str, state: dict, template):
     checked and dropped. Any other missing key, unknown key or shape mismatch is an error
     naming the keys.
     """
-    state = {_canonical(family, k): _numpy(v) for k, v in state.items() if not IGNORED.search(k)}
+    state = {canonical(family, k): _numpy(v) for k, v in state.items() if not IGNORED.search(k)}
     flat = partition.flatten(template)
     keys = {p: hf_key(p) for p in flat if not is_site(p)}
     optional = TASK_HEADS + ((LM_HEAD,) if any(k.startswith(TASK_HEADS) for k in state) else ())
@@ -107,14 +114,14 @@ def from_hf(family: str, state: dict, template):
     out, wrong_shape = dict(flat), []
     for path, key in keys.items():
         if key in state:
-            value = state[key].T if _transposed(family, path) else state[key]
+            value = state[key].T if transposed(family, path) else state[key]
             if value.shape == tuple(flat[path].shape):
                 out[path] = np.asarray(value, dtype=flat[path].dtype)   # no copy when dtypes agree
             else:
                 wrong_shape.append(f"{key!r} has shape {value.shape} but ptune {path} expects "
                                    f"{tuple(flat[path].shape)}")
-    errors = [f"it lacks {_names(missing)}"] if missing else []
-    errors += [f"ptune has no parameter for {_names(unknown)}"] if unknown else []
+    errors = [f"it lacks {short_list(missing)}"] if missing else []
+    errors += [f"ptune has no parameter for {short_list(unknown)}"] if unknown else []
     errors += wrong_shape
     if errors:
         raise ValueError(f"{family} checkpoint does not fit this model config: " + "; ".join(errors))
