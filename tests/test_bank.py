@@ -3,6 +3,7 @@
 import contextlib
 import dataclasses
 
+import flax.linen as nn
 import jax
 import numpy as np
 import pytest
@@ -19,22 +20,20 @@ def _base(preset):
 
 
 def _trained(cfg, base, name, seed, num_labels=0, **options):
-    """(model, method, params): `name` on the shared base, every trainable leaf moved off its init."""
+    """(model, method, params): `name` on the shared base with every trainable leaf random and away from
+    its identity (drawn with numpy from the abstract shapes: no compilation)."""
     cfg = dataclasses.replace(cfg, num_labels=num_labels)
     method = methods.get(name, cfg, **options)
     if num_labels:
         method = methods.compose(method, methods.get("head", cfg))
     model = models.build(cfg, method.sites)
-    params = models.init(model, jax.random.key(seed), pretrained=base)
-    trainable, frozen = partition.split(params, method.labels(params))
-    return model, method, partition.merge(_perturb(trainable, jax.random.key(100 + seed)), frozen)
-
-
-@jax.jit
-def _perturb(tree, key):
-    leaves, structure = jax.tree.flatten(tree)
-    keys = jax.random.split(key, len(leaves))
-    return jax.tree.unflatten(structure, [x + 0.1 * jax.random.normal(k, x.shape) for x, k in zip(leaves, keys)])
+    shapes = nn.unbox(models.abstract_params(model))
+    labels = partition.flatten(method.labels(shapes))
+    rng, base = np.random.default_rng(seed), partition.flatten(base)
+    params = {p: base[p] if labels[p] == partition.FROZEN else
+              base.get(p, float(p.endswith("/ia3"))) + 0.1 * rng.standard_normal(s.shape).astype(np.float32)
+              for p, s in partition.flatten(shapes).items()}
+    return model, method, partition.unflatten(params)
 
 
 def _batch(n, length=12, seed=0):
@@ -218,4 +217,5 @@ def test_adapters_that_cannot_share_the_bank_are_refused(decoder):
         bank_lib.Bank(cfg, base, {"verbalizer": adapters["lora8_ia3"],
                                   "head": bank_lib.TaskAdapter.from_trained(head[1], head[0], head[2])})
     with pytest.raises(ValueError, match="the base does not fit model gpt2: missing"):
-        bank_lib.Bank(cfg, _base("llama-tiny")[1], {"a": adapters["lora8_ia3"]})
+        bank_lib.Bank(cfg, nn.unbox(models.abstract_params(models.build(models.model_config("llama-tiny")))),
+                      {"a": adapters["lora8_ia3"]})
