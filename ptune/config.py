@@ -37,6 +37,16 @@ def base_config() -> ml_collections.ConfigDict:
         steps=100, batch_size=16, eval_batch_size=64, eval_every=50, log_every=10,
         eval_split="validation", progress=True,
     ))
+    # Adapter-only checkpoints in <workdir>/checkpoints (ptune.checkpoint); a run restarted on
+    # the same workdir resumes from the newest one.
+    c.checkpoint = ml_collections.ConfigDict(dict(
+        every_steps=100,            # save every N steps and after the last step; 0: no checkpoints
+        keep=2,                     # keep the newest N
+        keep_best=0,                # also keep the best N by the eval best_metric (each save then evaluates)
+        best_metric="loss",         # loss | accuracy (classification) | perplexity (lm)
+        best_mode="min",            # min | max
+        allow_base_mismatch=False,  # resume even if the frozen base's sha256 differs from the checkpoint's
+    ))
     return c
 
 
@@ -62,7 +72,7 @@ def with_method(config: ml_collections.ConfigDict, name: str, **options) -> ml_c
 def check(config) -> None:
     """Unknown keys outside the open sections (model, method, task.options, optim.groups)."""
     base = base_config()
-    for section in ("", "task", "optim", "train"):
+    for section in ("", "task", "optim", "train", "checkpoint"):
         have = config.get(section) if section else config
         want = base.get(section) if section else base
         unknown = sorted(set(have.keys()) - set(want.keys()))

@@ -193,10 +193,10 @@ class Summary:
     def __str__(self):
         rows = [f"{'label':<12}{'params':>16}{'bytes':>14}"]
         for g in sorted(self.count, key=lambda g: (g == FROZEN, g)):
-            rows.append(f"{g:<12}{self.count[g]:>16,}{_human(self.bytes[g]):>14}")
+            rows.append(f"{g:<12}{self.count[g]:>16,}{human_bytes(self.bytes[g]):>14}")
         rows.append(f"trainable params: {self.trainable:,} || all params: {self.total:,} || "
                     f"trainable%: {100 * self.trainable_fraction:.4f} || "
-                    f"trainable bytes: {_human(self.trainable_bytes)}")
+                    f"trainable bytes: {human_bytes(self.trainable_bytes)}")
         return "\n".join(rows)
 
 
@@ -210,7 +210,7 @@ def summary(params, labels) -> Summary:
     return Summary(count, size)
 
 
-def _human(n: int) -> str:
+def human_bytes(n: int) -> str:
     for unit in ("B", "kB", "MB", "GB"):
         if n < 1000 or unit == "GB":
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"

@@ -18,7 +18,7 @@ import numpy as np
 import optax
 
 from ptune import config as config_lib
-from ptune import methods, models, objectives, optim, partition
+from ptune import checkpoint, methods, models, objectives, optim, partition
 from ptune.data import batching, tasks
 from ptune.data.templates import Template
 from ptune.data.tokenizers import ByteTokenizer
@@ -92,6 +92,7 @@ def setup(config) -> Run:
     model_cfg, state, tokenizer = base_model(config)
     family = model_cfg.family
     objective = objective_for(task, family, task_cfg.objective)
+    checkpoint.check_options(config, objective)
     if objective == "head":
         model_cfg = dataclasses.replace(model_cfg, num_labels=task.num_classes)
 
@@ -209,23 +210,38 @@ def prepare_workdir(workdir: str):
         raise ValueError(f"workdir {workdir!r} is not writable ({e.strerror}); choose another --workdir") from None
 
 
+def dropout_key(seed: int):
+    """The key that `fold_in(key, step)` turns into a training step's dropout key."""
+    return jax.random.fold_in(jax.random.key(seed), 2)
+
+
 def train_and_evaluate(config, workdir: str) -> dict:
-    """Train `config` in `workdir`; returns the final metrics (also in final_metrics.json)."""
+    """Train `config` in `workdir`, resuming from its newest checkpoint if it has one;
+    returns the final metrics (also in final_metrics.json)."""
     run = setup(config)
     prepare_workdir(workdir)
+    # Opening validates and reads the newest checkpoint: a run that cannot resume stops here,
+    # before anything in the workdir changes.
+    checkpoints = checkpoint.Checkpoints(workdir, run, dropout_key(config.seed)) if run.method.trains else None
     summary = run.summary
     print(f"method {run.method.name} on {config.model.checkpoint or config.model.preset}:\n{summary}", flush=True)
+    if checkpoints and checkpoints.manager:
+        print(f"base sha256 {checkpoints.base['sha256'][:16]} ({checkpoints.base_hash_seconds:.2f} s)", flush=True)
+    if checkpoints and checkpoints.start_step:
+        print(f"resuming from step {checkpoints.start_step} of {checkpoints.directory}", flush=True)
+        checkpoint.truncate_metrics(workdir, checkpoints.start_step)
     with open(os.path.join(workdir, "config.json"), "w") as f:
         f.write(config.to_json_best_effort(indent=2))
     writer = MetricWriter(workdir)
-    eval_split, tc = config.train.eval_split, config.train
-    params = run.params
+    eval_split = config.train.eval_split
     final = {"method": run.method.name, "trainable_params": summary.trainable,
              "trainable_fraction": summary.trainable_fraction}
     if run.method.trains:
-        params, final = _train(run, writer, final)
-    metrics = evaluate(run, params, eval_split)
-    writer.write(tc.steps if run.method.trains else 0, eval_split, metrics)
+        _, final, metrics = _train(run, writer, final, checkpoints)
+        checkpoints.close()
+    else:
+        metrics = evaluate(run, run.params, eval_split)
+        writer.write(0, eval_split, metrics)
     final.update({f"{eval_split}_{k}": v for k, v in metrics.items()})
     writer.close()
     with open(os.path.join(workdir, "final_metrics.json"), "w") as f:
@@ -234,30 +250,40 @@ def train_and_evaluate(config, workdir: str) -> dict:
     return final
 
 
-def _train(run: Run, writer: MetricWriter, final: dict):
+def _train(run: Run, writer: MetricWriter, final: dict, checkpoints: checkpoint.Checkpoints):
+    """Steps from the newest checkpoint (or 0) to train.steps; evaluates after the last step
+    and returns (params, final, eval metrics of the last step)."""
     from tqdm import tqdm
     tc, seed = run.config.train, run.config.seed
     trainable, frozen = partition.split(run.params, run.labels)
     opt_state = run.tx.init(trainable)
+    start, trainable, opt_state = checkpoints.resume(trainable, opt_state)
     train_step, eval_step = make_train_step(run), make_eval_step(run)
-    dropout_rng = jax.random.fold_in(jax.random.key(seed), 2)
-    sums, t0, steps = {}, time.perf_counter(), 0
-    bar = tqdm(range(tc.steps), disable=not tc.progress, desc=run.method.name, dynamic_ncols=True)
+    step_keys = dropout_key(seed)
+    sums, t0, steps, evaluated = {}, time.perf_counter(), 0, None
+    bar = tqdm(range(start, tc.steps), initial=start, total=tc.steps, disable=not tc.progress,
+               desc=run.method.name, dynamic_ncols=True)
     for step in bar:
         batch = batching.batch_at(run.data["train"], step, tc.batch_size, seed)
         trainable, opt_state, metrics = train_step(trainable, opt_state, frozen, batch,
-                                                   jax.random.fold_in(dropout_rng, step))
-        sums, steps = objectives.accumulate(sums, metrics), steps + 1
-        if (step + 1) % tc.log_every == 0 or step + 1 == tc.steps:
+                                                   jax.random.fold_in(step_keys, step))
+        sums, steps, done = objectives.accumulate(sums, metrics), steps + 1, step + 1
+        if done % tc.log_every == 0 or done == tc.steps:
             sums = {k: float(v) for k, v in jax.device_get(sums).items()}
             logged = {"loss": sums["loss_sum"] / max(sums["count"], 1),
                       "grad_norm": sums["grad_norm"] / steps,
                       "examples_per_s": steps * tc.batch_size / (time.perf_counter() - t0)}
-            writer.write(step + 1, "train", logged)
+            writer.write(done, "train", logged)
             bar.set_postfix(loss=f"{logged['loss']:.4f}", ex_s=f"{logged['examples_per_s']:.1f}")
             final["train_loss"] = logged["loss"]
             sums, t0, steps = {}, time.perf_counter(), 0
-        if (step + 1) % tc.eval_every == 0 and step + 1 < tc.steps:
-            params = partition.merge(trainable, frozen)
-            writer.write(step + 1, tc.eval_split, evaluate(run, params, tc.eval_split, eval_step))
-    return partition.merge(trainable, frozen), final
+        if done % tc.eval_every == 0 or done == tc.steps or checkpoints.needs_metrics(done):
+            evaluated = evaluate(run, partition.merge(trainable, frozen), tc.eval_split, eval_step)
+            writer.write(done, tc.eval_split, evaluated)
+        saved = checkpoints.save(done, trainable, opt_state, evaluated)
+        if saved:
+            final.update(adapter_bytes=saved["adapter_bytes"], checkpoint_bytes=saved["checkpoint_bytes"])
+            bar.write(checkpoint.describe(saved))
+    if evaluated is None:   # a finished run restarted: nothing was left to train
+        evaluated = evaluate(run, partition.merge(trainable, frozen), tc.eval_split, eval_step)
+    return partition.merge(trainable, frozen), final, evaluated
