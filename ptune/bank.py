@@ -79,35 +79,40 @@ class TaskAdapter:
     def num_classes(self) -> int:
         return len(self.label_ids) or self.head_classes
 
+    @property
+    def objective(self) -> str:
+        return "verbalizer" if self.label_ids else "head" if self.head_classes else "generate"
+
 
 def _union_regex(patterns: Sequence[str]) -> str:
     unique = sorted(set(patterns))
     return unique[0] if len(unique) == 1 else "|".join(f"(?:{p})" for p in unique)
 
 
-def envelope(adapters: dict[str, TaskAdapter]) -> Sites:
-    """The smallest sites that hold every task: max LoRA rank and adapter size, union of targets."""
+def envelope(sites: dict[str, Sites]) -> Sites:
+    """The smallest sites that hold every task's {name: sites}: max LoRA rank and adapter size,
+    union of targets. Sites that cannot share a bank are an error naming the tasks."""
     def specs(kind):
-        return {name: getattr(a.sites, kind) for name, a in adapters.items() if getattr(a.sites, kind)}
+        return {name: getattr(s, kind) for name, s in sites.items() if getattr(s, kind)}
 
     lora, ia3, adapter = specs("lora"), specs("ia3"), specs("adapter")
     for kind in ("prompt", "prefix"):
-        lengths = {name: (getattr(a.sites, kind).length if getattr(a.sites, kind) else 0)
-                   for name, a in adapters.items()}
+        lengths = {name: (getattr(s, kind).length if getattr(s, kind) else 0) for name, s in sites.items()}
         if len(set(lengths.values())) > 1:
             raise ValueError(f"tasks need {kind} lengths {lengths} (0: none); a bank holds one "
                              f"{kind} length for all its tasks, since padding would need a per-example position "
                              f"mask the models lack: bank these tasks separately")
-    for name, a in adapters.items():
-        if a.sites.prefix and a.sites.prefix.hidden is not None:
+    for name, s in sites.items():
+        if s.prefix and s.prefix.hidden is not None:
             raise ValueError(f"task {name!r}: its prefix is in training form (MLP); give the folded form "
                              "(TaskAdapter.from_trained folds it, or use method.folded)")
     activations = {a.activation for a in adapter.values()}
     if len(activations) > 1:
-        raise ValueError(f"tasks' adapters use different activations {dict((n, a.activation) for n, a in adapter.items())}; "
-                         "a bank's adapters share one activation: bank these tasks separately")
+        used = {n: a.activation for n, a in adapter.items()}
+        raise ValueError(f"tasks' adapters use different activations {used}; a bank's adapters share one "
+                         "activation: bank these tasks separately")
     rank = max((s.rank for s in lora.values()), default=0)
-    first = next(iter(adapters.values())).sites
+    first = next(iter(sites.values()))
     return Sites(
         lora=LoRA(rank, float(rank), _union_regex([s.targets for s in lora.values()])) if lora else None,
         ia3=IA3(_union_regex([s.targets for s in ia3.values()]),
@@ -133,14 +138,13 @@ class Bank:
         self.capacity = capacity or len(adapters)
         if self.capacity < len(adapters):
             raise ValueError(f"Bank capacity={self.capacity} is less than the {len(adapters)} tasks given")
-        kinds = {name: ("verbalizer" if a.label_ids else "head" if a.head_classes else "generate")
-                 for name, a in adapters.items()}
+        kinds = {name: a.objective for name, a in adapters.items()}
         if len(set(kinds.values()) - {"generate"}) > 1:
             raise ValueError(f"tasks classify in different ways {kinds}; a bank classifies either by verbalizer "
                              "or by head: bank these tasks separately")
         self.objective = next((k for k in kinds.values() if k != "generate"), "generate")
         self.num_classes = max(a.num_classes for a in adapters.values())
-        self.sites = envelope(adapters)
+        self.sites = envelope({name: a.sites for name, a in adapters.items()})
         head_labels = self.num_classes if self.objective == "head" else model_config.num_labels
         self.config = dataclasses.replace(model_config, num_labels=head_labels)
         self.model = models.build(self.config, self.sites)
@@ -155,7 +159,8 @@ class Bank:
         # What a task that lacks a leaf gets: the site's identity init, or the base's value.
         self.identity = {p: np.asarray(template[p]) for p in paths}
         self.frozen = partition.unflatten({p: x for p, x in template.items() if p not in self.identity})
-        self.stacked = {p: jnp.asarray(np.broadcast_to(x, (self.capacity,) + x.shape)) for p, x in self.identity.items()}
+        self.stacked = {p: jnp.asarray(np.broadcast_to(x, (self.capacity,) + x.shape))
+                        for p, x in self.identity.items()}
         self.label_ids = jnp.zeros((self.capacity, max(self.num_classes, 1)), jnp.int32)
         self.class_count = jnp.zeros((self.capacity,), jnp.int32)
         self.slots: dict[str, int] = {}
@@ -199,13 +204,13 @@ class Bank:
 
     def _rows_for(self, name: str, adapter: TaskAdapter) -> dict[str, np.ndarray]:
         """The task's value for every bank leaf, padded to the bank's shapes (host arrays)."""
-        kind = "verbalizer" if adapter.label_ids else "head" if adapter.head_classes else "generate"
-        if kind != "generate" and kind != self.objective:
-            raise ValueError(f"task {name!r} classifies by {kind}; this bank classifies by {self.objective}")
+        if adapter.objective not in ("generate", self.objective):
+            raise ValueError(f"task {name!r} classifies by {adapter.objective}; this bank classifies by "
+                             f"{self.objective}")
         if adapter.num_classes > self.num_classes:
             raise ValueError(f"task {name!r} has {adapter.num_classes} classes; this bank holds at most "
                              f"{self.num_classes}: create the bank with this task so its envelope holds it")
-        envelope({"the bank": _BankAsTask(self.sites), name: adapter})   # prompt/prefix/activation agree
+        envelope({"the bank": self.sites, name: adapter.sites})   # prompt/prefix/activation agree
         self._check_ia3_sides(name, adapter.sites)
         flat = partition.flatten(adapter.params)
         extra = sorted(set(flat) - set(self.identity))
@@ -244,7 +249,7 @@ class Bank:
         """(B,) slot of each example's task; an unknown name is an error naming the known tasks."""
         unknown = sorted({n for n in names if n not in self.slots})
         if unknown:
-            raise ValueError(f"unknown task(s) {unknown} in the batch; the bank holds {sorted(self.slots)}")
+            raise ValueError(f"unknown task(s) {unknown}; the bank holds {sorted(self.slots)}")
         return np.asarray([self.slots[n] for n in names], np.int32)
 
     def classify(self, input_ids, attention_mask, tasks: Sequence[str]) -> np.ndarray:
@@ -288,12 +293,6 @@ class Bank:
         def one(params, i, m, key):
             return generate_lib.decode(self.model, params, i[None], m[None], key, eos_id, pad_id, **options)[0]
         return self._per_example(stacked, frozen, slots, one, ids, mask, keys)
-
-
-@dataclasses.dataclass(frozen=True)
-class _BankAsTask:
-    """The bank's envelope seen as one more task, to check a newcomer against it with `envelope`."""
-    sites: Sites
 
 
 def _write(state, slot, values):

@@ -114,12 +114,12 @@ def test_mixed_batch_equals_each_task_alone(decoder):
 def test_prompt_and_prefix_tasks_of_one_length_share_a_bank():
     """Soft prompts (one with LoRA) and prefixes (MLP form, folded by the bank; P-tuning v2) under RoPE."""
     cfg, base = _base("llama-tiny")
-    runs, _ = _tasks(cfg, base, {
-        "prompt+prefix": ("prompt+prefix", dict(prompt=dict(length=3, init="uniform"), prefix=dict(length=2, hidden=16)),
-                          (40, 41)),
+    runs, adapters = _tasks(cfg, base, {
+        "prompt+prefix": ("prompt+prefix", dict(prompt=dict(length=3, init="uniform"),
+                                                prefix=dict(length=2, hidden=16)), (40, 41)),
         "lora+prompt+ptuning_v2": ("lora+prompt+ptuning_v2", dict(prompt=dict(length=3, init="uniform"),
                                                                   ptuning_v2=dict(length=2)), (50, 51, 52))})
-    bank = bank_lib.Bank(cfg, base, _)
+    bank = bank_lib.Bank(cfg, base, adapters)
     tasks = ["prompt+prefix", "lora+prompt+ptuning_v2", "lora+prompt+ptuning_v2", "prompt+prefix"]
     _check_mixed_batch(bank, runs, tasks, PROMPTS[:4], seed=3)
 
@@ -146,7 +146,10 @@ def test_mixed_batch_of_bert_heads_with_different_class_counts():
 def _count_compiles():
     """Counts XLA compilations (jax reports each backend compile as a duration event)."""
     compiles = []
-    listener = lambda event, duration, **kw: compiles.append(event) if event.endswith("backend_compile_duration") else None
+    def listener(event, duration, **kwargs):
+        if event == "/jax/core/compile/backend_compile_duration":
+            compiles.append(kwargs.get("fun_name", "?"))
+
     jax.monitoring.register_event_duration_secs_listener(listener)
     try:
         yield compiles
@@ -178,7 +181,7 @@ def test_swap_and_add_do_not_recompile(decoder):
 def test_unknown_task_names_it_and_the_known_ones_and_changes_nothing(decoder):
     _, _, _, _, bank = decoder
     batch = _batch(2)
-    with pytest.raises(ValueError, match=r"unknown task\(s\) \['sst2'\] in the batch; the bank holds "
+    with pytest.raises(ValueError, match=r"unknown task\(s\) \['sst2'\]; the bank holds "
                                          r"\['lora4_houlsby', 'lora8_ia3', 'pfeiffer_bitfit'\]"):
         bank.classify(batch["input_ids"], batch["attention_mask"], ["lora8_ia3", "sst2"])
     with pytest.raises(ValueError, match=r"unknown task\(s\) \['nope'\]"):
