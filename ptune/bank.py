@@ -9,7 +9,9 @@
 Every leaf some task trains becomes a *bank leaf* of shape (capacity, *leaf shape); the
 rest of the tree is the shared frozen base. A mixed batch gathers each example's row
 and runs the model's own `apply` under `jax.vmap` (the base enters unbatched, so its
-matmuls stay one matmul over the batch).
+matmuls stay one matmul over the batch). The models need no per-example code, and the
+cost is small: on GPT-2 small a mixed batch of 4 LoRA tasks ran at 4.0 examples/s
+against 4.2 for one task's own model (benchmarks/adapter_swap.py, 2-core CPU).
 
 The bank's shapes (its *envelope*) are fixed by the tasks it is created with, so later
 writes never change a shape. Tasks may differ where zero-padding is exact:
@@ -149,9 +151,8 @@ class Bank:
         self.config = dataclasses.replace(model_config, num_labels=head_labels)
         self.model = models.build(self.config, self.sites)
         paths = sorted({p for a in adapters.values() for p in partition.flatten(a.params)})
-        frozen = {p: x for p, x in _base_weights(model_config, base).items() if p not in paths}
         template = partition.flatten(models.init(self.model, rng if rng is not None else jax.random.key(0),
-                                                 pretrained=partition.unflatten(frozen)))
+                                                 pretrained=partition.unflatten(_base_weights(model_config, base))))
         missing = [p for p in paths if p not in template]
         if missing:
             raise ValueError(f"task leaves {missing[:3]} are not parameters of the bank's model "
@@ -185,22 +186,20 @@ class Bank:
                 raise ValueError(f"the bank is full ({self.capacity} tasks: {sorted(self.slots)}); remove one "
                                  "or create the bank with a larger capacity")
             slot = free[0]
-        rows = self._rows_for(name, adapter)
-        label_row = np.zeros(self.label_ids.shape[1], np.int32)
-        label_row[:len(adapter.label_ids)] = adapter.label_ids
-        state = (self.stacked, self.label_ids, self.class_count)
-        self.stacked, self.label_ids, self.class_count = self._write(
-            state, np.int32(slot), (rows, label_row, np.int32(adapter.num_classes)))
+        self._write_slot(slot, self._rows_for(name, adapter), adapter.label_ids, adapter.num_classes)
         self.slots[name] = slot
 
     def remove(self, name: str):
         """Drop task `name`; its slot returns to the identity and is free for the next `put`."""
-        slot = self.task_slots([name])[0]
-        rows = dict(self.identity)
+        self._write_slot(self.task_slots([name])[0], self.identity, (), 0)
+        del self.slots[name]
+
+    def _write_slot(self, slot: int, rows: dict[str, np.ndarray], label_ids: Sequence[int], num_classes: int):
+        label_row = np.zeros(self.label_ids.shape[1], np.int32)
+        label_row[:len(label_ids)] = label_ids
         state = (self.stacked, self.label_ids, self.class_count)
         self.stacked, self.label_ids, self.class_count = self._write(
-            state, np.int32(slot), (rows, np.zeros(self.label_ids.shape[1], np.int32), np.int32(0)))
-        del self.slots[name]
+            state, np.int32(slot), (rows, label_row, np.int32(num_classes)))
 
     def _rows_for(self, name: str, adapter: TaskAdapter) -> dict[str, np.ndarray]:
         """The task's value for every bank leaf, padded to the bank's shapes (host arrays)."""
@@ -233,15 +232,15 @@ class Bank:
         """A layer scaled on its output by one task and on its input by the bank would read wrong scales."""
         if not (sites.ia3 and self.sites.ia3):
             return
-        for path in self.identity:
-            if path.endswith("/ia3"):
-                layer = path[: -len("/ia3")]
-                if re.search(sites.ia3.targets, layer) and (
-                        bool(re.search(sites.ia3.feedforward, layer)) != bool(re.search(self.sites.ia3.feedforward,
-                                                                                          layer))):
-                    raise ValueError(f"task {name!r}: IA3 on {layer} scales the layer's "
-                                     f"{'input' if re.search(sites.ia3.feedforward, layer) else 'output'}, "
-                                     "another task in the bank the other side; they cannot share a bank")
+        layers = [p.removesuffix("/ia3") for p in self.identity if p.endswith("/ia3")]
+        for layer in layers:
+            if not re.search(sites.ia3.targets, layer):
+                continue
+            on_input = bool(re.search(sites.ia3.feedforward, layer))
+            if on_input != bool(re.search(self.sites.ia3.feedforward, layer)):
+                side = "input" if on_input else "output"
+                raise ValueError(f"task {name!r}: IA3 on {layer} scales the layer's {side}, "
+                                 "another task in the bank the other side; they cannot share a bank")
 
     # ---- serving ----------------------------------------------------------------------------------
 

@@ -15,8 +15,11 @@ EOS, PAD = 258, 256
 
 
 def _base(preset):
+    """A random base whose every weight, biases included, is nonzero (so a task's trained bias shows)."""
     cfg = models.model_config(preset)
-    return cfg, models.init(models.build(cfg), jax.random.key(0))
+    rng = np.random.default_rng(0)
+    base = models.init(models.build(cfg), jax.random.key(0))
+    return cfg, jax.tree.map(lambda x: x + 0.02 * rng.standard_normal(x.shape).astype(np.float32), base)
 
 
 def _trained(cfg, base, name, seed, num_labels=0, **options):
