@@ -74,15 +74,16 @@ class Server:
     def _generate(self, requests):
         head, _ = self.tokenizer.specials(self.bank.config.family)
         room = self.bank.config.max_positions - self.max_new_tokens - self.bank.sites.extra_positions
-        prompts = []
+        encode, prompts = self.tokenizer.encode, []
         for r in requests:
+            # Pieces encoded apart, as batching.encode_generate does in training (BPE merges differ otherwise).
             before, after = self.served[r["task"]].template.parts()
-            prompt = head + self.tokenizer.encode(before + r["text"] + after)
+            prompt = head + encode(before) + encode(r["text"]) + encode(after)
             prompts.append(prompt[-room:])   # too long: keep the end, next to the answer
         eos = self.tokenizer.eos_id
         tokens = self.bank.generate(prompts, [r["task"] for r in requests], self.max_new_tokens, eos_id=eos,
                                     pad_id=self.tokenizer.pad_id)
-        return [{"prediction": self.tokenizer.decode([t for t in row[:_until(row, eos)]])} for row in tokens]
+        return [{"prediction": self.tokenizer.decode(row[:_until(row, eos)].tolist())} for row in tokens]
 
 
 def _until(row, eos: int) -> int:
@@ -121,8 +122,8 @@ def load(workdirs: dict[str, str], which: str | int = "latest", capacity: int | 
         adapters[name] = bank_lib.TaskAdapter.from_trained(method, models.build(task_cfg, method.sites), trainable,
                                                            label_ids)
         kind = "classify" if task.kind == "classify" else "generate"
-        names = task.label_names or tuple(w.strip() for w in template.verbalizer) or tuple(map(str, range(
-            task.num_classes)))
+        names = task.label_names or tuple(w.strip() for w in template.verbalizer) or tuple(
+            str(k) for k in range(task.num_classes))
         served[name] = ServedTask(kind, template, config.task.max_length, names)
     bank = bank_lib.Bank(model_cfg, base, adapters, capacity)
     return Server(bank, tokenizer, served, batch_size, max_new_tokens)
