@@ -282,7 +282,6 @@ def _train(run: Run, writer: MetricWriter, final: dict, checkpoints: checkpoint.
             writer.write(done, tc.eval_split, evaluated)
         saved = checkpoints.save(done, trainable, opt_state, evaluated)
         if saved:
-            final.update(adapter_bytes=saved["adapter_bytes"], checkpoint_bytes=saved["checkpoint_bytes"])
             bar.write(checkpoint.describe(saved))
     if evaluated is None:   # a finished run restarted: nothing was left to train
         evaluated = evaluate(run, partition.merge(trainable, frozen), tc.eval_split, eval_step)
