@@ -40,9 +40,8 @@ FORMAT = 1
 def check_options(config, objective: str) -> None:
     """Value errors in `config.checkpoint`, found before a run writes anything."""
     c = config.checkpoint
-    for key in ("every_steps", "keep", "keep_best"):
-        if not isinstance(c[key], int) or c[key] < (1 if key == "keep" else 0):
-            minimum = 1 if key == "keep" else 0
+    for key, minimum in (("every_steps", 0), ("keep", 1), ("keep_best", 0)):
+        if not isinstance(c[key], int) or c[key] < minimum:
             raise ValueError(f"config.checkpoint.{key}={c[key]!r} must be an integer >= {minimum}")
     if c.best_mode not in ("min", "max"):
         raise ValueError(f"config.checkpoint.best_mode={c.best_mode!r}; choose 'min' or 'max'")
@@ -77,12 +76,13 @@ def shapes(tree) -> dict[str, str]:
 
 def base_identity(config) -> dict:
     """Where the frozen base comes from: an asset name, a local path, or a random-init preset."""
+    from ptune import assets
     source = config.model.checkpoint
     overrides = {k: v for k, v in config.model.to_dict().items() if k not in ("preset", "checkpoint")}
     if not source:
         return {"preset": config.model.preset, "seed": config.seed, "overrides": overrides}
-    return {"checkpoint": source, "path": os.path.abspath(source) if os.path.exists(source) else source,
-            "overrides": overrides}
+    path = assets.path(source) if source in assets.ASSETS else os.path.abspath(source)
+    return {"checkpoint": source, "path": str(path), "overrides": overrides}
 
 
 def data_position(data: dict, config, step: int) -> dict:
@@ -95,11 +95,17 @@ def data_position(data: dict, config, step: int) -> dict:
             "examples": len(next(iter(data.values()))), "sha256": digest.hexdigest()}
 
 
-def directory_bytes(path: str) -> int:
-    return sum(os.path.getsize(os.path.join(d, f)) for d, _, files in os.walk(path) for f in files)
+def sizes(step_directory: str) -> dict[str, int]:
+    """Bytes on disk of a saved step: the adapter artifact (trainable/ + meta/) and the whole
+    resume checkpoint. Not a result of training: Orbax's own metadata varies by a few hundred bytes."""
+    def du(*parts):
+        return sum(os.path.getsize(os.path.join(d, f)) for d, _, files in os.walk(os.path.join(*parts))
+                   for f in files)
+    return {"adapter_bytes": du(step_directory, "trainable") + du(step_directory, "meta"),
+            "checkpoint_bytes": du(step_directory)}
 
 
-def _manager(directory: str, options) -> ocp.CheckpointManager:
+def _training_manager(directory: str, options) -> ocp.CheckpointManager:
     """Keep the newest `keep` steps and, with keep_best, the best `keep_best` by the eval metric."""
     best_fn = (lambda metrics: metrics[options.best_metric]) if options.keep_best else None
     policy = [policies.LatestN(n=options.keep)]
@@ -108,7 +114,7 @@ def _manager(directory: str, options) -> ocp.CheckpointManager:
                                      n=options.keep_best, keep_checkpoints_without_metrics=False))
     # best_fn also makes Orbax store each save's metrics (BestN ranks by them). Saves are
     # synchronous: an adapter saves in milliseconds, and the next train step donates its arrays.
-    return _open(directory, ocp.CheckpointManagerOptions(
+    return _orbax_manager(directory, ocp.CheckpointManagerOptions(
         preservation_policy=policies.AnyPreservationPolicy(policy), best_fn=best_fn, best_mode=options.best_mode,
         enable_async_checkpointing=False, cleanup_tmp_directories=True))
 
@@ -121,28 +127,29 @@ def _restore_tree(manager, step: int, item: str, target=None):
         item: ocp.args.PyTreeRestore(item=target, restore_args=restore_args)}))[item]
 
 
-def _open(directory: str, options: ocp.CheckpointManagerOptions) -> ocp.CheckpointManager:
+def _orbax_manager(directory: str, options: ocp.CheckpointManagerOptions) -> ocp.CheckpointManager:
     handlers = {"trainable": ocp.PyTreeCheckpointHandler(), "opt_state": ocp.PyTreeCheckpointHandler(),
                 "meta": ocp.JsonCheckpointHandler()}
     return ocp.CheckpointManager(os.path.abspath(directory), item_handlers=handlers, options=options)
 
 
-def _read_record(manager, step: int, where: str) -> dict:
+def _read_record(manager, step: int, directory: str) -> dict:
     try:
         record = manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
     except Exception as e:   # Orbax/tensorstore raise many types for a damaged directory
-        raise _damaged(where, step, manager, e) from None
+        raise _damaged(directory, step, manager, e) from None
     if not isinstance(record, dict) or record.get("format") != FORMAT:
-        raise _damaged(where, step, manager, "its meta record is missing or not a ptune record")
+        raise _damaged(directory, step, manager, "its meta record is missing or not a ptune record")
     return record
 
 
-def _damaged(where: str, step: int, manager, why) -> ValueError:
+def _damaged(directory: str, step: int, manager, why) -> ValueError:
+    """The error for an unreadable step; the fix names the step to fall back to."""
     older = [s for s in manager.all_steps() if s < step]
-    fix = (f"delete {where}/{step} to resume from step {older[-1]}" if older
-           else f"delete {where}/{step} to start over")
+    where = f"{directory}/{step}"
+    fix = f"delete {where} to resume from step {older[-1]}" if older else f"delete {where} to start over"
     why = f"{type(why).__name__}: {why}" if isinstance(why, Exception) else why
-    return ValueError(f"checkpoint {where}/{step} is damaged ({str(why)[:300]}); {fix}, or use a fresh --workdir")
+    return ValueError(f"checkpoint {where} is damaged ({str(why)[:300]}); {fix}, or use a fresh --workdir")
 
 
 def _compare(kind: str, saved: dict[str, str], expected: dict[str, str], where: str):
@@ -183,7 +190,7 @@ class Checkpoints:
         self.base = {**base_identity(run.config), "sha256": fingerprint(partition.split(run.params, run.labels)[1])}
         self.base_hash_seconds = time.perf_counter() - t0
         self.dropout_key = np.asarray(jax.random.key_data(dropout_key)).tolist()
-        self.manager = _manager(self.directory, self.options)
+        self.manager = _training_manager(self.directory, self.options)
         self.restored = self._restore_latest()
 
     @property
@@ -196,13 +203,16 @@ class Checkpoints:
             return None
         where = f"{self.directory}/{step}"
         record = _read_record(self.manager, step, self.directory)
+        if step > self.run.config.train.steps:
+            raise ValueError(f"checkpoint {where} is past config.train.steps={self.run.config.train.steps}; set "
+                             f"train.steps >= {step} to continue it, or use a fresh --workdir")
         if record["method"] != self.run.method.name:
             raise ValueError(f"checkpoint {where} was written by method {record['method']!r} but this run uses "
                              f"{self.run.method.name!r}; set config.method.name={record['method']!r} or use a "
                              f"fresh --workdir")
         for kind in ("trainable", "opt_state"):
             _compare(kind, record["shapes"][kind], self.expected[kind], where)
-        self._check_base(record, where)
+        check_base(record["base"], self.base, where, self.options.allow_base_mismatch)
         self._check_position(record, step, where)
         state = {}
         for kind in ("trainable", "opt_state"):
@@ -213,18 +223,6 @@ class Checkpoints:
             if fingerprint(state[kind]) != record["sha256"][kind]:
                 raise _damaged(self.directory, step, self.manager, f"{kind} bytes differ from the recorded sha256")
         return {"step": step, **state}
-
-    def _check_base(self, record: dict, where: str):
-        saved, now = record["base"], self.base
-        if saved["sha256"] == now["sha256"]:
-            return
-        if not self.options.allow_base_mismatch:
-            raise ValueError(f"the frozen base differs from the one checkpoint {where} was trained on "
-                             f"(sha256 {saved['sha256'][:12]}… of {_describe(saved)}, now {now['sha256'][:12]}… of "
-                             f"{_describe(now)}); load the same base, or set "
-                             "config.checkpoint.allow_base_mismatch=True to resume anyway")
-        print(f"warning: resuming on a different frozen base than {where} was trained on "
-              "(config.checkpoint.allow_base_mismatch=True)", flush=True)
 
     def _check_position(self, record: dict, step: int, where: str):
         now = data_position(self.run.data["train"], self.run.config, step)
@@ -267,10 +265,8 @@ class Checkpoints:
             force=True)
         if jax.process_index() != 0:
             return {}
-        where = os.path.join(self.directory, str(step))
-        adapter = directory_bytes(os.path.join(where, "trainable"))
-        return {"step": step, "adapter_bytes": adapter + directory_bytes(os.path.join(where, "meta")),
-                "trainable_bytes": self.run.summary.trainable_bytes, "checkpoint_bytes": directory_bytes(where)}
+        return {"step": step, "trainable_bytes": self.run.summary.trainable_bytes,
+                **sizes(os.path.join(self.directory, str(step)))}
 
     def _record(self, step: int, trainable, opt_state) -> dict:
         return {
@@ -295,6 +291,20 @@ def describe(sizes: dict) -> str:
     human = partition.human_bytes
     return (f"checkpoint step {sizes['step']}: adapter {human(sizes['adapter_bytes'])} (trainable "
             f"{human(sizes['trainable_bytes'])} + metadata), with optimizer state {human(sizes['checkpoint_bytes'])}")
+
+
+def check_base(recorded: dict, current: dict, where: str, allow_mismatch: bool = False):
+    """The frozen base a checkpoint was trained on (`recorded`, from its record) must be the one
+    loaded now (`current`: `base_identity` plus the `fingerprint` of the frozen subtree)."""
+    if recorded["sha256"] == current["sha256"]:
+        return
+    if not allow_mismatch:
+        raise ValueError(f"the frozen base differs from the one checkpoint {where} was trained on "
+                         f"(sha256 {recorded['sha256'][:12]}… of {_describe(recorded)}, now "
+                         f"{current['sha256'][:12]}… of {_describe(current)}); load the same base, or set "
+                         "config.checkpoint.allow_base_mismatch=True to resume anyway")
+    print(f"warning: the frozen base differs from the one checkpoint {where} was trained on "
+          "(allowed by config.checkpoint.allow_base_mismatch)", flush=True)
 
 
 def _describe(base: dict) -> str:
@@ -331,7 +341,8 @@ def load_adapter(workdir: str, which: str | int = "latest"):
     directory = os.path.join(workdir, DIRECTORY)
     if not os.path.isdir(directory):
         raise ValueError(f"{workdir!r} has no checkpoints (no {DIRECTORY}/ directory); train there first")
-    manager = _open(directory, ocp.CheckpointManagerOptions(read_only=True, create=False, save_interval_steps=0))
+    read_only = ocp.CheckpointManagerOptions(read_only=True, create=False, save_interval_steps=0)
+    manager = _orbax_manager(directory, read_only)
     steps = manager.all_steps()
     if not steps:
         raise ValueError(f"{directory!r} holds no complete checkpoint; train there first")

@@ -240,9 +240,9 @@ def train_and_evaluate(config, workdir: str) -> dict:
     print(f"method {run.method.name} on {config.model.checkpoint or config.model.preset}:\n{summary}", flush=True)
     if checkpoints and checkpoints.manager:
         print(f"base sha256 {checkpoints.base['sha256'][:16]} ({checkpoints.base_hash_seconds:.2f} s)", flush=True)
-    if checkpoints and checkpoints.start_step:
-        print(f"resuming from step {checkpoints.start_step} of {checkpoints.directory}", flush=True)
-        checkpoint.truncate_metrics(workdir, checkpoints.start_step)
+        if checkpoints.start_step:
+            print(f"resuming from step {checkpoints.start_step} of {checkpoints.directory}", flush=True)
+        checkpoint.truncate_metrics(workdir, checkpoints.start_step)   # a killed run logged past it
     with open(os.path.join(workdir, "config.json"), "w") as f:
         f.write(config.to_json_best_effort(indent=2))
     writer = MetricWriter(workdir)
@@ -295,7 +295,6 @@ def _train(run: Run, writer: MetricWriter, final: dict, checkpoints: checkpoint.
             writer.write(done, tc.eval_split, evaluated)
         saved = checkpoints.save(done, trainable, opt_state, evaluated)
         if saved:
-            final.update(adapter_bytes=saved["adapter_bytes"], checkpoint_bytes=saved["checkpoint_bytes"])
             bar.write(checkpoint.describe(saved))
     if evaluated is None:   # a finished run restarted: nothing was left to train
         evaluated = evaluate(run, partition.merge(trainable, frozen), tc.eval_split, eval_step)

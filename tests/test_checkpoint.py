@@ -152,10 +152,11 @@ def test_save_restore_round_trip_is_bitwise(tmp_path):
     assert_trees_equal(adapter, trainable)
     assert record["step"] == 2 and record["method"] == "lora" and config.method.rank == 8
     assert record["base"]["sha256"] == checkpoint.fingerprint(frozen)
-    # The artifact is the adapter's bytes plus a little metadata; AdamW's two moments triple the resume state.
+    # The artifact is the adapter's bytes (zstd barely shrinks random floats) plus < 8 kB of metadata;
+    # AdamW's two moments triple the resume state.
     assert sizes["trainable_bytes"] == 16_384
-    assert 16_384 <= sizes["adapter_bytes"] <= 16_384 + 24_000
-    assert 3 * 16_384 <= sizes["checkpoint_bytes"] <= 3 * 16_384 + 40_000
+    assert 16_384 <= sizes["adapter_bytes"] <= 16_384 + 8_000
+    assert 3 * 16_384 <= sizes["checkpoint_bytes"] <= 3 * 16_384 + 20_000
 
 
 def test_keep_last_n_and_keep_best(tmp_path):
@@ -178,7 +179,8 @@ def test_reference_run_keeps_newest_and_best(reference):
     assert steps_on_disk(workdir) == sorted({6, 8, best})
     assert checkpoint.load_adapter(str(workdir), "best")[2]["step"] == best
     assert final["validation_loss"] == evals[8]
-    assert 16_384 <= final["adapter_bytes"] <= 16_384 + 24_000 < final["checkpoint_bytes"]
+    on_disk = checkpoint.sizes(workdir / "checkpoints" / "8")
+    assert 0.9 * 16_384 <= on_disk["adapter_bytes"] <= 16_384 + 8_000 < 3 * 16_384 <= on_disk["checkpoint_bytes"]
 
 
 @pytest.mark.slow
@@ -230,7 +232,7 @@ def test_different_base_is_refused_unless_allowed(trained, capsys):
                      r".*set config.checkpoint.allow_base_mismatch=True to resume anyway",
             lambda: open_checkpoints(trained, run))
     assert open_checkpoints(trained, run, **{"checkpoint.allow_base_mismatch": True}).start_step == 8
-    assert "warning: resuming on a different frozen base" in capsys.readouterr().out
+    assert "warning: the frozen base differs" in capsys.readouterr().out
 
 
 def test_changed_data_order_is_refused(trained):
@@ -277,5 +279,10 @@ def test_bad_checkpoint_options_write_nothing(make_config, tmp_path):
         train.train_and_evaluate(config, str(tmp_path / "run"))
     config.checkpoint.update(best_metric="loss", keep=0)
     with pytest.raises(ValueError, match=r"config.checkpoint.keep=0 must be an integer >= 1"):
+        train.train_and_evaluate(config, str(tmp_path / "run"))
+    config.checkpoint.keep = 1
+    config.checkpoint.unlock()
+    config.checkpoint.every = 5
+    with pytest.raises(ValueError, match=r"unknown config key\(s\) \['config.checkpoint.every'\]"):
         train.train_and_evaluate(config, str(tmp_path / "run"))
     assert not (tmp_path / "run").exists()
