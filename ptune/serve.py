@@ -115,9 +115,8 @@ def load(workdirs: dict[str, str], which: str | int = "latest", capacity: int | 
         method = train.run_method(config, task_cfg, objective)
         template = train.run_template(config, task, method)
         frozen = {p: x for p, x in partition.flatten(base).items() if p not in partition.flatten(trainable)}
-        if checkpoint.fingerprint(partition.unflatten(frozen)) != record["base"]["sha256"]:
-            raise ValueError(f"task {name!r}: the rebuilt base differs from the one {workdirs[name]} was trained on "
-                             "(sha256 mismatch); serve it with the base it was trained on")
+        rebuilt = {**checkpoint.base_identity(config), "sha256": checkpoint.fingerprint(partition.unflatten(frozen))}
+        checkpoint.check_base(record["base"], rebuilt, f"{workdirs[name]} (task {name!r})")
         label_ids = template.label_ids(tokenizer) if objective == "verbalizer" else ()
         adapters[name] = bank_lib.TaskAdapter.from_trained(method, models.build(task_cfg, method.sites), trainable,
                                                            label_ids)
