@@ -95,8 +95,14 @@ def data_position(data: dict, config, step: int) -> dict:
             "examples": len(next(iter(data.values()))), "sha256": digest.hexdigest()}
 
 
-def directory_bytes(path: str) -> int:
-    return sum(os.path.getsize(os.path.join(d, f)) for d, _, files in os.walk(path) for f in files)
+def sizes(step_directory: str) -> dict[str, int]:
+    """Bytes on disk of a saved step: the adapter artifact (trainable/ + meta/) and the whole
+    resume checkpoint. Not a result of training: Orbax's own metadata varies by a few hundred bytes."""
+    def du(*parts):
+        return sum(os.path.getsize(os.path.join(d, f)) for d, _, files in os.walk(os.path.join(*parts))
+                   for f in files)
+    return {"adapter_bytes": du(step_directory, "trainable") + du(step_directory, "meta"),
+            "checkpoint_bytes": du(step_directory)}
 
 
 def _training_manager(directory: str, options) -> ocp.CheckpointManager:
@@ -262,10 +268,8 @@ class Checkpoints:
             force=True)
         if jax.process_index() != 0:
             return {}
-        where = os.path.join(self.directory, str(step))
-        adapter = directory_bytes(os.path.join(where, "trainable"))
-        return {"step": step, "adapter_bytes": adapter + directory_bytes(os.path.join(where, "meta")),
-                "trainable_bytes": self.run.summary.trainable_bytes, "checkpoint_bytes": directory_bytes(where)}
+        return {"step": step, "trainable_bytes": self.run.summary.trainable_bytes,
+                **sizes(os.path.join(self.directory, str(step)))}
 
     def _record(self, step: int, trainable, opt_state) -> dict:
         return {

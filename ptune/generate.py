@@ -7,8 +7,6 @@ with optional top-k and top-p (nucleus) filtering.
 
 from __future__ import annotations
 
-import functools
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -46,8 +44,9 @@ def sample_logits(logits, rng, temperature: float, top_k: int, top_p: float):
     return jax.random.categorical(rng, logits)
 
 
-@functools.partial(jax.jit, static_argnames=("model", "max_new_tokens", "temperature", "top_k", "top_p"))
-def _generate(model, params, ids, mask, rng, eos_id, pad_id, *, max_new_tokens, temperature, top_k, top_p):
+def decode(model, params, ids, mask, rng, eos_id, pad_id, *, max_new_tokens, temperature, top_k, top_p):
+    """(B, max_new_tokens) ids from left-padded `ids`, `mask` (B, T); traceable, so callers may
+    jit or vmap it (the adapter bank vmaps it over examples that each carry their own adapter)."""
     B, T = ids.shape
     full_mask = jnp.concatenate([mask, jnp.ones((B, max_new_tokens), mask.dtype)], 1)
     positions = jnp.maximum(jnp.cumsum(full_mask, 1) - 1, 0)
@@ -71,13 +70,12 @@ def _generate(model, params, ids, mask, rng, eos_id, pad_id, *, max_new_tokens, 
     return tokens.T
 
 
-def generate(model, params, prompts: list[list[int]], max_new_tokens: int, *, eos_id: int, pad_id: int,
-             temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, rng=None) -> np.ndarray:
-    """(B, max_new_tokens) generated ids; after `eos_id` a row holds `pad_id`.
+_generate = jax.jit(decode, static_argnames=("model", "max_new_tokens", "temperature", "top_k", "top_p"))
 
-    `model` is any causal ptune model (its sites included); `params` its full tree,
-    with a prefix folded or not.
-    """
+
+def request(model, prompts: list[list[int]], max_new_tokens: int, pad_id: int, temperature: float = 0.0,
+            top_k: int = 0, top_p: float = 1.0):
+    """Validate a generation request for `model`; returns the left-padded (ids, mask)."""
     if not model.config.causal:
         raise ValueError(f"generate needs a causal model; {model.config.family} is an encoder")
     if max_new_tokens <= 0:
@@ -89,6 +87,17 @@ def generate(model, params, prompts: list[list[int]], max_new_tokens: int, *, eo
     if ids.shape[1] + max_new_tokens + extra > model.config.max_positions:
         raise ValueError(f"generate: prompt {ids.shape[1]} + new {max_new_tokens} + prompt/prefix {extra} tokens "
                          f"exceed the model's context of {model.config.max_positions}")
+    return ids, mask
+
+
+def generate(model, params, prompts: list[list[int]], max_new_tokens: int, *, eos_id: int, pad_id: int,
+             temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, rng=None) -> np.ndarray:
+    """(B, max_new_tokens) generated ids; after `eos_id` a row holds `pad_id`.
+
+    `model` is any causal ptune model (its sites included); `params` its full tree,
+    with a prefix folded or not.
+    """
+    ids, mask = request(model, prompts, max_new_tokens, pad_id, temperature, top_k, top_p)
     rng = jax.random.key(0) if rng is None else rng
     return np.asarray(_generate(model, params, ids, mask, rng, eos_id, pad_id, max_new_tokens=max_new_tokens,
                                 temperature=float(temperature), top_k=int(top_k), top_p=float(top_p)))

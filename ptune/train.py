@@ -111,6 +111,29 @@ def base_model(config):
     return model_cfg, state, tokenizer
 
 
+def run_method(config, model_cfg, objective: str) -> methods.Method:
+    """config.method, plus a task head that trains when the objective uses a fresh one."""
+    method = methods.from_config(config.method.to_dict(), model_cfg)
+    if objective == "head" and method.trains and "head" not in {p.name for p in method.parts or (method,)}:
+        method = methods.compose(method, methods.get("head", model_cfg))   # a fresh head always trains
+    if objective == "head" and not method.trains:
+        raise ValueError(f"method {method.name!r} trains nothing, so a fresh task head would stay random; "
+                         "use config.task.objective='verbalizer' with a decoder")
+    return method
+
+
+def run_template(config, task: tasks.Task, method: methods.Method) -> Template:
+    """The task's template chosen by config.task (index or custom text) or by the method."""
+    task_cfg = config.task
+    if not 0 <= task_cfg.template_index < len(task.templates):
+        raise ValueError(f"config.task.template_index={task_cfg.template_index}: task {task.name!r} has "
+                         f"{len(task.templates)} templates (0..{len(task.templates) - 1})")
+    template = task.templates[task_cfg.template_index]
+    if task_cfg.template or method.template:   # a custom text keeps the chosen template's verbalizer
+        template = Template(task_cfg.template or method.template, template.verbalizer)
+    return template
+
+
 def setup(config) -> Run:
     """Validate the config and build model, method, labels, data and optimizer. Writes nothing."""
     config_lib.check(config)
@@ -123,12 +146,7 @@ def setup(config) -> Run:
     if objective == "head":
         model_cfg = dataclasses.replace(model_cfg, num_labels=task.num_classes)
 
-    method = methods.from_config(config.method.to_dict(), model_cfg)
-    if objective == "head" and method.trains and "head" not in {p.name for p in method.parts or (method,)}:
-        method = methods.compose(method, methods.get("head", model_cfg))   # a fresh head always trains
-    if objective == "head" and not method.trains:
-        raise ValueError(f"method {method.name!r} trains nothing, so a fresh task head would stay random; "
-                         "use config.task.objective='verbalizer' with a decoder")
+    method = run_method(config, model_cfg, objective)
     mesh = sharding.make_mesh(config.mesh)
     check_batch_sizes(config.train, sharding.data_parallel_size(mesh))
     extra = method.sites.extra_positions
@@ -136,12 +154,7 @@ def setup(config) -> Run:
         raise ValueError(f"task.max_length {task_cfg.max_length} + prompt/prefix length {extra} exceeds the "
                          f"model's context of {model_cfg.max_positions}; shorten one of them")
 
-    if not 0 <= task_cfg.template_index < len(task.templates):
-        raise ValueError(f"config.task.template_index={task_cfg.template_index}: task {task.name!r} has "
-                         f"{len(task.templates)} templates (0..{len(task.templates) - 1})")
-    template = task.templates[task_cfg.template_index]
-    if task_cfg.template or method.template:   # a custom text keeps the chosen template's verbalizer
-        template = Template(task_cfg.template or method.template, template.verbalizer)
+    template = run_template(config, task, method)
     label_ids = template.label_ids(tokenizer) if objective == "verbalizer" else None
     encode = functools.partial(_encode, task=task, template=template, tokenizer=tokenizer, family=family,
                                max_length=task_cfg.max_length)
@@ -378,7 +391,6 @@ def _train(run: Run, trainable, frozen, where: Layout, eval_step, writer: Metric
             writer.write(done, tc.eval_split, evaluated)
         saved = checkpoints.save(done, trainable, opt_state, evaluated)
         if saved:
-            final.update(adapter_bytes=saved["adapter_bytes"], checkpoint_bytes=saved["checkpoint_bytes"])
             bar.write(checkpoint.describe(saved))
     if evaluated is None:   # a finished run restarted: nothing was left to train
         evaluated = evaluate(run, partition.merge(trainable, frozen), tc.eval_split, eval_step, where)

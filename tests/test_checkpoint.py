@@ -179,7 +179,8 @@ def test_reference_run_keeps_newest_and_best(reference):
     assert steps_on_disk(workdir) == sorted({6, 8, best})
     assert checkpoint.load_adapter(str(workdir), "best")[2]["step"] == best
     assert final["validation_loss"] == evals[8]
-    assert 0.9 * 16_384 <= final["adapter_bytes"] <= 16_384 + 8_000 < 3 * 16_384 <= final["checkpoint_bytes"]
+    on_disk = checkpoint.sizes(workdir / "checkpoints" / "8")
+    assert 0.9 * 16_384 <= on_disk["adapter_bytes"] <= 16_384 + 8_000 < 3 * 16_384 <= on_disk["checkpoint_bytes"]
 
 
 @pytest.mark.slow
@@ -278,5 +279,10 @@ def test_bad_checkpoint_options_write_nothing(make_config, tmp_path):
         train.train_and_evaluate(config, str(tmp_path / "run"))
     config.checkpoint.update(best_metric="loss", keep=0)
     with pytest.raises(ValueError, match=r"config.checkpoint.keep=0 must be an integer >= 1"):
+        train.train_and_evaluate(config, str(tmp_path / "run"))
+    config.checkpoint.keep = 1
+    config.checkpoint.unlock()
+    config.checkpoint.every = 5
+    with pytest.raises(ValueError, match=r"unknown config key\(s\) \['config.checkpoint.every'\]"):
         train.train_and_evaluate(config, str(tmp_path / "run"))
     assert not (tmp_path / "run").exists()

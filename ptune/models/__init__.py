@@ -57,7 +57,10 @@ def init(model: nn.Module, rng, length: int = 8, pretrained: dict | None = None)
     if pretrained is None:
         params = jax.jit(lambda r: model.init(r, _dummy(1, length), output="hidden"))(rng)["params"]
     else:
-        fill = lambda r, p: model.apply({"params": p}, _dummy(1, length), output="hidden",
+        # Applying (not initialising) creates only what the call touches: ask for the class
+        # output when there is a task head, or a fresh head would be left out.
+        output = "class" if model.config.num_labels else "hidden"
+        fill = lambda r, p: model.apply({"params": p}, _dummy(1, length), output=output,
                                         rngs={"params": r}, mutable=["params"])[1]["params"]
         params = jax.jit(fill)(rng, pretrained)
     params = nn.unbox(params)

@@ -1,0 +1,128 @@
+"""Serve many trained tasks from one frozen base: mixed-task requests in, predictions out.
+
+    server = serve.load({"sentiment": "workdirs/sentiment", "qa": "workdirs/qa"})
+    server.predict([{"task": "qa", "text": "Hi"}, {"task": "sentiment", "text": "Great film"}])
+    # -> [{"task": "qa", "prediction": "Hello."}, {"task": "sentiment", "prediction": "positive", "label": 1}]
+
+Each workdir's adapter comes from its checkpoint (`ptune.checkpoint.load_adapter`) and its
+config says how to read a request: the task's template, verbalizer and length. Every task
+must have been trained on the same base, which is rebuilt once and checked against each
+checkpoint's recorded sha256. Classification requests are served in mixed batches through
+`Bank.classify`, generation requests (lm and generate tasks) through `Bank.generate`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+
+import jax
+import numpy as np
+
+from ptune import bank as bank_lib
+from ptune import checkpoint, models, partition, train
+from ptune.data import batching, tasks
+from ptune.data.templates import Template
+
+
+@dataclasses.dataclass(frozen=True)
+class ServedTask:
+    kind: str                       # "classify" or "generate"
+    template: Template
+    max_length: int
+    label_names: tuple[str, ...]
+
+
+class Server:
+    def __init__(self, bank: bank_lib.Bank, tokenizer, served: dict[str, ServedTask], batch_size: int = 16,
+                 max_new_tokens: int = 32):
+        self.bank, self.tokenizer, self.served = bank, tokenizer, served
+        self.batch_size, self.max_new_tokens = batch_size, max_new_tokens
+        # One padded length for every classification batch, so batches of any task mix share one compile.
+        self.length = max((t.max_length for t in served.values() if t.kind == "classify"), default=0)
+
+    def predict(self, requests: Sequence[dict]) -> list[dict]:
+        """One prediction per request, in order: {"task", "prediction"} (and "label" for classes)."""
+        for i, r in enumerate(requests):
+            if not (isinstance(r, dict) and isinstance(r.get("task"), str) and isinstance(r.get("text"), str)):
+                raise ValueError(f"request {i} is {r!r}; each request needs a string 'task' and 'text'")
+        self.bank.task_slots([r["task"] for r in requests])   # unknown task names fail before any work
+        out: list[dict | None] = [None] * len(requests)
+        for kind, serve_batch in (("classify", self._classify), ("generate", self._generate)):
+            rows = [i for i, r in enumerate(requests) if self.served[r["task"]].kind == kind]
+            for start in range(0, len(rows), self.batch_size):
+                chunk = rows[start:start + self.batch_size]
+                # Pad the last batch with copies of its first request: one batch shape, one compile.
+                padded = [requests[i] for i in chunk] + [requests[chunk[0]]] * (self.batch_size - len(chunk))
+                for i, prediction in zip(chunk, serve_batch(padded)):
+                    out[i] = {"task": requests[i]["task"], **prediction}
+        return out
+
+    def _classify(self, requests):
+        ids = np.full((len(requests), self.length), self.tokenizer.pad_id, np.int32)
+        mask = np.zeros_like(ids)
+        family = self.bank.config.family
+        for i, r in enumerate(requests):
+            task = self.served[r["task"]]
+            row = batching.encode_classification([{"text": r["text"], "label": 0}], task.template, self.tokenizer,
+                                                 family, task.max_length)
+            ids[i, :task.max_length], mask[i, :task.max_length] = row["input_ids"][0], row["attention_mask"][0]
+        labels = self.bank.classify(ids, mask, [r["task"] for r in requests]).argmax(-1)
+        return [{"prediction": self.served[r["task"]].label_names[k], "label": int(k)}
+                for r, k in zip(requests, labels)]
+
+    def _generate(self, requests):
+        head, _ = self.tokenizer.specials(self.bank.config.family)
+        room = self.bank.config.max_positions - self.max_new_tokens - self.bank.sites.extra_positions
+        encode, prompts = self.tokenizer.encode, []
+        for r in requests:
+            # Pieces encoded apart, as batching.encode_generate does in training (BPE merges differ otherwise).
+            before, after = self.served[r["task"]].template.parts()
+            prompt = head + encode(before) + encode(r["text"]) + encode(after)
+            prompts.append(prompt[-room:])   # too long: keep the end, next to the answer
+        eos = self.tokenizer.eos_id
+        tokens = self.bank.generate(prompts, [r["task"] for r in requests], self.max_new_tokens, eos_id=eos,
+                                    pad_id=self.tokenizer.pad_id)
+        return [{"prediction": self.tokenizer.decode(row[:_until(row, eos)].tolist())} for row in tokens]
+
+
+def _until(row, eos: int) -> int:
+    hits = np.flatnonzero(row == eos)
+    return int(hits[0]) if hits.size else len(row)
+
+
+def load(workdirs: dict[str, str], which: str | int = "latest", capacity: int | None = None,
+         batch_size: int = 16, max_new_tokens: int = 32) -> Server:
+    """A Server for {task name: trained workdir}; every task must share one base."""
+    if not workdirs:
+        raise ValueError("serve: give at least one task=workdir")
+    loaded = {name: checkpoint.load_adapter(workdir, which) for name, workdir in workdirs.items()}
+    identities = {name: {k: v for k, v in record["base"].items() if k != "sha256"}
+                  for name, (_, _, record) in loaded.items()}
+    if len({repr(sorted(i.items())) for i in identities.values()}) > 1:
+        raise ValueError(f"the tasks were trained on different bases {identities}; one bank serves one base: "
+                         "serve them separately")
+    first = next(iter(loaded.values()))[0]
+    model_cfg, state, tokenizer = train.base_model(first)
+    base_model = models.build(model_cfg)
+    rng = jax.random.fold_in(jax.random.key(first.seed), 0)   # as train.setup draws a random-init base
+    base = models.init(base_model, rng) if state is None else models.from_checkpoint(base_model, state, rng)
+    adapters, served = {}, {}
+    for name, (config, trainable, record) in loaded.items():
+        task = tasks.get(config.task.name, **config.task.options.to_dict())
+        objective = train.objective_for(task, model_cfg.family, config.task.objective)
+        task_cfg = dataclasses.replace(model_cfg, num_labels=task.num_classes if objective == "head" else 0)
+        method = train.run_method(config, task_cfg, objective)
+        template = train.run_template(config, task, method)
+        frozen = {p: x for p, x in partition.flatten(base).items() if p not in partition.flatten(trainable)}
+        rebuilt = {**checkpoint.base_identity(config), "sha256": checkpoint.fingerprint(partition.unflatten(frozen))}
+        checkpoint.check_base(record["base"], rebuilt, f"{workdirs[name]} (task {name!r})")
+        label_ids = template.label_ids(tokenizer) if objective == "verbalizer" else ()
+        adapters[name] = bank_lib.TaskAdapter.from_trained(method, models.build(task_cfg, method.sites), trainable,
+                                                           label_ids)
+        kind = "classify" if task.kind == "classify" else "generate"
+        names = task.label_names or tuple(w.strip() for w in template.verbalizer) or tuple(
+            str(k) for k in range(task.num_classes))
+        served[name] = ServedTask(kind, template, config.task.max_length, names)
+    bank = bank_lib.Bank(model_cfg, base, adapters, capacity)
+    return Server(bank, tokenizer, served, batch_size, max_new_tokens)
