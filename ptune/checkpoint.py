@@ -289,11 +289,11 @@ class Checkpoints:
             self.manager.close()
 
 
-def describe(sizes: dict) -> str:
-    """One log line for `Checkpoints.save`'s sizes."""
+def describe(saved: dict) -> str:
+    """One log line for what `Checkpoints.save` returns."""
     human = partition.human_bytes
-    return (f"checkpoint step {sizes['step']}: adapter {human(sizes['adapter_bytes'])} (trainable "
-            f"{human(sizes['trainable_bytes'])} + metadata), with optimizer state {human(sizes['checkpoint_bytes'])}")
+    return (f"checkpoint step {saved['step']}: adapter {human(saved['adapter_bytes'])} (trainable "
+            f"{human(saved['trainable_bytes'])} + metadata), with optimizer state {human(saved['checkpoint_bytes'])}")
 
 
 def check_base(recorded: dict, current: dict, where: str, allow_mismatch: bool = False):
