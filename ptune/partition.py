@@ -164,6 +164,11 @@ def merge(*trees):
     return out
 
 
+def cast(params, labels, dtype, group: str = FROZEN):
+    """`params` with the leaves labelled `group` cast to `dtype` (the others unchanged)."""
+    return jax.tree.map(lambda x, g: x.astype(dtype) if g == group else x, params, labels)
+
+
 def nbytes(leaf) -> int:
     return int(np.prod(leaf.shape)) * np.dtype(leaf.dtype).itemsize
 
