@@ -8,7 +8,8 @@ the variants run alternately for --rounds rounds and the table shows medians ove
 Random weights (preset gpt2), LM loss on the synthetic_lm task, AdamW, through `train.setup`
 and `train.make_train_step`. Columns: frozen-leaf bytes; RSS after setup; peak RSS while
 training steps run (the high-water mark is reset after the first, compiling, step); compile
-time of the first step; median step time.
+time; XLA's own temporary-buffer estimate for the step (`memory_analysis`, allocator-independent);
+median step time. The machine this ran on may be shared: compare medians, not single runs.
 """
 
 import argparse
@@ -52,23 +53,26 @@ def measure(variant: str, args) -> dict:
     run = train.setup(config)
     trainable, frozen = partition.split(run.params, run.labels)
     opt_state = run.tx.init(trainable)
-    step = train.make_train_step(run)
     rss_setup = rss_mb("VmRSS")
+    batch = lambda i: batching.batch_at(run.data["train"], i, args.batch, 0)
+    t0 = time.perf_counter()
+    step = train.make_train_step(run).lower(trainable, opt_state, frozen, batch(0), jax.random.key(0)).compile()
+    compile_s = time.perf_counter() - t0
 
     def train_step(i):
         nonlocal trainable, opt_state
         t0 = time.perf_counter()
-        batch = batching.batch_at(run.data["train"], i, args.batch, 0)
         trainable, opt_state, metrics = jax.block_until_ready(
-            step(trainable, opt_state, frozen, batch, jax.random.key(i)))
+            step(trainable, opt_state, frozen, batch(i), jax.random.key(i)))
         return time.perf_counter() - t0
 
-    compile_s = train_step(0)
+    train_step(0)
     with open("/proc/self/clear_refs", "w") as f:   # reset the peak RSS to the current RSS
         f.write("5")
     times = [train_step(i) for i in range(1, args.steps + 1)]
     return {"frozen_mb": run.summary.bytes.get("frozen", 0) / 1e6, "rss_setup_mb": rss_setup,
-            "peak_step_mb": rss_mb("VmHWM"), "compile_s": compile_s, "step_s": statistics.median(times)}
+            "peak_step_mb": rss_mb("VmHWM"), "xla_temp_mb": step.memory_analysis().temp_size_in_bytes / 1e6,
+            "compile_s": compile_s, "step_s": statistics.median(times)}
 
 
 def main():
@@ -100,7 +104,7 @@ def main():
 
     print(f"gpt2 shape, method {args.method}, batch {args.batch} x {args.length}, median of {args.rounds} runs "
           f"(each: median of {args.steps} steps after the compiling one)")
-    cols = ["frozen_mb", "rss_setup_mb", "peak_step_mb", "compile_s", "step_s"]
+    cols = ["frozen_mb", "rss_setup_mb", "peak_step_mb", "xla_temp_mb", "compile_s", "step_s"]
     print(f"{'variant':<14}" + "".join(f"{c:>14}" for c in cols))
     for v in variants:
         med = {c: statistics.median(x[c] for x in results[v]) for c in cols}
