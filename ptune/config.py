@@ -18,8 +18,11 @@ def base_config() -> ml_collections.ConfigDict:
     c.seed = 0
     # model.checkpoint: an asset name, HF directory or .gguf file with pretrained weights; without
     # one, model.preset names a random-init shape in ptune.models.config.PRESETS. Any ModelConfig
-    # field given beside them overrides the shape.
-    c.model = ml_collections.ConfigDict({"preset": "gpt2-tiny", "checkpoint": ""})
+    # field given beside them overrides the shape. The precision and memory knobs are listed so
+    # that command-line overrides find them: dtype (compute), frozen_dtype (storage of frozen
+    # leaves), remat (per-block rematerialisation; see ptune.models.config.REMAT).
+    c.model = ml_collections.ConfigDict({"preset": "gpt2-tiny", "checkpoint": "", "dtype": "float32",
+                                         "frozen_dtype": "float32", "remat": "none"})
     # method.name is a registered method or 'a+b'; its options sit beside it (or under method.<part>).
     c.method = ml_collections.ConfigDict({"name": "lora"})
     c.task = ml_collections.ConfigDict(dict(

@@ -19,6 +19,7 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 FROZEN = "frozen"
@@ -162,6 +163,13 @@ def merge(*trees):
             else:
                 raise PartitionError(f"merge: {k!r} is present in more than one tree")
     return out
+
+
+def cast(params, labels, dtype, group: str = FROZEN):
+    """`params` with the leaves labelled `group` cast to `dtype`; every other leaf, and a leaf
+    that already has `dtype`, is the same object as before (no copy)."""
+    dtype = jnp.dtype(dtype)
+    return jax.tree.map(lambda x, g: x.astype(dtype) if g == group and x.dtype != dtype else x, params, labels)
 
 
 def nbytes(leaf) -> int:

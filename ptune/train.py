@@ -170,6 +170,9 @@ def setup(config) -> Run:
     ctx = methods.InitContext(jax.random.fold_in(rng, 1), family, tokenizer.encode, template.verbalizer)
     params = method.initialize(params, ctx)
     labels = method.labels(params)
+    # Frozen leaves are never updated, so bfloat16 storage only rounds them once and halves their
+    # memory; trainable leaves (and so their gradients and optimizer state) stay float32.
+    params = partition.cast(params, labels, model_cfg.frozen_dtype)
 
     tx = None
     if method.trains:

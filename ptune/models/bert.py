@@ -18,12 +18,12 @@ class BertEmbeddings(nn.Module):
     config: ModelConfig
 
     def setup(self):
-        cfg = self.config
-        self.word_embeddings = nn.Embed(cfg.vocab_size, cfg.hidden_size, embedding_init=_init(("vocab", "embed")))
-        self.position_embeddings = nn.Embed(cfg.max_positions, cfg.hidden_size, embedding_init=_init((None, "embed")))
-        self.token_type_embeddings = nn.Embed(cfg.type_vocab_size, cfg.hidden_size,
-                                              embedding_init=_init((None, "embed")))
-        self.LayerNorm = nn.LayerNorm(cfg.norm_eps)
+        cfg, dt = self.config, self.config.compute_dtype
+        embed = lambda n, axes: nn.Embed(n, cfg.hidden_size, embedding_init=_init(axes), dtype=dt)
+        self.word_embeddings = embed(cfg.vocab_size, ("vocab", "embed"))
+        self.position_embeddings = embed(cfg.max_positions, (None, "embed"))
+        self.token_type_embeddings = embed(cfg.type_vocab_size, (None, "embed"))
+        self.LayerNorm = nn.LayerNorm(cfg.norm_eps, dtype=dt)
         self.dropout = nn.Dropout(cfg.dropout)
 
     def __call__(self, p: common.Prepared, deterministic: bool):
@@ -40,13 +40,13 @@ class BertOutput(nn.Module):
 
     @nn.compact
     def __call__(self, h, residual, deterministic: bool):
-        cfg = self.config
+        cfg, dt = self.config, self.config.compute_dtype
         axes = ("heads", "embed") if h.shape[-1] == cfg.hidden_size else ("mlp", "embed")
-        h = Linear(cfg.hidden_size, axes, sites=self.sites, dtype=cfg.compute_dtype, name="dense")(h, deterministic)
+        h = Linear(cfg.hidden_size, axes, sites=self.sites, dtype=dt, name="dense")(h, deterministic)
         h = nn.Dropout(cfg.dropout)(h, deterministic=deterministic)
         if self.adapter:
-            h = Adapter(self.sites.adapter, name="adapter")(h)
-        return nn.LayerNorm(cfg.norm_eps, name="LayerNorm")(h + residual)
+            h = Adapter(self.sites.adapter, dtype=dt, name="adapter")(h)
+        return nn.LayerNorm(cfg.norm_eps, dtype=dt, name="LayerNorm")(h + residual)
 
 
 class BertSelfAttention(nn.Module):
@@ -122,8 +122,9 @@ class BertEncoder(nn.Module):
 
     @nn.compact
     def __call__(self, x, p: common.Prepared, deterministic: bool):
+        block = common.remat(BertLayer, self.config)
         for i in range(self.config.num_layers):
-            x = BertLayer(self.config, self.sites, name=f"layer_{i}")(x, p, i, deterministic)
+            x = block(self.config, self.sites, name=f"layer_{i}")(x, p, i, deterministic)
         return x
 
 
@@ -135,7 +136,9 @@ class BertPooler(nn.Module):
         """tanh(dense(first position)); h: (B,P+T,d). With a soft prompt that is the
         prompt's first vector, as in HF PEFT."""
         cfg = self.config
-        return jnp.tanh(nn.Dense(cfg.hidden_size, kernel_init=_init(("embed", "embed_out")), name="dense")(h[:, 0]))
+        dense = nn.Dense(cfg.hidden_size, kernel_init=_init(("embed", "embed_out")), dtype=cfg.compute_dtype,
+                         name="dense")
+        return jnp.tanh(dense(h[:, 0]))
 
 
 class Bert(common.Model):

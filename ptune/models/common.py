@@ -134,15 +134,17 @@ class Model(nn.Module):
                     with_prompt=with_prompt, causal=cfg.causal)
         h = body(p, deterministic)
         lm_logits = None
-        if cfg.causal:
+        if cfg.causal:   # logits in the compute dtype; the losses cast them to float32
             lm_logits = body.attend if cfg.tie_embeddings else Linear(
-                cfg.vocab_size, ("embed", "vocab"), False, self.sites, name="lm_head")
+                cfg.vocab_size, ("embed", "vocab"), False, self.sites, dtype=cfg.compute_dtype, name="lm_head")
         output = output or ("logits" if cfg.causal else "class")
         return outputs(self, h, p.mask, p.n_prompt, output, lm_logits, getattr(body, "pooler", None))
 
 
 class ClassHead(nn.Module):
-    """The task head (HF: `classifier` for encoders, `score` for decoders)."""
+    """The task head (HF: `classifier` for encoders, `score` for decoders).
+
+    Always float32: it is tiny, and its logits go straight into the loss."""
     num_labels: int
     use_bias: bool
 
@@ -153,6 +155,18 @@ class ClassHead(nn.Module):
         if self.use_bias:
             y = y + param(self, "bias", nn.initializers.zeros, (self.num_labels,), (None,))
         return y
+
+
+def remat(block: type[nn.Module], config: ModelConfig) -> type[nn.Module]:
+    """`block`, recomputed in the backward pass as `config.remat` says; parameter paths do not change.
+
+    Every family's block is called as block(x, prepared, layer, deterministic): `layer` and
+    `deterministic` are Python values, so they are static (Flax counts `self` as argument 0).
+    """
+    if config.remat == "none":
+        return block
+    policy = None if config.remat == "full" else getattr(jax.checkpoint_policies, config.remat)
+    return nn.remat(block, policy=policy, static_argnums=(3, 4))
 
 
 def last_token(mask):

@@ -7,6 +7,10 @@ import dataclasses
 import jax.numpy as jnp
 
 FAMILIES = ("gpt2", "llama", "bert")
+DTYPES = ("float32", "bfloat16")
+# Per-block rematerialisation: "none", "full" (keep only the block's inputs, recompute the rest in
+# the backward pass) or a `jax.checkpoint_policies` name saying which intermediates to keep.
+REMAT = ("none", "full", "dots_saveable", "dots_with_no_batch_dims_saveable")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -27,11 +31,18 @@ class ModelConfig:
     type_vocab_size: int = 2            # bert
     num_labels: int = 0                 # task head size; 0 = no head
     dropout: float = 0.0
-    dtype: str = "float32"              # compute dtype
+    dtype: str = "float32"              # compute dtype; parameters stay float32 and are cast at use
+    frozen_dtype: str = "float32"       # storage of the frozen leaves (see ptune.train.setup)
+    remat: str = "none"                 # one of REMAT
 
     def __post_init__(self):
         if self.family not in FAMILIES:
             raise ValueError(f"model.family={self.family!r}; choose one of {FAMILIES}")
+        for key in ("dtype", "frozen_dtype"):
+            if getattr(self, key) not in DTYPES:
+                raise ValueError(f"model.{key}={getattr(self, key)!r}; choose one of {DTYPES}")
+        if self.remat not in REMAT:
+            raise ValueError(f"model.remat={self.remat!r}; choose one of {REMAT}")
         if self.num_kv_heads is None:
             object.__setattr__(self, "num_kv_heads", self.num_heads)
         if self.hidden_size % self.num_heads or self.num_heads % self.num_kv_heads:

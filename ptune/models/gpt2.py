@@ -49,16 +49,17 @@ class GPT2Block(nn.Module):
 
     @nn.compact
     def __call__(self, x, p: common.Prepared, layer: int, deterministic: bool):
-        cfg, adapter = self.config, self.sites.adapter
+        cfg, adapter, dt = self.config, self.sites.adapter, self.config.compute_dtype
         drop = nn.Dropout(cfg.dropout)
         h = GPT2Attention(cfg, self.sites, name="attn")(
-            nn.LayerNorm(cfg.norm_eps, name="ln_1")(x), p, layer, deterministic)
+            nn.LayerNorm(cfg.norm_eps, dtype=dt, name="ln_1")(x), p, layer, deterministic)
         if adapter and adapter.after_attention:
-            h = Adapter(adapter, name="attn_adapter")(h)
+            h = Adapter(adapter, dtype=dt, name="attn_adapter")(h)
         x = x + drop(h, deterministic=deterministic)
-        h = GPT2MLP(cfg, self.sites, name="mlp")(nn.LayerNorm(cfg.norm_eps, name="ln_2")(x), deterministic)
+        h = GPT2MLP(cfg, self.sites, name="mlp")(nn.LayerNorm(cfg.norm_eps, dtype=dt, name="ln_2")(x),
+                                                 deterministic)
         if adapter:
-            h = Adapter(adapter, name="mlp_adapter")(h)
+            h = Adapter(adapter, dtype=dt, name="mlp_adapter")(h)
         return x + drop(h, deterministic=deterministic)
 
 
@@ -68,11 +69,12 @@ class GPT2Model(nn.Module):
     sites: Sites
 
     def setup(self):
-        cfg = self.config
-        self.wte = nn.Embed(cfg.vocab_size, cfg.hidden_size, embedding_init=_EMBED)
-        self.wpe = nn.Embed(cfg.max_positions, cfg.hidden_size, embedding_init=_POS)
-        self.h = [GPT2Block(cfg, self.sites) for _ in range(cfg.num_layers)]
-        self.ln_f = nn.LayerNorm(self.config.norm_eps)
+        cfg, dt = self.config, self.config.compute_dtype
+        self.wte = nn.Embed(cfg.vocab_size, cfg.hidden_size, embedding_init=_EMBED, dtype=dt)
+        self.wpe = nn.Embed(cfg.max_positions, cfg.hidden_size, embedding_init=_POS, dtype=dt)
+        block = common.remat(GPT2Block, cfg)
+        self.h = [block(cfg, self.sites) for _ in range(cfg.num_layers)]
+        self.ln_f = nn.LayerNorm(cfg.norm_eps, dtype=dt)
         self.drop = nn.Dropout(cfg.dropout)
 
     def embed(self, input_ids):

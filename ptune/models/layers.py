@@ -84,11 +84,12 @@ class Adapter(nn.Module):
 
     @nn.compact
     def __call__(self, x):
-        d, m, zeros = x.shape[-1], self.spec.size, nn.initializers.zeros
-        h = x.astype(self.dtype) @ param(self, "down", normal(1e-3), (d, m), ("embed", None))
-        h = ACTIVATIONS[self.spec.activation](h + param(self, "down_bias", zeros, (m,), (None,)))
-        h = h @ param(self, "up", zeros, (m, d), (None, "embed"))
-        return x + h + param(self, "up_bias", zeros, (d,), ("embed",))
+        d, m, zeros, dt = x.shape[-1], self.spec.size, nn.initializers.zeros, self.dtype
+        x = x.astype(dt)
+        h = x @ param(self, "down", normal(1e-3), (d, m), ("embed", None)).astype(dt)
+        h = ACTIVATIONS[self.spec.activation](h + param(self, "down_bias", zeros, (m,), (None,)).astype(dt))
+        h = h @ param(self, "up", zeros, (m, d), (None, "embed")).astype(dt)
+        return x + h + param(self, "up_bias", zeros, (d,), ("embed",)).astype(dt)
 
 
 class SoftPrompt(nn.Module):
@@ -103,7 +104,10 @@ class SoftPrompt(nn.Module):
 
 
 class PrefixKV(nn.Module):
-    """Per-layer key/value prefixes, shape (layers, 2, L, kv_heads, head_dim).
+    """Per-layer key/value prefixes, shape (layers, 2, L, kv_heads, head_dim), float32.
+
+    They do not depend on the batch, so they are computed in float32 whatever the
+    compute dtype; `attend` casts them to the keys' dtype.
 
     With ``spec.hidden`` they come from Li & Liang's reparameterisation
     (embedding -> Linear -> tanh -> Linear), which `ptune.methods.prefix.fold`

@@ -53,16 +53,16 @@ class LlamaBlock(nn.Module):
 
     @nn.compact
     def __call__(self, x, p: common.Prepared, layer: int, deterministic: bool):
-        cfg, adapter = self.config, self.sites.adapter
+        cfg, adapter, dt = self.config, self.sites.adapter, self.config.compute_dtype
         h = LlamaAttention(cfg, self.sites, name="self_attn")(
-            nn.RMSNorm(cfg.norm_eps, name="input_layernorm")(x), p, layer, deterministic)
+            nn.RMSNorm(cfg.norm_eps, dtype=dt, name="input_layernorm")(x), p, layer, deterministic)
         if adapter and adapter.after_attention:
-            h = Adapter(adapter, name="attn_adapter")(h)
+            h = Adapter(adapter, dtype=dt, name="attn_adapter")(h)
         x = x + h
-        h = LlamaMLP(cfg, self.sites, name="mlp")(nn.RMSNorm(cfg.norm_eps, name="post_attention_layernorm")(x),
-                                                  deterministic)
+        h = LlamaMLP(cfg, self.sites, name="mlp")(
+            nn.RMSNorm(cfg.norm_eps, dtype=dt, name="post_attention_layernorm")(x), deterministic)
         if adapter:
-            h = Adapter(adapter, name="mlp_adapter")(h)
+            h = Adapter(adapter, dtype=dt, name="mlp_adapter")(h)
         return x + h
 
 
@@ -72,10 +72,11 @@ class LlamaModel(nn.Module):
     sites: Sites
 
     def setup(self):
-        cfg = self.config
-        self.embed_tokens = nn.Embed(cfg.vocab_size, cfg.hidden_size, embedding_init=_EMBED)
-        self.layers = [LlamaBlock(cfg, self.sites) for _ in range(cfg.num_layers)]
-        self.norm = nn.RMSNorm(cfg.norm_eps)
+        cfg, dt = self.config, self.config.compute_dtype
+        self.embed_tokens = nn.Embed(cfg.vocab_size, cfg.hidden_size, embedding_init=_EMBED, dtype=dt)
+        block = common.remat(LlamaBlock, cfg)
+        self.layers = [block(cfg, self.sites) for _ in range(cfg.num_layers)]
+        self.norm = nn.RMSNorm(cfg.norm_eps, dtype=dt)
 
     def embed(self, input_ids):
         return self.embed_tokens(input_ids)
