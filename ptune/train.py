@@ -128,16 +128,20 @@ def setup(config) -> Run:
     params = method.initialize(params, ctx)
     labels = method.labels(params)
 
-    tx = None
-    if method.trains:
-        # Each group: the config's default optimizer < the method's defaults < optim.groups.<label>.
-        # A configured group naming no label reaches optim.build, which says so.
-        base = {k: v for k, v in config.optim.to_dict().items() if k not in ("groups", "clip_norm")}
-        names = list(dict.fromkeys(partition.groups(labels) + list(config.optim.groups.keys())))
-        groups = {g: optim.Group(**{**base, **method.optim.get(g, {}), **config.optim.groups.get(g, {})})
-                  for g in names}
-        tx = optim.build(labels, groups, config.train.steps, config.optim.clip_norm or None)
+    tx = optimizer(config, method, labels) if method.trains else None
     return Run(config, model, method, params, labels, task, objective, label_ids, data, tx, tokenizer)
+
+
+def optimizer(config, method: methods.Method, labels, inject: bool = False) -> optax.GradientTransformation:
+    """The optimizer over the trainable labels. Each group: the config's default optimizer < the
+    method's defaults < optim.groups.<label>. `inject`: learning rates live in the optimizer state
+    (see optim.build), as K runs vmapped together need."""
+    # A configured group naming no label reaches optim.build, which says so.
+    base = {k: v for k, v in config.optim.to_dict().items() if k not in ("groups", "clip_norm")}
+    names = list(dict.fromkeys(partition.groups(labels) + list(config.optim.groups.keys())))
+    groups = {g: optim.Group(**{**base, **method.optim.get(g, {}), **config.optim.groups.get(g, {})})
+              for g in names}
+    return optim.build(labels, groups, config.train.steps, config.optim.clip_norm or None, inject=inject)
 
 
 def _encode(examples, task, template, tokenizer, family, max_length):
@@ -148,11 +152,12 @@ def _encode(examples, task, template, tokenizer, family, max_length):
     return batching.encode_classification(examples, template, tokenizer, family, max_length)
 
 
-def make_train_step(run: Run):
-    """jit(trainable, opt_state, frozen, batch, rng) -> (trainable, opt_state, metrics).
+def train_step_fn(run: Run):
+    """The un-jitted step(trainable, opt_state, frozen, batch, rng) -> (trainable, opt_state, metrics),
+    pure so that it can be jitted (make_train_step) or vmapped over K runs (ptune.multi).
 
     Gradients are taken with respect to `trainable` only, so XLA never computes
-    the frozen weights' gradients; trainable and optimizer state are donated.
+    the frozen weights' gradients.
     """
     def step(trainable, opt_state, frozen, batch, rng):
         def loss_fn(t):
@@ -162,7 +167,13 @@ def make_train_step(run: Run):
         updates, opt_state = run.tx.update(grads, opt_state, trainable)
         metrics["grad_norm"] = optax.tree.norm(grads)
         return optax.apply_updates(trainable, updates), opt_state, metrics
-    return jax.jit(step, donate_argnums=(0, 1))
+    return step
+
+
+def make_train_step(run: Run):
+    """jit(trainable, opt_state, frozen, batch, rng) -> (trainable, opt_state, metrics); trainable and
+    optimizer state are donated."""
+    return jax.jit(train_step_fn(run), donate_argnums=(0, 1))
 
 
 def make_eval_step(run: Run):
@@ -209,21 +220,22 @@ def prepare_workdir(workdir: str):
         raise ValueError(f"workdir {workdir!r} is not writable ({e.strerror}); choose another --workdir") from None
 
 
-def train_and_evaluate(config, workdir: str) -> dict:
-    """Train `config` in `workdir`; returns the final metrics (also in final_metrics.json)."""
-    run = setup(config)
+def start(run: Run, workdir: str) -> tuple[MetricWriter, dict]:
+    """Prepare `workdir`, print the summary, write config.json; returns the metric writer and the
+    final metrics known before training."""
     prepare_workdir(workdir)
     summary = run.summary
-    print(f"method {run.method.name} on {config.model.checkpoint or config.model.preset}:\n{summary}", flush=True)
+    print(f"method {run.method.name} on {run.config.model.checkpoint or run.config.model.preset}:\n{summary}",
+          flush=True)
     with open(os.path.join(workdir, "config.json"), "w") as f:
-        f.write(config.to_json_best_effort(indent=2))
-    writer = MetricWriter(workdir)
-    eval_split, tc = config.train.eval_split, config.train
-    params = run.params
-    final = {"method": run.method.name, "trainable_params": summary.trainable,
-             "trainable_fraction": summary.trainable_fraction}
-    if run.method.trains:
-        params, final = _train(run, writer, final)
+        f.write(run.config.to_json_best_effort(indent=2))
+    return MetricWriter(workdir), {"method": run.method.name, "trainable_params": summary.trainable,
+                                   "trainable_fraction": summary.trainable_fraction}
+
+
+def finish(run: Run, params, writer: MetricWriter, final: dict, workdir: str) -> dict:
+    """Evaluate the trained `params`, write final_metrics.json (the mark of a finished run)."""
+    eval_split, tc = run.config.train.eval_split, run.config.train
     metrics = evaluate(run, params, eval_split)
     writer.write(tc.steps if run.method.trains else 0, eval_split, metrics)
     final.update({f"{eval_split}_{k}": v for k, v in metrics.items()})
@@ -234,30 +246,63 @@ def train_and_evaluate(config, workdir: str) -> dict:
     return final
 
 
-def _train(run: Run, writer: MetricWriter, final: dict):
+def train_and_evaluate(config, workdir: str) -> dict:
+    """Train `config` in `workdir`; returns the final metrics (also in final_metrics.json)."""
+    run = setup(config)
+    writer, final = start(run, workdir)
+    params = run.params
+    if run.method.trains:
+        params = _train(run, writer, final)
+    return finish(run, params, writer, final, workdir)
+
+
+def train_log(sums: dict, steps: int, batch_size: int, seconds: float) -> dict:
+    """The logged training metrics from `steps` steps' summed metrics (host floats)."""
+    return {"loss": sums["loss_sum"] / max(sums["count"], 1), "grad_norm": sums["grad_norm"] / steps,
+            "examples_per_s": steps * batch_size / seconds}
+
+
+def train_loop(tc, step_fn, state, on_log, on_eval, desc: str):
+    """`tc.steps` times `state, metrics = step_fn(state, step)`, shared by one run and K vmapped runs.
+
+    Metrics are summed on the device and fetched only every `tc.log_every` steps (and at the end),
+    for `on_log(step, sums, steps, seconds) -> progress-bar postfix`; `on_eval(step, state)` runs
+    every `tc.eval_every` steps before the last. Returns the final state.
+    """
     from tqdm import tqdm
-    tc, seed = run.config.train, run.config.seed
-    trainable, frozen = partition.split(run.params, run.labels)
-    opt_state = run.tx.init(trainable)
-    train_step, eval_step = make_train_step(run), make_eval_step(run)
-    dropout_rng = jax.random.fold_in(jax.random.key(seed), 2)
     sums, t0, steps = {}, time.perf_counter(), 0
-    bar = tqdm(range(tc.steps), disable=not tc.progress, desc=run.method.name, dynamic_ncols=True)
+    bar = tqdm(range(tc.steps), disable=not tc.progress, desc=desc, dynamic_ncols=True)
     for step in bar:
-        batch = batching.batch_at(run.data["train"], step, tc.batch_size, seed)
-        trainable, opt_state, metrics = train_step(trainable, opt_state, frozen, batch,
-                                                   jax.random.fold_in(dropout_rng, step))
+        state, metrics = step_fn(state, step)
         sums, steps = objectives.accumulate(sums, metrics), steps + 1
         if (step + 1) % tc.log_every == 0 or step + 1 == tc.steps:
-            sums = {k: float(v) for k, v in jax.device_get(sums).items()}
-            logged = {"loss": sums["loss_sum"] / max(sums["count"], 1),
-                      "grad_norm": sums["grad_norm"] / steps,
-                      "examples_per_s": steps * tc.batch_size / (time.perf_counter() - t0)}
-            writer.write(step + 1, "train", logged)
-            bar.set_postfix(loss=f"{logged['loss']:.4f}", ex_s=f"{logged['examples_per_s']:.1f}")
-            final["train_loss"] = logged["loss"]
+            sums = jax.tree.map(np.asarray, jax.device_get(sums))
+            bar.set_postfix(on_log(step + 1, sums, steps, time.perf_counter() - t0))
             sums, t0, steps = {}, time.perf_counter(), 0
         if (step + 1) % tc.eval_every == 0 and step + 1 < tc.steps:
-            params = partition.merge(trainable, frozen)
-            writer.write(step + 1, tc.eval_split, evaluate(run, params, tc.eval_split, eval_step))
-    return partition.merge(trainable, frozen), final
+            on_eval(step + 1, state)
+    return state
+
+
+def _train(run: Run, writer: MetricWriter, final: dict):
+    tc, seed = run.config.train, run.config.seed
+    trainable, frozen = partition.split(run.params, run.labels)
+    train_step, eval_step = make_train_step(run), make_eval_step(run)
+    dropout_rng = jax.random.fold_in(jax.random.key(seed), 2)
+
+    def step_fn(state, step):
+        batch = batching.batch_at(run.data["train"], step, tc.batch_size, seed)
+        trainable, opt_state, metrics = train_step(*state, frozen, batch, jax.random.fold_in(dropout_rng, step))
+        return (trainable, opt_state), metrics
+
+    def on_log(step, sums, steps, seconds):
+        logged = train_log({k: float(v) for k, v in sums.items()}, steps, tc.batch_size, seconds)
+        writer.write(step, "train", logged)
+        final["train_loss"] = logged["loss"]
+        return {"loss": f"{logged['loss']:.4f}", "ex_s": f"{logged['examples_per_s']:.1f}"}
+
+    def on_eval(step, state):
+        writer.write(step, tc.eval_split, evaluate(run, partition.merge(state[0], frozen), tc.eval_split, eval_step))
+
+    trainable, _ = train_loop(tc, step_fn, (trainable, run.tx.init(trainable)), on_log, on_eval, run.method.name)
+    return partition.merge(trainable, frozen)
