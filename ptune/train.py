@@ -233,10 +233,10 @@ def start(run: Run, workdir: str) -> tuple[MetricWriter, dict]:
                                    "trainable_fraction": summary.trainable_fraction}
 
 
-def finish(run: Run, params, writer: MetricWriter, final: dict, workdir: str) -> dict:
+def finish(run: Run, params, writer: MetricWriter, final: dict, workdir: str, eval_step=None) -> dict:
     """Evaluate the trained `params`, write final_metrics.json (the mark of a finished run)."""
     eval_split, tc = run.config.train.eval_split, run.config.train
-    metrics = evaluate(run, params, eval_split)
+    metrics = evaluate(run, params, eval_split, eval_step)
     writer.write(tc.steps if run.method.trains else 0, eval_split, metrics)
     final.update({f"{eval_split}_{k}": v for k, v in metrics.items()})
     writer.close()
