@@ -125,10 +125,21 @@ def _check_compatible(first: train.Run, first_trainable, run: train.Run, trainab
              f"{run.objective} {run.label_ids}), which vmap cannot batch")
 
 
-def make_train_step(multi: Multi):
-    """jit(vmap(train.train_step_fn)): every argument but a shared frozen base has a leading axis K."""
+def make_train_step(multi: Multi, chunk: int | None = None):
+    """jit(vmap(train.train_step_fn)): every argument but a shared frozen base has a leading axis K.
+
+    `chunk`: how many points are computed at once (default: all K). Activation memory grows with
+    it; smaller chunks run one after another inside the step (lax.map), trading speed for memory.
+    """
     step = train.train_step_fn(multi.runs[0])   # the points differ only in values vmap batches
-    return jax.jit(jax.vmap(step, in_axes=(0, 0, multi.frozen_axis, 0, 0)), donate_argnums=(0, 1))
+    if chunk is None or chunk >= len(multi.runs):
+        return jax.jit(jax.vmap(step, in_axes=(0, 0, multi.frozen_axis, 0, 0)), donate_argnums=(0, 1))
+
+    def chunked(trainable, opt_state, frozen, batch, rng):
+        shared = multi.frozen_axis is None
+        point = lambda xs: step(xs[0], xs[1], frozen if shared else xs[2], xs[3], xs[4])
+        return jax.lax.map(point, (trainable, opt_state, None if shared else frozen, batch, rng), batch_size=chunk)
+    return jax.jit(chunked, donate_argnums=(0, 1))
 
 
 def train_and_evaluate(configs, workdirs) -> list[dict]:
