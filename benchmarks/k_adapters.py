@@ -5,7 +5,7 @@ runs vs one run, on a GPT-2-small-shaped model with random weights.
 
 Each variant runs in its own subprocess, so its peak RSS (ru_maxrss) is its own. The K points
 share the seed (so the random base is identical and shared) and differ in learning rate.
-Step times are medians over `--steps` steps after 2 warm-up steps; examples/s counts every
+Step times are medians over `--steps` steps after `--warmup` steps; examples/s counts every
 point's examples. `--chunks 8,2`: also vmapped variants computing only that many points at once.
 """
 
@@ -24,26 +24,23 @@ from ptune import multi, partition, train
 from ptune.config import base_config, with_method
 from ptune.data import batching
 
-WARMUP = 2
-
-
 def config(args, learning_rate):
     c = with_method(base_config(), "lora", rank=8)
     c.model.preset = args.preset
     c.task.name, c.task.max_length = "synthetic_lm", args.length
     c.task.options = {"n_train": 256, "n_eval": 8}
     c.optim.learning_rate = learning_rate
-    c.train.update(steps=WARMUP + args.steps, batch_size=args.batch)
+    c.train.update(steps=args.warmup + args.steps, batch_size=args.batch)
     return c
 
 
-def timed(step, state, batch_at, n):
+def timed(args, step, state, batch_at):
     times = []
-    for i in range(n):
+    for i in range(args.warmup + args.steps):
         t0 = time.perf_counter()
         state = jax.block_until_ready(step(state, batch_at(i)))
         times.append(time.perf_counter() - t0)
-    return times[WARMUP:]
+    return times[args.warmup:]
 
 
 def single(args, learning_rate):
@@ -52,7 +49,7 @@ def single(args, learning_rate):
     train_step, rng = train.make_train_step(run), jax.random.key(0)
     step = lambda state, batch: train_step(*state, frozen, batch, rng)[:2]
     batch_at = lambda i: batching.batch_at(run.data["train"], i, args.batch, 0)
-    return timed(step, (trainable, run.tx.init(trainable)), batch_at, WARMUP + args.steps)
+    return timed(args, step, (trainable, run.tx.init(trainable)), batch_at)
 
 
 def vmapped(args, chunk):
@@ -64,7 +61,7 @@ def vmapped(args, chunk):
     def batch_at(i):
         batch = batching.batch_at(m.runs[0].data["train"], i, args.batch, 0)
         return {k: np.stack([v] * args.k) for k, v in batch.items()}
-    return timed(step, (m.trainable, m.opt_state), batch_at, WARMUP + args.steps)
+    return timed(args, step, (m.trainable, m.opt_state), batch_at)
 
 
 def child(args):
@@ -89,18 +86,19 @@ def main():
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--length", type=int, default=128)
     ap.add_argument("--steps", type=int, default=5)
+    ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--chunks", default="8", help="points computed at once in the vmapped variants")
     ap.add_argument("--variant", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.variant:
         return child(args)
-    variants = ["one", "sequential"] + [f"vmapped,chunk={c}" for c in args.chunks.split(",")]
+    variants = ["one"] + [f"vmapped,chunk={c}" for c in args.chunks.split(",")] + ["sequential"]
     print(f"K={args.k} LoRA r=8 on {args.preset} (random weights), batch {args.batch} x {args.length}, "
-          f"{jax.devices()[0].platform}, median of {args.steps} steps after {WARMUP} warm-up")
+          f"{jax.devices()[0].platform}, median of {args.steps} steps after {args.warmup} warm-up")
     print(f"{'variant':<20}{'step s':>9}{'examples/s':>12}{'peak RSS GiB':>14}{'wall s':>9}")
     for variant in variants:
         cmd = [sys.executable, __file__, f"--variant={variant}"] + [
-            f"--{k}={getattr(args, k)}" for k in ("preset", "k", "batch", "length", "steps")]
+            f"--{k}={getattr(args, k)}" for k in ("preset", "k", "batch", "length", "steps", "warmup")]
         r = json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout.splitlines()[-1])
         print(f"{variant:<20}{r['step_s']:>9.2f}{r['examples_per_s']:>12.2f}{r['peak_rss_gib']:>14.2f}"
               f"{r['wall_s']:>9.0f}", flush=True)

@@ -25,7 +25,12 @@ from ptune import partition, train
 from ptune.data import batching
 
 # Config keys whose values vmap can batch: they change only array values, not the computation.
-BATCHABLE = re.compile(r"seed|optim\.(groups\.[^.]+\.)?(learning_rate|lr_scale)|task\..+|train\.progress")
+_BATCHABLE = re.compile(r"seed|optim\.(groups\.[^.]+\.)?(learning_rate|lr_scale)|task\..+|train\.progress")
+
+
+def batchable(key: str) -> bool:
+    """Whether points differing in config `key` can train vmapped together."""
+    return bool(_BATCHABLE.fullmatch(key))
 
 
 @dataclasses.dataclass
@@ -64,7 +69,7 @@ def setup(configs) -> Multi:
     """Set up every config (train.setup validates each) and stack their trainable subtrees.
 
     Errors name the config keys at fault: points whose shapes differ (trainable leaves or
-    batches), or that differ in a key vmap cannot batch (see BATCHABLE).
+    batches), or that differ in a key vmap cannot batch (see `batchable`).
     """
     if len(configs) < 2:
         raise ValueError(f"vmapping needs at least 2 points, got {len(configs)}")
@@ -106,17 +111,17 @@ def _check_compatible(first: train.Run, first_trainable, run: train.Run, trainab
         raise ValueError(f"vmapped points 0 and {i} differ in {keys}, which {what}; vmap them separately "
                          "or run them without --vmap")
 
-    shapes = lambda tree: {p: (x.shape, str(x.dtype)) for p, x in partition.flatten(tree).items()}
+    shapes = lambda tree: {p: f"{x.shape} {x.dtype}" for p, x in partition.flatten(tree).items()}
     a, b = shapes(first_trainable), shapes(trainable)
     if a != b:
-        path = next((p for p in a.keys() | b.keys() if a.get(p) != b.get(p)))
-        fail(f"changes the shape of trainable {path}: {a.get(path)} vs {b.get(path)}")
+        path = next(p for p in [*a, *b] if a.get(p) != b.get(p))
+        fail(f"changes the shape of trainable {path}: {a.get(path, 'absent')} vs {b.get(path, 'absent')}")
     for split in first.data:
         for name, x in first.data[split].items():
             y = run.data[split][name]
             if x.shape[1:] != y.shape[1:]:
                 fail(f"changes the {split} batch shape of {name}: {x.shape[1:]} vs {y.shape[1:]}")
-    unbatchable = [k for k in keys if not BATCHABLE.fullmatch(k)]
+    unbatchable = [k for k in keys if not batchable(k)]
     if unbatchable:
         keys = unbatchable
         fail("vmap cannot batch (it batches seed, learning rates and task data)")
@@ -142,13 +147,14 @@ def make_train_step(multi: Multi, chunk: int | None = None):
     return jax.jit(chunked, donate_argnums=(0, 1))
 
 
-def train_and_evaluate(configs, workdirs) -> list[dict]:
+def train_and_evaluate(configs, workdirs, chunk: int | None = None) -> list[dict]:
     """Train K configs together; each point's workdir gets exactly what train.train_and_evaluate
-    writes for it (config.json, metrics.jsonl, final_metrics.json). Returns the final metrics."""
+    writes for it (config.json, metrics.jsonl, final_metrics.json). Returns the final metrics.
+    `chunk`: see make_train_step."""
     multi = setup(configs)
     runs, tc = multi.runs, multi.runs[0].config.train
     started = [train.start(run, workdir) for run, workdir in zip(runs, workdirs)]
-    train_step, eval_step = make_train_step(multi), train.make_eval_step(runs[0])
+    train_step, eval_step = make_train_step(multi, chunk), train.make_eval_step(runs[0])
     seeds = [run.config.seed for run in runs]
     dropout_rngs = jnp.stack([jax.random.fold_in(jax.random.key(s), 2) for s in seeds])
     fold_in = jax.vmap(jax.random.fold_in, in_axes=(0, None))

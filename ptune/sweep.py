@@ -26,6 +26,7 @@ from collections.abc import Mapping, Sequence
 import ml_collections
 
 from ptune import config as config_lib
+from ptune import multi
 from ptune.models.config import ModelConfig
 
 FINAL = "final_metrics.json"
@@ -117,14 +118,28 @@ def points(config, sweep: Sequence[Mapping]) -> list[Point]:
     return out
 
 
-def for_host(items: Sequence, host_index: int, num_hosts: int) -> list:
-    """Host `host_index`'s share of `items` (round robin), so every item runs on exactly one host."""
+def check_hosts(host_index: int, num_hosts: int):
     if num_hosts < 1:
         raise ValueError(f"--num_hosts={num_hosts} must be at least 1")
     if not 0 <= host_index < num_hosts:
         raise ValueError(f"--host_index={host_index} is out of range for --num_hosts={num_hosts} "
                          f"(0..{num_hosts - 1})")
+
+
+def for_host(items: Sequence, host_index: int, num_hosts: int) -> list:
+    """Host `host_index`'s share of `items` (round robin), so every item runs on exactly one host."""
+    check_hosts(host_index, num_hosts)
     return list(items[host_index::num_hosts])
+
+
+def vmap_groups(points: Sequence[Point]) -> list[list[Point]]:
+    """The points grouped so that each group differs only in keys ptune.multi can batch (seed,
+    learning rates, task data), in first-seen order; each group can train as one vmapped job."""
+    groups: dict = {}
+    for p in points:
+        fixed = tuple((k, repr(v)) for k, v in sorted(p.overrides.items()) if not multi.batchable(k))
+        groups.setdefault(fixed, []).append(p)
+    return list(groups.values())
 
 
 def finished(workdir: str, point: Point) -> bool:
