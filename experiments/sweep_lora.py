@@ -3,8 +3,16 @@
     python scripts/sweep.py --config experiments/sweep_lora.py --workdir workdirs/sweep_lora
     python scripts/sweep.py --config experiments/sweep_lora.py --workdir workdirs/sweep_lora_vmap --vmap
 
-Expected: 6 workdirs and workdirs/sweep_lora/results.csv (+ .jsonl), one row per point. EXPECTED
-With --vmap the 3 learning rates of each rank train as one vmapped job (2 jobs) with the same numbers.
+Expected: 6 workdirs and workdirs/sweep_lora/results.csv (+ .jsonl), one row per point, in about
+a minute on an idle 2-core CPU (3.5 min when shared). Validation accuracy (chance 0.5):
+
+    learning rate    1e-3   3e-3   1e-2
+    rank 2           0.70   0.77   0.47
+    rank 8           0.72   0.88   0.64
+
+With --vmap the 3 learning rates of each rank train as one vmapped job (2 jobs) and give the same
+numbers, except lr 1e-2: it is unstable here (loss stays ~0.69), so float rounding differences
+(~1e-7 at first) grow to ~1e-2 in the loss by step 70 and its accuracy moves (0.61 at rank 8).
 Run it again: every point is skipped as finished and the table is rewritten.
 """
 

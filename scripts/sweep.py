@@ -74,13 +74,15 @@ def run_sweep(F):
         for p in unit:
             if p not in todo:
                 print(f"skip {p.name}: finished", flush=True)
+        if not todo:
+            continue
         workdirs = [os.path.join(F.workdir, p.name) for p in todo]
         names = ", ".join(p.name for p in todo)
         print(f"{'vmapped points' if len(todo) > 1 else 'point'} {names}", flush=True)
         try:
             if len(todo) > 1:
                 multi.train_and_evaluate([p.config for p in todo], workdirs, F.vmap_chunk or None)
-            elif todo:
+            else:
                 train.train_and_evaluate(todo[0].config, workdirs[0])
         except ValueError as e:
             raise ValueError(f"{names}: {e}") from None
