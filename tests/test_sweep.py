@@ -5,10 +5,13 @@ import subprocess
 import sys
 import textwrap
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from ptune import multi, partition, sweep, train
+from ptune.data import batching
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -163,11 +166,19 @@ def test_vmapped_points_equal_separate_runs(make_config, tmp_path, monkeypatch):
                              for i in (0, 1)))
 
 
-def test_points_with_one_seed_share_the_frozen_base(make_config):
-    m = multi.setup([_point_config(make_config, 0, lr) for lr in (1e-3, 1e-2)])
+def test_points_with_one_seed_share_the_frozen_base_and_chunks_compute_the_same(make_config):
+    m = multi.setup([_point_config(make_config, 0, lr) for lr in (1e-3, 1e-2, 3e-2)])
     assert m.frozen_axis is None
-    lora_b = partition.flatten(m.trainable)["transformer/h_0/attn/c_attn/lora_b"]
-    assert lora_b.shape[0] == 2
+    assert partition.flatten(m.trainable)["transformer/h_0/attn/c_attn/lora_b"].shape == (3, 2, 192)
+    batch = {k: np.stack([v] * 3) for k, v in batching.batch_at(m.runs[0].data["train"], 0, 4, 0).items()}
+    rngs = jax.random.split(jax.random.key(0), 3)
+    copy = lambda: jax.tree.map(jnp.array, (m.trainable, m.opt_state))
+    whole = multi.make_train_step(m)(*copy(), m.frozen, batch, rngs)
+    chunked = multi.make_train_step(m, chunk=2)(*copy(), m.frozen, batch, rngs)   # chunks of 2 and 1
+    for a, b in zip(jax.tree.leaves(whole), jax.tree.leaves(chunked)):
+        np.testing.assert_allclose(a, b, atol=1e-6, rtol=0)
+    lora_b = partition.flatten(whole[0])["transformer/h_0/attn/c_attn/lora_b"]
+    assert not np.allclose(lora_b[0], lora_b[1])    # one step at two learning rates
 
 
 @pytest.mark.parametrize("overrides,message", [
