@@ -66,8 +66,23 @@ def schedule(group: Group, total_steps: int) -> optax.Schedule:
                                 [group.warmup_steps])
 
 
-def build(labels, groups: dict[str, Group], total_steps: int, clip_norm: float | None = None):
-    """An optax transformation over the trainable subtree of `labels`.
+def transform(group: Group, total_steps: int, inject: bool = False) -> optax.GradientTransformation:
+    """The group's optimizer with its schedule. `inject`: the peak learning rate is optimizer state
+    (`state.hyperparams["learning_rate"]`, via optax.inject_hyperparams) rather than a constant
+    of the update function, so runs that differ only in learning rates share one update function
+    and can be vmapped together (ptune.multi)."""
+    if not inject:
+        return _OPTIMIZERS[group.optimizer](group, schedule(group, total_steps))
+    unit = schedule(dataclasses.replace(group, learning_rate=1.0, lr_scale=1.0), total_steps)
+
+    def with_peak(learning_rate):
+        return _OPTIMIZERS[group.optimizer](group, lambda count: learning_rate * unit(count))
+    return optax.inject_hyperparams(with_peak)(learning_rate=group.learning_rate * group.lr_scale)
+
+
+def build(labels, groups: dict[str, Group], total_steps: int, clip_norm: float | None = None,
+          inject: bool = False):
+    """An optax transformation over the trainable subtree of `labels` (`inject`: see `transform`).
 
     Every trainable label needs a group and every group a label present in the
     tree; either mismatch is an error naming the culprit.
@@ -83,8 +98,7 @@ def build(labels, groups: dict[str, Group], total_steps: int, clip_norm: float |
     if unused:
         raise partition.PartitionError(
             f"optimizer group(s) {unused} match no trainable label; labels present: {present}")
-    transforms = {g: _OPTIMIZERS[groups[g].optimizer](groups[g], schedule(groups[g], total_steps))
-                  for g in present}
+    transforms = {g: transform(groups[g], total_steps, inject) for g in present}
     tx = optax.partition(transforms, partition.split(labels, labels)[0])
     return optax.chain(optax.clip_by_global_norm(clip_norm), tx) if clip_norm else tx
 

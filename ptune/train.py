@@ -174,15 +174,7 @@ def setup(config) -> Run:
     # memory; trainable leaves (and so their gradients and optimizer state) stay float32.
     params = partition.cast(params, labels, model_cfg.frozen_dtype)
 
-    tx = None
-    if method.trains:
-        # Each group: the config's default optimizer < the method's defaults < optim.groups.<label>.
-        # A configured group naming no label reaches optim.build, which says so.
-        base = {k: v for k, v in config.optim.to_dict().items() if k not in ("groups", "clip_norm")}
-        names = list(dict.fromkeys(partition.groups(labels) + list(config.optim.groups.keys())))
-        groups = {g: optim.Group(**{**base, **method.optim.get(g, {}), **config.optim.groups.get(g, {})})
-                  for g in names}
-        tx = optim.build(labels, groups, config.train.steps, config.optim.clip_norm or None)
+    tx = optimizer(config, method, labels) if method.trains else None
     return Run(config, model, method, params, labels, task, objective, label_ids, data, tx, tokenizer, mesh)
 
 
@@ -201,6 +193,18 @@ def check_batch_sizes(train_cfg, data_parallel: int):
                          f"{data_parallel} data-parallel devices (mesh data x fsdp)")
 
 
+def optimizer(config, method: methods.Method, labels, inject: bool = False) -> optax.GradientTransformation:
+    """The optimizer over the trainable labels. Each group: the config's default optimizer < the
+    method's defaults < optim.groups.<label>. `inject`: learning rates live in the optimizer state
+    (see optim.build), as K runs vmapped together need."""
+    # A configured group naming no label reaches optim.build, which says so.
+    base = {k: v for k, v in config.optim.to_dict().items() if k not in ("groups", "clip_norm")}
+    names = list(dict.fromkeys(partition.groups(labels) + list(config.optim.groups.keys())))
+    groups = {g: optim.Group(**{**base, **method.optim.get(g, {}), **config.optim.groups.get(g, {})})
+              for g in names}
+    return optim.build(labels, groups, config.train.steps, config.optim.clip_norm or None, inject=inject)
+
+
 def _encode(examples, task, template, tokenizer, family, max_length):
     if task.kind == "lm":
         return batching.encode_lm(examples, tokenizer, family, max_length)
@@ -210,7 +214,8 @@ def _encode(examples, task, template, tokenizer, family, max_length):
 
 
 def train_step_fn(run: Run):
-    """The un-jitted step(trainable, opt_state, frozen, batch, rng) -> (trainable, opt_state, metrics).
+    """The un-jitted step(trainable, opt_state, frozen, batch, rng) -> (trainable, opt_state, metrics),
+    pure so that it can be jitted (make_train_step) or vmapped over K runs (ptune.multi).
 
     Gradients are taken with respect to `trainable` only, so XLA never computes the frozen
     weights' gradients. With `train.grad_accum` = k the batch is split into k micro-batches
@@ -316,6 +321,31 @@ def dropout_key(seed: int):
     return jax.random.fold_in(jax.random.key(seed), 2)
 
 
+def start(run: Run, workdir: str) -> tuple[MetricWriter, dict]:
+    """Print the summary and write config.json (process 0); returns the metric writer and the
+    final metrics known before training. The workdir must have passed `prepare_workdir`."""
+    summary = run.summary
+    if jax.process_index() == 0:
+        print(f"method {run.method.name} on {run.config.model.checkpoint or run.config.model.preset} "
+              f"(mesh {dict(run.mesh.shape)}):\n{summary}", flush=True)
+        with open(os.path.join(workdir, "config.json"), "w") as f:
+            f.write(run.config.to_json_best_effort(indent=2))
+    return MetricWriter(workdir), {"method": run.method.name, "trainable_params": summary.trainable,
+                                   "trainable_fraction": summary.trainable_fraction}
+
+
+def finish(run: Run, writer: MetricWriter, final: dict, workdir: str, metrics: dict) -> dict:
+    """Add the final evaluation's `metrics` and write final_metrics.json (the mark of a finished run)."""
+    final.update({f"{run.config.train.eval_split}_{k}": v for k, v in metrics.items()})
+    writer.close()
+    if jax.process_index() == 0:
+        with open(os.path.join(workdir, "final_metrics.json"), "w") as f:
+            json.dump(final, f, indent=2)
+        print(" ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in final.items()),
+              flush=True)
+    return final
+
+
 def train_and_evaluate(config, workdir: str) -> dict:
     """Train `config` in `workdir`, resuming from its newest checkpoint if it has one;
     returns the final metrics (also in final_metrics.json)."""
@@ -324,77 +354,93 @@ def train_and_evaluate(config, workdir: str) -> dict:
     # Opening validates and reads the newest checkpoint: a run that cannot resume stops here,
     # before anything in the workdir changes.
     checkpoints = checkpoint.Checkpoints(workdir, run, dropout_key(config.seed)) if run.method.trains else None
-    chief = jax.process_index() == 0
-    summary = run.summary
-    if chief:
-        print(f"method {run.method.name} on {config.model.checkpoint or config.model.preset} "
-              f"(mesh {dict(run.mesh.shape)}):\n{summary}", flush=True)
+    writer, final = start(run, workdir)
     if checkpoints and checkpoints.manager:
-        if chief:
+        if writer.active:
             print(f"base sha256 {checkpoints.base['sha256'][:16]} ({checkpoints.base_hash_seconds:.2f} s)", flush=True)
             if checkpoints.start_step:
                 print(f"resuming from step {checkpoints.start_step} of {checkpoints.directory}", flush=True)
         checkpoint.truncate_metrics(workdir, checkpoints.start_step)   # a killed run logged past it
-    if chief:
-        with open(os.path.join(workdir, "config.json"), "w") as f:
-            f.write(config.to_json_best_effort(indent=2))
-    writer = MetricWriter(workdir)
-    eval_split = config.train.eval_split
     trainable, frozen = partition.split(run.params, run.labels)
     where = layout(run, trainable, frozen)
     trainable, frozen = sharding.put(trainable, where.trainable), sharding.put(frozen, where.frozen)
     eval_step = make_eval_step(run, where)
-    final = {"method": run.method.name, "trainable_params": summary.trainable,
-             "trainable_fraction": summary.trainable_fraction}
     if run.method.trains:
-        final, metrics = _train(run, trainable, frozen, where, eval_step, writer, final, checkpoints)
+        metrics = _train(run, trainable, frozen, where, eval_step, writer, final, checkpoints)
         checkpoints.close()
     else:
-        metrics = evaluate(run, partition.merge(trainable, frozen), eval_split, eval_step, where)
-        writer.write(0, eval_split, metrics)
-    final.update({f"{eval_split}_{k}": v for k, v in metrics.items()})
-    writer.close()
-    if chief:
-        with open(os.path.join(workdir, "final_metrics.json"), "w") as f:
-            json.dump(final, f, indent=2)
-        print(" ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in final.items()),
-              flush=True)
-    return final
+        metrics = evaluate(run, partition.merge(trainable, frozen), config.train.eval_split, eval_step, where)
+        writer.write(0, config.train.eval_split, metrics)
+    return finish(run, writer, final, workdir, metrics)
+
+
+@dataclasses.dataclass(frozen=True)
+class Logged:
+    """Summed step metrics (host numpy; a leading axis K for K vmapped runs) since the last log."""
+    sums: dict
+    steps: int
+    seconds: float
+
+    def train_metrics(self, batch_size: int, point: int | None = None) -> dict:
+        """The logged training metrics (of one `point` of K vmapped runs)."""
+        sums = {k: float(v if point is None else v[point]) for k, v in self.sums.items()}
+        return {"loss": sums["loss_sum"] / max(sums["count"], 1), "grad_norm": sums["grad_norm"] / self.steps,
+                "examples_per_s": self.steps * batch_size / self.seconds}
+
+
+def train_steps(tc, step_fn, state, start_step: int, desc: str, show: bool):
+    """Run `state, metrics = step_fn(state, step)` from `start_step` to `tc.steps`, shared by one run
+    and K vmapped runs; yields (steps done, state, Logged or None) after every step.
+
+    Metrics are summed on the device and fetched only every `tc.log_every` steps and at the end,
+    so the host never waits on a step in between. The progress bar shows the mean loss and
+    examples/s over all runs.
+    """
+    from tqdm import tqdm
+    sums, t0, steps = {}, time.perf_counter(), 0
+    bar = tqdm(range(start_step, tc.steps), initial=start_step, total=tc.steps, disable=not (tc.progress and show),
+               desc=desc, dynamic_ncols=True)
+    for step in bar:
+        state, metrics = step_fn(state, step)
+        sums, steps, done = objectives.accumulate(sums, metrics), steps + 1, step + 1
+        logged = None
+        if done % tc.log_every == 0 or done == tc.steps:
+            logged = Logged(sharding.to_host(sums), steps, time.perf_counter() - t0)
+            count = logged.sums["count"]
+            bar.set_postfix(loss=f"{logged.sums['loss_sum'].sum() / max(count.sum(), 1):.4f}",
+                            ex_s=f"{steps * tc.batch_size * count.size / logged.seconds:.1f}")
+            sums, t0, steps = {}, time.perf_counter(), 0
+        yield done, state, logged
 
 
 def _train(run: Run, trainable, frozen, where: Layout, eval_step, writer: MetricWriter, final: dict,
-           checkpoints: checkpoint.Checkpoints):
-    """Steps from the newest checkpoint (or 0) to train.steps; evaluates after the last step
-    and returns (final, eval metrics of the last step)."""
+           checkpoints: checkpoint.Checkpoints) -> dict:
+    """Steps from the newest checkpoint (or 0) to train.steps, evaluating every `eval_every` steps and
+    after the last, saving when due; returns the last evaluation's metrics."""
     from tqdm import tqdm
     tc, seed = run.config.train, run.config.seed
     opt_state = jax.jit(run.tx.init, out_shardings=where.opt_state)(trainable)
-    start, trainable, opt_state = checkpoints.resume(trainable, opt_state, where)
-    train_step = make_train_step(run, where)
-    step_keys = dropout_key(seed)
-    sums, t0, steps, evaluated = {}, time.perf_counter(), 0, None
-    bar = tqdm(range(start, tc.steps), initial=start, total=tc.steps, disable=not (tc.progress and writer.active),
-               desc=run.method.name, dynamic_ncols=True)
-    for step in bar:
+    first, trainable, opt_state = checkpoints.resume(trainable, opt_state, where)
+    train_step, step_keys = make_train_step(run, where), dropout_key(seed)
+
+    def step_fn(state, step):
         batch = sharding.put_batch(batching.batch_at(run.data["train"], step, tc.batch_size, seed), where.batch)
-        trainable, opt_state, metrics = train_step(trainable, opt_state, frozen, batch,
-                                                   jax.random.fold_in(step_keys, step))
-        sums, steps, done = objectives.accumulate(sums, metrics), steps + 1, step + 1
-        if done % tc.log_every == 0 or done == tc.steps:
-            sums = {k: float(v) for k, v in sharding.to_host(sums).items()}
-            logged = {"loss": sums["loss_sum"] / max(sums["count"], 1),
-                      "grad_norm": sums["grad_norm"] / steps,
-                      "examples_per_s": steps * tc.batch_size / (time.perf_counter() - t0)}
-            writer.write(done, "train", logged)
-            bar.set_postfix(loss=f"{logged['loss']:.4f}", ex_s=f"{logged['examples_per_s']:.1f}")
-            final["train_loss"] = logged["loss"]
-            sums, t0, steps = {}, time.perf_counter(), 0
+        *state, metrics = train_step(*state, frozen, batch, jax.random.fold_in(step_keys, step))
+        return tuple(state), metrics
+
+    evaluated = None
+    for done, (trainable, opt_state), logged in train_steps(tc, step_fn, (trainable, opt_state), first,
+                                                            run.method.name, writer.active):
+        if logged:
+            metrics = logged.train_metrics(tc.batch_size)
+            writer.write(done, "train", metrics)
+            final["train_loss"] = metrics["loss"]
         if done % tc.eval_every == 0 or done == tc.steps or checkpoints.needs_metrics(done):
             evaluated = evaluate(run, partition.merge(trainable, frozen), tc.eval_split, eval_step, where)
             writer.write(done, tc.eval_split, evaluated)
         saved = checkpoints.save(done, trainable, opt_state, evaluated)
         if saved:
-            bar.write(checkpoint.describe(saved))
+            tqdm.write(checkpoint.describe(saved))
     if evaluated is None:   # a finished run restarted: nothing was left to train
         evaluated = evaluate(run, partition.merge(trainable, frozen), tc.eval_split, eval_step, where)
-    return final, evaluated
+    return evaluated
