@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from ptune import bank as bank_lib
-from ptune import generate, methods, models, objectives, partition
+from ptune import methods, models, objectives, partition
 
 EOS, PAD = 258, 256
 

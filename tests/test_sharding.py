@@ -73,9 +73,9 @@ def test_mesh_and_batch_errors_name_the_fix(make_config):
 
 
 def test_batch_not_divisible_by_data_parallel_devices():
-    with pytest.raises(ValueError, match=r"batch_size=12 .* not divisible by the 8 data-parallel devices.*multiple of 16"):
-        config = base_config()
-        config.train.update(batch_size=12, grad_accum=2)
+    config = base_config()
+    config.train.update(batch_size=12, grad_accum=2)
+    with pytest.raises(ValueError, match=r"batch_size=12 .* not divisible by the 8 data-parallel devices.*of 16"):
         train.check_batch_sizes(config.train, 8)
 
 
