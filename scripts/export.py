@@ -27,7 +27,8 @@ flags.mark_flags_as_required(["workdir", "out"])
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments {argv[1:]}")
-    logging.set_verbosity(logging.WARNING)   # Orbax logs every restore step at INFO
+    if not flags.FLAGS["verbosity"].present:
+        logging.set_verbosity(logging.WARNING)   # Orbax logs every save and restore at INFO
     which = flags.FLAGS.which
     try:
         out = hf_peft.export_workdir(flags.FLAGS.workdir, flags.FLAGS.out, int(which) if which.isdigit() else which,

@@ -14,7 +14,7 @@ import time
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from absl import app, flags
+from absl import app, flags, logging
 
 from ptune import serve
 
@@ -43,6 +43,8 @@ def read_requests(path: str) -> list[dict]:
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments {argv[1:]}")
+    if not flags.FLAGS["verbosity"].present:
+        logging.set_verbosity(logging.WARNING)   # Orbax logs every save and restore at INFO
     try:
         workdirs = dict(t.split("=", 1) if "=" in t else ("", t) for t in FLAGS.task)
         if "" in workdirs:

@@ -18,7 +18,7 @@ import sys
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from absl import app, flags
+from absl import app, flags, logging
 from ml_collections import config_flags
 
 from ptune import multi, sweep, train
@@ -94,6 +94,8 @@ def run_sweep(F):
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments {argv[1:]}")
+    if not flags.FLAGS["verbosity"].present:
+        logging.set_verbosity(logging.WARNING)   # Orbax logs every save and restore at INFO
     try:
         run_sweep(flags.FLAGS)
     except ValueError as e:   # bad sweep, config or host flags: one clear line, non-zero exit

@@ -9,7 +9,7 @@ import sys
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from absl import app, flags
+from absl import app, flags, logging
 from ml_collections import config_flags
 
 from ptune import sharding, train
@@ -26,6 +26,8 @@ flags.mark_flags_as_required(["config", "workdir"])
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments {argv[1:]}")
+    if not flags.FLAGS["verbosity"].present:
+        logging.set_verbosity(logging.WARNING)   # Orbax logs every save and restore at INFO
     f = flags.FLAGS
     try:
         sharding.initialize_distributed(f.coordinator_address, f.num_processes, f.process_id, f.distributed)
