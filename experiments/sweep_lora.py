@@ -12,7 +12,7 @@ a minute on an idle 2-core CPU (3.5 min when shared). Validation accuracy (chanc
 
 With --vmap the 3 learning rates of each rank train as one vmapped job (2 jobs) and give the same
 numbers, except lr 1e-2: it is unstable here (loss stays ~0.69), so float rounding differences
-(~1e-7 at first) grow to ~1e-2 in the loss by step 70 and its accuracy moves (0.61 at rank 8).
+(~1e-7 at first) grow to ~1e-2 in the loss by step 70 and its accuracy moves (0.59 at rank 8 here).
 Run it again: every point is skipped as finished and the table is rewritten.
 """
 
