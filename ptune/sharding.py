@@ -136,10 +136,9 @@ def spec_for(shape, names, rules, mesh: Mesh) -> PartitionSpec:
             raise ValueError(f"logical axis {name!r} has no sharding rule; add config.mesh.rules.{name} "
                              f"(mesh axes {AXES}, or '' to replicate)")
         for axis in rules[name]:
-            if mesh.shape[axis] > 1:
+            if mesh.shape[axis] > 1 and not any(axis in d for d in dims):   # a mesh axis splits one dimension
                 (dims[i] if size % (_ways(dims[i], mesh) * mesh.shape[axis]) == 0 else leftover).append(axis)
-    used = {a for d in dims for a in d}
-    for axis in dict.fromkeys(a for a in leftover if a not in used):
+    for axis in dict.fromkeys(a for a in leftover if not any(a in d for d in dims)):
         fits = [i for i in sorted(range(len(shape)), key=lambda i: -shape[i])
                 if shape[i] % (_ways(dims[i], mesh) * mesh.shape[axis]) == 0]
         if fits:

@@ -8,6 +8,7 @@ import json
 import os
 import subprocess
 import sys
+import types
 
 import jax
 import numpy as np
@@ -87,6 +88,16 @@ def test_logical_axis_without_rule_and_unknown_mesh_axis():
     config.mesh.rules.embed = "fsdp,model"
     with pytest.raises(ValueError, match=r"config.mesh.rules.embed='fsdp,model' names mesh axes \['model'\]"):
         sharding.rules_from_config(config.mesh)
+
+
+def test_a_mesh_axis_splits_one_dimension_and_moves_when_it_does_not_divide():
+    mesh = types.SimpleNamespace(shape={"data": 2, "fsdp": 2, "tensor": 2})   # spec_for reads only the sizes
+    rules = {"embed": ("fsdp",), "mlp": ("fsdp", "tensor"), "vocab": ("tensor",)}
+    # embed and mlp both ask for fsdp: the first dimension gets it, the second only tensor.
+    assert sharding.spec_for((8, 8), ("embed", "mlp"), rules, mesh) == jax.sharding.PartitionSpec("fsdp", "tensor")
+    # 5 words do not divide over tensor=2, so tensor moves to the embedding dimension.
+    assert sharding.spec_for((5, 8), ("vocab", "embed"), rules, mesh) == \
+        jax.sharding.PartitionSpec(None, ("fsdp", "tensor"))
 
 
 def test_process_flags_out_of_range():
