@@ -9,13 +9,12 @@ or, with LoRA/IA3 merged into the base, as a transformers checkpoint (config.jso
 Load the adapter with `peft.PeftModel.from_pretrained(<base transformers model>, "/tmp/run/peft")`."""
 
 import os
-import sys
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from absl import app, flags, logging
+from absl import flags
 
-from ptune import hf_peft
+from ptune import cli, hf_peft
 
 flags.DEFINE_string("workdir", None, "A trained run's workdir (with checkpoints/).")
 flags.DEFINE_string("out", None, "New directory to write; it must not exist or be empty.")
@@ -24,20 +23,11 @@ flags.DEFINE_bool("merge", False, "Write a merged transformers checkpoint instea
 flags.mark_flags_as_required(["workdir", "out"])
 
 
-def main(argv):
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments {argv[1:]}")
-    if not flags.FLAGS["verbosity"].present:
-        logging.set_verbosity(logging.WARNING)   # Orbax logs every save and restore at INFO
+def main():
     which = flags.FLAGS.which
-    try:
-        out = hf_peft.export_workdir(flags.FLAGS.workdir, flags.FLAGS.out, int(which) if which.isdigit() else which,
-                                     merge=flags.FLAGS.merge)
-    except ValueError as e:   # bad input: one clear line, non-zero exit
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
-    print(out)
+    print(hf_peft.export_workdir(flags.FLAGS.workdir, flags.FLAGS.out, int(which) if which.isdigit() else which,
+                                 merge=flags.FLAGS.merge))
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run(main)

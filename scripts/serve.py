@@ -14,9 +14,9 @@ import time
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from absl import app, flags, logging
+from absl import flags
 
-from ptune import serve
+from ptune import cli, serve
 
 flags.DEFINE_multi_string("task", None, "name=workdir of a trained run (repeat for every task).")
 flags.DEFINE_string("requests", "-", "JSONL file of requests, or '-' for stdin.")
@@ -40,25 +40,17 @@ def read_requests(path: str) -> list[dict]:
     return requests
 
 
-def main(argv):
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments {argv[1:]}")
-    if not flags.FLAGS["verbosity"].present:
-        logging.set_verbosity(logging.WARNING)   # Orbax logs every save and restore at INFO
-    try:
-        workdirs = dict(t.split("=", 1) if "=" in t else ("", t) for t in FLAGS.task)
-        if "" in workdirs:
-            raise ValueError(f"--task {workdirs['']!r} must be name=workdir")
-        which = int(FLAGS.which) if FLAGS.which.isdigit() else FLAGS.which
-        t0 = time.perf_counter()
-        server = serve.load(workdirs, which, batch_size=FLAGS.batch_size, max_new_tokens=FLAGS.max_new_tokens)
-        requests = read_requests(FLAGS.requests)
-        t1 = time.perf_counter()
-        predictions = server.predict(requests)
-        t2 = time.perf_counter()
-    except ValueError as e:   # bad input: one clear line, non-zero exit
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+def main():
+    workdirs = dict(t.split("=", 1) if "=" in t else ("", t) for t in FLAGS.task)
+    if "" in workdirs:
+        raise ValueError(f"--task {workdirs['']!r} must be name=workdir")
+    which = int(FLAGS.which) if FLAGS.which.isdigit() else FLAGS.which
+    t0 = time.perf_counter()
+    server = serve.load(workdirs, which, batch_size=FLAGS.batch_size, max_new_tokens=FLAGS.max_new_tokens)
+    requests = read_requests(FLAGS.requests)
+    t1 = time.perf_counter()
+    predictions = server.predict(requests)
+    t2 = time.perf_counter()
     out = sys.stdout if FLAGS.output == "-" else open(FLAGS.output, "w", encoding="utf-8")
     for p in predictions:
         out.write(json.dumps(p) + "\n")
@@ -69,4 +61,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run(main)

@@ -18,10 +18,10 @@ import sys
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from absl import app, flags, logging
+from absl import flags
 from ml_collections import config_flags
 
-from ptune import multi, sweep, train
+from ptune import cli, multi, sweep, train
 
 config_flags.DEFINE_config_file("config", None, "Experiment config file with get_config and get_sweep.",
                                 lock_config=False)
@@ -91,17 +91,9 @@ def run_sweep(F):
           f"{os.path.join(F.workdir, 'results.csv')} and results.jsonl", flush=True)
 
 
-def main(argv):
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments {argv[1:]}")
-    if not flags.FLAGS["verbosity"].present:
-        logging.set_verbosity(logging.WARNING)   # Orbax logs every save and restore at INFO
-    try:
-        run_sweep(flags.FLAGS)
-    except ValueError as e:   # bad sweep, config or host flags: one clear line, non-zero exit
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+def main():
+    run_sweep(flags.FLAGS)
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run(main)

@@ -5,14 +5,13 @@ the cluster, e.g. TPU pods or SLURM):
                       --coordinator_address=host0:1234 --num_processes=2 --process_id=0"""
 
 import os
-import sys
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from absl import app, flags, logging
+from absl import flags
 from ml_collections import config_flags
 
-from ptune import sharding, train
+from ptune import cli, sharding, train
 
 config_flags.DEFINE_config_file("config", None, "Experiment config file (get_config).", lock_config=True)
 flags.DEFINE_string("workdir", None, "Where metrics (and later checkpoints) go.")
@@ -23,19 +22,11 @@ flags.DEFINE_bool("distributed", False, "Join a multi-process job that JAX detec
 flags.mark_flags_as_required(["config", "workdir"])
 
 
-def main(argv):
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments {argv[1:]}")
-    if not flags.FLAGS["verbosity"].present:
-        logging.set_verbosity(logging.WARNING)   # Orbax logs every save and restore at INFO
+def main():
     f = flags.FLAGS
-    try:
-        sharding.initialize_distributed(f.coordinator_address, f.num_processes, f.process_id, f.distributed)
-        train.train_and_evaluate(f.config, f.workdir)
-    except ValueError as e:   # config errors: one clear line, non-zero exit
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    sharding.initialize_distributed(f.coordinator_address, f.num_processes, f.process_id, f.distributed)
+    train.train_and_evaluate(f.config, f.workdir)
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run(main)
