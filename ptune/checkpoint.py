@@ -31,7 +31,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers as policies
 
-from ptune import partition
+from ptune import partition, sharding
 
 DIRECTORY = "checkpoints"
 FORMAT = 1
@@ -55,18 +55,10 @@ def fingerprint(tree) -> str:
     """sha256 over every leaf's path, dtype, shape and bytes, in tree order."""
     digest = hashlib.sha256()
     for path, leaf in partition.flatten(tree).items():
-        array = np.asarray(_gather(leaf))
+        array = sharding.to_host(leaf)   # a leaf sharded across processes is all-gathered
         digest.update(f"{path}:{array.dtype.str}:{array.shape};".encode())
         digest.update(np.ascontiguousarray(array).data)
     return digest.hexdigest()
-
-
-def _gather(leaf):
-    """The whole array on this host (a leaf sharded across processes is all-gathered)."""
-    if isinstance(leaf, jax.Array) and not leaf.is_fully_addressable:
-        from jax.experimental import multihost_utils
-        return multihost_utils.process_allgather(leaf, tiled=True)
-    return leaf
 
 
 def shapes(tree) -> dict[str, str]:
@@ -243,7 +235,6 @@ class Checkpoints:
             return 0, trainable, opt_state
         restored = self.restored["trainable"], self.restored["opt_state"]
         if where is not None:
-            from ptune import sharding
             restored = sharding.put(restored, (where.trainable, where.opt_state))
         return (self.restored["step"], *restored)
 
