@@ -9,7 +9,7 @@ import inspect
 import ml_collections
 from ml_collections import config_dict
 
-from ptune import methods, sharding
+from ptune import evals, methods, sharding
 from ptune.optim import Group
 
 
@@ -55,6 +55,8 @@ def base_config() -> ml_collections.ConfigDict:
         best_mode="min",            # min | max
         allow_base_mismatch=False,  # resume even if the frozen base's sha256 differs from the checkpoint's
     ))
+    # The final evaluation suite, run once after training (see ptune.evals).
+    c.eval = ml_collections.ConfigDict(evals.DEFAULTS)
     return c
 
 
@@ -80,7 +82,7 @@ def with_method(config: ml_collections.ConfigDict, name: str, **options) -> ml_c
 def check(config) -> None:
     """Unknown keys outside the open sections (model, method, task.options, optim.groups, mesh.rules)."""
     base = base_config()
-    for section in ("", "task", "optim", "train", "mesh", "checkpoint"):
+    for section in ("", "task", "optim", "train", "mesh", "checkpoint", "eval"):
         have = config.get(section) if section else config
         want = base.get(section) if section else base
         unknown = sorted(set(have.keys()) - set(want.keys()))

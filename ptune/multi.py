@@ -25,7 +25,8 @@ from ptune import partition, train
 from ptune.data import batching
 
 # Config keys whose values vmap can batch: they change only array values, not the computation.
-_BATCHABLE = re.compile(r"seed|optim\.(groups\.[^.]+\.)?(learning_rate|lr_scale)|task\..+|train\.progress")
+# The final evaluation suite (eval.*) runs per point after training, so it may differ too.
+_BATCHABLE = re.compile(r"seed|optim\.(groups\.[^.]+\.)?(learning_rate|lr_scale)|task\..+|train\.progress|eval\..+")
 
 
 def batchable(key: str) -> bool:
@@ -184,5 +185,5 @@ def train_and_evaluate(configs, workdirs, chunk: int | None = None) -> list[dict
             if done % tc.eval_every == 0 or done == tc.steps:
                 evaluated[i] = train.evaluate(runs[i], multi.point(state[0], i), tc.eval_split, eval_step)
                 writer.write(done, tc.eval_split, evaluated[i])
-    return [train.finish(run, writer, final, workdir, metrics)
-            for run, (writer, final), workdir, metrics in zip(runs, started, workdirs, evaluated)]
+    return [train.finish(run, writer, final, workdir, metrics, multi.point(state[0], i))
+            for i, (run, (writer, final), workdir, metrics) in enumerate(zip(runs, started, workdirs, evaluated))]

@@ -4,7 +4,8 @@
         return sweep.product({"method.rank": [2, 8], "seed": [0, 1, 2]})   # 6 points
         # or a plain list: [{"method.rank": 4}, {"method.rank": 8, "optim.learning_rate": 3e-3}]
 
-Keys are dotted config paths. Each point trains in `<workdir>/<name>`, where the name is
+Keys are dotted config paths; the key `method` sets config.method to that method (or 'a+b'
+hybrid) with its options at their defaults, before the point's other keys. Each point trains in `<workdir>/<name>`, where the name is
 built from its overrides (`method.rank=8,seed=1`), so it is stable when points are added or
 reordered; a point whose workdir holds final_metrics.json is finished and is skipped.
 `collect` gathers every finished point's final metrics into results.csv and results.jsonl.
@@ -51,7 +52,11 @@ def product(axes: Mapping[str, Sequence]) -> list[dict]:
 def override(config, overrides: Mapping, where: str = "override"):
     """A copy of `config` with dotted `overrides` applied; a key that does not exist is an error."""
     config = copy.deepcopy(config)
+    if "method" in overrides:   # a method name: its options at their defaults, then the other keys
+        config = config_lib.with_method(config, overrides["method"])
     for key, value in overrides.items():
+        if key == "method":
+            continue
         *parents, leaf = key.split(".")
         node = config
         for depth, part in enumerate(parents):
@@ -134,10 +139,12 @@ def for_host(items: Sequence, host_index: int, num_hosts: int) -> list:
 
 def vmap_groups(points: Sequence[Point]) -> list[list[Point]]:
     """The points grouped so that each group differs only in keys ptune.multi can batch (seed,
-    learning rates, task data), in first-seen order; each group can train as one vmapped job."""
+    learning rates, task data), in first-seen order; each group can train as one vmapped job.
+    Different tasks and lengths stay apart: their heads, verbalizers or shapes usually differ."""
     groups: dict = {}
     for p in points:
-        fixed = tuple((k, repr(v)) for k, v in sorted(p.overrides.items()) if not multi.batchable(k))
+        fixed = tuple((k, repr(v)) for k, v in sorted(p.overrides.items())
+                      if not multi.batchable(k) or k in ("task.name", "task.max_length"))
         groups.setdefault(fixed, []).append(p)
     return list(groups.values())
 

@@ -19,7 +19,7 @@ import numpy as np
 import optax
 
 from ptune import config as config_lib
-from ptune import checkpoint, methods, models, objectives, optim, partition, sharding
+from ptune import checkpoint, evals, methods, models, objectives, optim, partition, sharding
 from ptune.data import batching, tasks
 from ptune.data.templates import Template
 from ptune.data.tokenizers import ByteTokenizer
@@ -35,6 +35,7 @@ class Run:
     labels: dict
     task: tasks.Task
     objective: str
+    template: Template
     label_ids: list[int] | None
     data: dict[str, dict[str, np.ndarray]]
     tx: optax.GradientTransformation | None
@@ -156,8 +157,8 @@ def setup(config) -> Run:
 
     template = run_template(config, task, method)
     label_ids = template.label_ids(tokenizer) if objective == "verbalizer" else None
-    encode = functools.partial(_encode, task=task, template=template, tokenizer=tokenizer, family=family,
-                               max_length=task_cfg.max_length)
+    encode = functools.partial(batching.encode, kind=task.kind, template=template, tokenizer=tokenizer,
+                               family=family, max_length=task_cfg.max_length)
     data = {"train": encode(task.split("train")) if method.trains else None,
             config.train.eval_split: encode(task.split(config.train.eval_split))}
 
@@ -175,7 +176,9 @@ def setup(config) -> Run:
     params = partition.cast(params, labels, model_cfg.frozen_dtype)
 
     tx = optimizer(config, method, labels) if method.trains else None
-    return Run(config, model, method, params, labels, task, objective, label_ids, data, tx, tokenizer, mesh)
+    run = Run(config, model, method, params, labels, task, objective, template, label_ids, data, tx, tokenizer, mesh)
+    evals.check(run)
+    return run
 
 
 def check_batch_sizes(train_cfg, data_parallel: int):
@@ -203,14 +206,6 @@ def optimizer(config, method: methods.Method, labels, inject: bool = False) -> o
     groups = {g: optim.Group(**{**base, **method.optim.get(g, {}), **config.optim.groups.get(g, {})})
               for g in names}
     return optim.build(labels, groups, config.train.steps, config.optim.clip_norm or None, inject=inject)
-
-
-def _encode(examples, task, template, tokenizer, family, max_length):
-    if task.kind == "lm":
-        return batching.encode_lm(examples, tokenizer, family, max_length)
-    if task.kind == "generate":
-        return batching.encode_generate(examples, template, tokenizer, family, max_length)
-    return batching.encode_classification(examples, template, tokenizer, family, max_length)
 
 
 def train_step_fn(run: Run):
@@ -334,9 +329,12 @@ def start(run: Run, workdir: str) -> tuple[MetricWriter, dict]:
                                    "trainable_fraction": summary.trainable_fraction}
 
 
-def finish(run: Run, writer: MetricWriter, final: dict, workdir: str, metrics: dict) -> dict:
-    """Add the final evaluation's `metrics` and write final_metrics.json (the mark of a finished run)."""
+def finish(run: Run, writer: MetricWriter, final: dict, workdir: str, metrics: dict, params,
+           where: Layout | None = None) -> dict:
+    """Add the final evaluation's `metrics` and the evaluation suite's (config.eval, on the final
+    `params`) and write final_metrics.json (the mark of a finished run)."""
     final.update({f"{run.config.train.eval_split}_{k}": v for k, v in metrics.items()})
+    final.update(evals.run_suite(run, params, workdir, where))
     writer.close()
     if jax.process_index() == 0:
         with open(os.path.join(workdir, "final_metrics.json"), "w") as f:
@@ -366,12 +364,12 @@ def train_and_evaluate(config, workdir: str) -> dict:
     trainable, frozen = sharding.put(trainable, where.trainable), sharding.put(frozen, where.frozen)
     eval_step = make_eval_step(run, where)
     if run.method.trains:
-        metrics = _train(run, trainable, frozen, where, eval_step, writer, final, checkpoints)
+        metrics, trainable = _train(run, trainable, frozen, where, eval_step, writer, final, checkpoints)
         checkpoints.close()
     else:
         metrics = evaluate(run, partition.merge(trainable, frozen), config.train.eval_split, eval_step, where)
         writer.write(0, config.train.eval_split, metrics)
-    return finish(run, writer, final, workdir, metrics)
+    return finish(run, writer, final, workdir, metrics, partition.merge(trainable, frozen), where)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -416,7 +414,7 @@ def train_steps(tc, step_fn, state, start_step: int, desc: str, show: bool):
 def _train(run: Run, trainable, frozen, where: Layout, eval_step, writer: MetricWriter, final: dict,
            checkpoints: checkpoint.Checkpoints) -> dict:
     """Steps from the newest checkpoint (or 0) to train.steps, evaluating every `eval_every` steps and
-    after the last, saving when due; returns the last evaluation's metrics."""
+    after the last, saving when due; returns the last evaluation's metrics and the trained subtree."""
     from tqdm import tqdm
     tc, seed = run.config.train, run.config.seed
     opt_state = jax.jit(run.tx.init, out_shardings=where.opt_state)(trainable)
@@ -443,4 +441,4 @@ def _train(run: Run, trainable, frozen, where: Layout, eval_step, writer: Metric
             tqdm.write(checkpoint.describe(saved))
     if evaluated is None:   # a finished run restarted: nothing was left to train
         evaluated = evaluate(run, partition.merge(trainable, frozen), tc.eval_split, eval_step, where)
-    return evaluated
+    return evaluated, trainable

@@ -1,4 +1,5 @@
-"""Run every point of an experiment's sweep (`get_sweep()` in the config file), one workdir each:
+"""Run every point of an experiment's sweep (`get_sweep()` in the config file; `file.py:arg` passes
+arg to both get_config and get_sweep), one workdir each:
 
     python scripts/sweep.py --config experiments/sweep_lora.py --workdir workdirs/sweep_lora
     ... --num_hosts=4 --host_index=$I    # this host's share of the points (round robin)
@@ -38,14 +39,15 @@ _HOST_FLAGS = ("--host_index", "--num_hosts", "--print_commands", "--noprint_com
 
 
 def get_sweep():
-    path = config_flags.get_config_filename(flags.FLAGS["config"])
+    """The config file's get_sweep(), given the same ':argument' as its get_config."""
+    path, *argument = config_flags.get_config_filename(flags.FLAGS["config"]).split(":", 1)
     spec = importlib.util.spec_from_file_location("sweep_config", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     if not hasattr(module, "get_sweep"):
         raise ValueError(f"{path} defines no get_sweep(); add one returning a list of "
                          "{config key: value} overrides (ptune.sweep.product builds one)")
-    return module.get_sweep()
+    return module.get_sweep(*argument)
 
 
 def host_commands(argv, num_hosts):

@@ -7,6 +7,15 @@ import numpy as np
 from ptune.data.templates import Template
 
 
+def encode(examples, kind: str, template: Template, tokenizer, family: str, max_length: int):
+    """Arrays for a task of `kind` (classify | lm | generate); see the encoders below."""
+    if kind == "lm":
+        return encode_lm(examples, tokenizer, family, max_length)
+    if kind == "generate":
+        return encode_generate(examples, template, tokenizer, family, max_length)
+    return encode_classification(examples, template, tokenizer, family, max_length)
+
+
 def encode_classification(examples, template: Template, tokenizer, family: str, max_length: int):
     """Render `template` around each text, right-padded. Truncation policy: only the text is
     cut (from its end), so the template and the verbalizer position always survive.

@@ -1,0 +1,185 @@
+"""Run the whole fine-tuning vs prompt-tuning study (experiments/study.py) and write its report:
+
+    python scripts/study.py --workdir workdirs/study
+
+Stages, each skipped when its results exist (so an interrupted study continues):
+  encoder, decoder, data, generate   the sweeps of experiments/study.py (vmapped over seeds)
+  cost        per model and method, one fresh process: step time, first-step (compile) time,
+              peak resident memory, checkpoint and adapter bytes
+  multitask   the encoder's four tasks as LoRA adapters in one bank vs one full model per task:
+              storage, swap time, mixed-batch throughput
+  report      scripts/report.py: tables, plots and docs/RESULTS.md
+--stages picks some of them (comma-separated).
+"""
+
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+from absl import flags
+
+from ptune import cli
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SWEEPS = ("encoder", "decoder", "data", "generate")
+STAGES = SWEEPS + ("cost", "multitask", "report")
+COST_STEPS = 12   # the first 2 steps (compilation) are reported apart, the rest give the median
+
+flags.DEFINE_string("workdir", None, "The study's directory (one sub-directory per stage).")
+flags.DEFINE_string("stages", ",".join(STAGES), f"Stages to run, of {STAGES}.")
+flags.DEFINE_string("measure", "", "Internal: 'part:method' trains COST_STEPS steps in --workdir (cost stage).")
+flags.DEFINE_string("docs", os.path.join(ROOT, "docs"), "Where the report writes RESULTS.md and its plots.")
+flags.mark_flags_as_required(["workdir"])
+
+
+def study():
+    """experiments/study.py as a module (its METHODS, tasks and get_config)."""
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("study", os.path.join(ROOT, "experiments", "study.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def run_sweep(part: str, workdir: str):
+    subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "sweep.py"),
+                    f"--config={os.path.join(ROOT, 'experiments', 'study.py')}:{part}",
+                    f"--workdir={os.path.join(workdir, part)}", "--vmap", "--vmap_chunk=1"], check=True)
+
+
+def measure(spec: str, workdir: str):
+    """Child process of the cost stage: a short run of one method with a checkpoint at the end."""
+    from ptune import sweep, train
+    part, method = spec.split(":")
+    s = study()
+    overrides = {"method": method, **s.METHODS[method], "train.steps": COST_STEPS, "train.log_every": 1,
+                 "train.eval_every": COST_STEPS, "checkpoint.every_steps": COST_STEPS,
+                 "eval.splits": "", "eval.templates": False, "eval.predictions": False, "eval.lm_task": ""}
+    train.train_and_evaluate(sweep.override(s.get_config(part), overrides, f"cost {spec}"), workdir)
+
+
+def cost(workdir: str):
+    """One process per (part, method): peak RSS from os.wait4 (per child, not the max of all)."""
+    rows = []
+    for part in ("encoder", "decoder"):
+        for method in study().METHODS:
+            where = os.path.join(workdir, "cost", part, method.replace("+", "_"))
+            shutil.rmtree(where, ignore_errors=True)
+            child = subprocess.Popen([sys.executable, os.path.abspath(__file__), f"--measure={part}:{method}",
+                                      f"--workdir={where}"], stdout=subprocess.DEVNULL)
+            _, status, usage = os.wait4(child.pid, 0)
+            if status:
+                raise RuntimeError(f"cost measurement {part}:{method} failed (status {status}); rerun "
+                                   f"scripts/study.py --measure={part}:{method} --workdir=/tmp/x to see why")
+            logs = [json.loads(line) for line in open(os.path.join(where, "metrics.jsonl"))]
+            batch = study().get_config(part).train.batch_size
+            step_s = [batch / r["examples_per_s"] for r in logs if r["split"] == "train"]
+            final = json.load(open(os.path.join(where, "final_metrics.json")))
+            rows.append({"part": part, "method": method, "trainable_params": final["trainable_params"],
+                         "first_steps_s": sum(step_s[:2]), "step_s": statistics.median(step_s[2:]),
+                         "peak_rss_bytes": usage.ru_maxrss * 1024,
+                         "adapter_bytes": 4 * final["trainable_params"],
+                         "checkpoint_bytes": _tree_bytes(os.path.join(where, "checkpoints"))})
+            print(json.dumps(rows[-1]), flush=True)
+    _write_json(os.path.join(workdir, "cost.json"), rows)
+
+
+def multitask(workdir: str):
+    """The encoder tasks' LoRA (+head) adapters in one bank on one MiniLM base, against one fully
+    fine-tuned model per task. Costs do not depend on the trained values, so the adapters are
+    freshly initialised ones of the trained shapes (LoRA B nonzero so no work is skipped)."""
+    import jax
+    import numpy as np
+    from safetensors.numpy import load_file, save_file
+
+    from ptune import bank, partition, sweep, train
+    s = study()
+    runs = {task: train.setup(sweep.override(s.get_config("encoder"), {
+        "method": "lora", "task.name": task, "task.options": options, "task.max_length": 64}, task))
+        for task, (options, _, _) in s.ENCODER_TASKS.items()}
+    rng = np.random.default_rng(0)
+    adapters = {}
+    for task, run in runs.items():
+        adapter = bank.TaskAdapter.from_trained(run.method, run.model, run.params)
+        adapters[task] = bank.TaskAdapter(adapter.sites, jax.tree.map(
+            lambda x: 0.02 * rng.standard_normal(x.shape).astype(np.float32), adapter.params))
+    first = next(iter(runs.values()))
+    _, frozen = partition.split(first.params, first.labels)
+    the_bank = bank.Bank(first.model.config, frozen, adapters, capacity=8)
+    rows_per_task = 8
+    ids = np.concatenate([r.data["validation"]["input_ids"][:rows_per_task] for r in runs.values()])
+    mask = np.concatenate([r.data["validation"]["attention_mask"][:rows_per_task] for r in runs.values()])
+    names = list(runs)
+    mixed = [names[i % len(names)] for i in range(len(ids))]          # neighbours differ
+    single = [names[0]] * len(ids)
+    own = jax.jit(lambda params, batch: train.objectives.class_logits(first.model, params, batch, "head"))
+    own_batch = {"input_ids": ids, "attention_mask": mask}
+    timings = {
+        "swap_s": _median_s(lambda: the_bank.put(names[0], adapters[names[0]]) or the_bank.stacked, 20),
+        "mixed_batch_s": _median_s(lambda: the_bank.classify(ids, mask, mixed), 10),
+        "single_task_bank_s": _median_s(lambda: the_bank.classify(ids, mask, single), 10),
+        "own_model_s": _median_s(lambda: own(first.params, own_batch), 10),
+    }
+    full_bytes = first.summary.total * 4
+    with tempfile.TemporaryDirectory() as tmp:   # a full model per task: swapping = reading it
+        path = os.path.join(tmp, "model.safetensors")
+        save_file({k.replace("/", "."): np.asarray(v) for k, v in partition.flatten(first.params).items()}, path)
+        timings["full_model_load_s"] = _median_s(lambda: load_file(path), 3)
+    row = {"tasks": names, "batch": len(ids), **timings,
+           "adapter_bytes": {t: int(sum(x.nbytes for x in jax.tree.leaves(a.params))) for t, a in adapters.items()},
+           "base_bytes": int(sum(np.asarray(x).nbytes for x in jax.tree.leaves(frozen))),
+           "full_model_bytes": int(full_bytes)}
+    print(json.dumps(row), flush=True)
+    _write_json(os.path.join(workdir, "multitask.json"), row)
+
+
+def _median_s(fn, repeats: int) -> float:
+    import jax
+    jax.block_until_ready(fn())   # compile / warm up
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        jax.block_until_ready(fn())
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def _tree_bytes(path: str) -> int:
+    return sum(os.path.getsize(os.path.join(d, f)) for d, _, files in os.walk(path) for f in files)
+
+
+def _write_json(path: str, value):
+    with open(path + ".tmp", "w") as f:
+        json.dump(value, f, indent=1)
+    os.replace(path + ".tmp", path)
+
+
+def main():
+    F = flags.FLAGS
+    if F.measure:
+        return measure(F.measure, F.workdir)
+    stages = [s for s in F.stages.split(",") if s]
+    unknown = sorted(set(stages) - set(STAGES))
+    if unknown:
+        raise ValueError(f"--stages: unknown stage(s) {unknown}; choose from {list(STAGES)}")
+    os.makedirs(F.workdir, exist_ok=True)
+    for stage in stages:
+        print(f"== {stage}", flush=True)
+        if stage in SWEEPS:
+            run_sweep(stage, F.workdir)
+        elif stage == "report":
+            subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "report.py"), f"--workdir={F.workdir}",
+                            f"--docs={F.docs}"], check=True)
+        elif not os.path.exists(os.path.join(F.workdir, f"{stage}.json")):
+            {"cost": cost, "multitask": multitask}[stage](F.workdir)
+
+
+if __name__ == "__main__":
+    cli.run(main)
