@@ -1,0 +1,125 @@
+"""The study's sweeps are valid configs, and scripts/report.py computes its tables and verdicts
+from the runs' files (a synthetic study with known numbers)."""
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from ptune import sweep
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def load(path):
+    spec = importlib.util.spec_from_file_location(os.path.basename(path)[:-3], os.path.join(ROOT, path))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize("part, n_points, n_jobs", [("encoder", 108, 36), ("decoder", 28, 10), ("data", 27, 3),
+                                                    ("generate", 7, 3)])
+def test_every_part_is_a_valid_sweep_with_three_seeds_per_job(part, n_points, n_jobs):
+    study = load("experiments/study.py")
+    points = sweep.points(study.get_config(part), study.get_sweep(part))
+    jobs = sweep.vmap_groups(points)
+    assert (len(points), len(jobs)) == (n_points, n_jobs)
+    for job in jobs:
+        if job[0].config.method.name != "manual":
+            assert sorted({p.config.seed for p in job}) == [0, 1, 2]
+            assert len({p.config.method.name for p in job}) == 1 and len({p.config.task.name for p in job}) == 1
+
+
+def test_unknown_part_is_refused():
+    study = load("experiments/study.py")
+    for fn in (study.get_config, study.get_sweep):
+        with pytest.raises(ValueError, match="unknown part 'nope'"):
+            fn("nope")
+
+
+# ---- the report on a synthetic study --------------------------------------------------------------
+
+def write_point(part_dir, overrides, final, curve=(), predictions=None):
+    name = sweep.point_name(overrides)
+    os.makedirs(part_dir / name)
+    with open(part_dir / name / "metrics.jsonl", "w") as f:
+        for step, acc in curve:
+            f.write(json.dumps({"step": step, "split": "validation", "accuracy": acc}) + "\n")
+    if predictions is not None:
+        json.dump(predictions, open(part_dir / name / "predictions.json", "w"))
+    return {"point": name, **overrides, **final}
+
+
+def synthetic_study(root, lora_gap):
+    """Encoder: full at 0.90/0.92/0.94 on every task, LoRA `lora_gap` below; decoder: manual
+    zero-shot with two templates 0.9 and 0.6, full and LoRA with Brown perplexities."""
+    from ptune.data import tasks
+    records = tasks.get("sentiment").split("test")
+    labels = [r["label"] for r in records]
+    enc, dec = root / "encoder", root / "decoder"
+    rows = {"encoder": [], "decoder": []}
+    for m, gap in (("full", 0.0), ("lora", lora_gap)):
+        for task in ("sentiment", "spam", "topic", "genre"):
+            for s, acc in enumerate((0.90, 0.92, 0.94)):
+                overrides = {"method": m, "task.name": task, "seed": s}
+                final = {"method": f"{m}+head", "trainable_params": 1000 if m == "full" else 10,
+                         "validation_accuracy": acc - gap}
+                preds = None
+                if task == "sentiment":   # wrong exactly on the amazon sentences for seed 0
+                    test = [1 - y if (s == 0 and r["domain"] == "amazon") else y for y, r in zip(labels, records)]
+                    preds = {"test": test, "validation_t0": [0, 1, 1, 0], "validation_t1": [0, 1, 0, 0]}
+                    final.update(validation_accuracy_t0=0.75, validation_accuracy_t1=0.5, test_accuracy=acc)
+                rows["encoder"].append(write_point(enc, overrides, final, [(10, 0.5), (20, 0.85), (30, 0.9)], preds))
+    rows["decoder"].append(write_point(dec, {"method": "manual"}, {
+        "method": "manual", "trainable_params": 0, "validation_accuracy": 0.9, "validation_accuracy_t0": 0.9,
+        "validation_accuracy_t1": 0.6, "lm_perplexity": 20.0}, predictions={"validation_t0": [0, 1], "validation_t1": [1, 1]}))
+    for m, ppl in (("full", 30.0), ("lora", 21.0)):
+        for s in range(3):
+            rows["decoder"].append(write_point(dec, {"method": m, "seed": s}, {
+                "method": m, "trainable_params": 100, "validation_accuracy": 0.95, "lm_perplexity": ppl + s}))
+    for part, part_rows in rows.items():
+        with open(root / part / "results.jsonl", "w") as f:
+            f.writelines(json.dumps(r) + "\n" for r in part_rows)
+    json.dump([{"part": "encoder", "method": m, "trainable_params": 1000 if m == "full" else 10, "first_steps_s": 3.0,
+                "step_s": 0.5 if m == "full" else 0.25, "peak_rss_bytes": 2e9, "adapter_bytes": 4000,
+                "checkpoint_bytes": 9000} for m in ("full", "lora")], open(root / "cost.json", "w"))
+
+
+@pytest.mark.parametrize("lora_gap, verdict", [(0.005, "agrees"), (0.05, "does not agree")])
+def test_report_computes_tables_and_verdicts(tmp_path, lora_gap, verdict):
+    synthetic_study(tmp_path, lora_gap)
+    docs = tmp_path / "docs"
+    subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "report.py"), f"--workdir={tmp_path}",
+                    f"--docs={docs}"], check=True, capture_output=True, text=True)
+    text = (docs / "RESULTS.md").read_text()
+    lines = text.splitlines()
+    row = lambda prefix: next(line for line in lines if line.startswith(prefix))
+    # mean ± std in points over the three seeds, per task; the test column of sentiment
+    assert row("| full |") .startswith("| full | 92.0 ± 2.0 | 92.0 ± 2.0 | 92.0 ± 2.0 | 92.0 ± 2.0 | 92.0 ± 2.0 |")
+    lora = 100 * (0.92 - lora_gap)
+    assert row("| lora |").startswith(f"| lora | {lora:.1f} ± 2.0 |")
+    assert f"| LoRA matches full fine-tuning (Hu et al. 2021) | {verdict} |" in text
+    # forgetting: LoRA's perplexity rises 2.0 over the base, full's 11.0
+    assert "| LoRA forgets less than full fine-tuning (Biderman et al. 2024) | agrees |" in text
+    assert row("| full | 31.00 ± 1.00 | +11.00 |")
+    # zero-shot fragility: templates 90 and 60 -> spread 30 points; agreement 50% across paraphrases
+    assert row("| SmolLM2 Amazon manual | 30.0 | 15.0 | 50.0 |")
+    assert "| Manual prompts are sensitive to phrasing (Zhao et al. 2021; Sclar et al. 2023) | agrees |" in text
+    # per-domain test accuracy from predictions: seed 0 wrong on every amazon sentence
+    assert row("| full | 66.7 ± 57.7 | 100.0 ± 0.0 | 100.0 ± 0.0 |")
+    # time to 80%: step 20 x 0.25 s for LoRA (when it reaches 80%) and the cost table row
+    assert row("| lora | 3/3 | 20 | 5.0 |")
+    assert row("| MiniLM lora | 10 | 1.000 | 0.250 | 3.0 |")
+    for plot in ("accuracy_vs_params", "cost", "forgetting", "fragility"):
+        assert (docs / "results" / f"{plot}.png").stat().st_size > 1000
+    assert "## Data efficiency" in text and "Not run." in text   # parts without runs say so
+
+
+def test_report_without_results_exits_2(tmp_path):
+    out = subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "report.py"), f"--workdir={tmp_path}"],
+                         capture_output=True, text=True)
+    assert out.returncode == 2 and "holds no study results" in out.stderr
