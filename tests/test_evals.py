@@ -1,5 +1,5 @@
 """The final evaluation suite (config.eval): each measurement equals the same quantity measured
-the ordinary way, in one run and in K vmapped runs, and a suite that cannot run is refused
+the ordinary way (vmapped points: tests/test_sweep.py), and a suite that cannot run is refused
 before the workdir exists."""
 
 import json
@@ -7,7 +7,7 @@ import os
 
 import pytest
 
-from ptune import multi, sweep, train
+from ptune import train
 from ptune.data import synthetic, tasks
 from ptune.data.templates import Template
 
@@ -41,10 +41,6 @@ def test_template_accuracies_equal_runs_on_each_template(make_config, paraphrase
         config.task.template_index = i
         alone = train.train_and_evaluate(config, str(tmp_path / f"t{i}"))
         assert final[f"validation_accuracy_t{i}"] == pytest.approx(alone["validation_accuracy"], abs=1e-6)
-    config = suite_config(make_config, "manual")
-    config.train.eval_split = "test"
-    assert final["test_accuracy"] == pytest.approx(train.train_and_evaluate(config, str(tmp_path / "test"))
-                                                   ["test_accuracy"], abs=1e-6)
     # predictions.json holds one class per example, and they score the reported accuracy
     saved = json.load(open(tmp_path / "suite" / "predictions.json"))
     labels = [e["label"] for e in tasks.get("paraphrased").split("validation")]
@@ -70,14 +66,6 @@ def test_lm_perplexity_equals_an_lm_run_of_the_same_params(make_config, tmp_path
     alone = train.train_and_evaluate(lm, str(tmp_path / "lm"))
     assert final["lm_perplexity"] == pytest.approx(alone["validation_perplexity"], rel=1e-5)
     assert final["lm_perplexity"] > 1
-
-
-def test_vmapped_points_run_the_suite_like_separate_runs(make_config, paraphrased, tmp_path):
-    configs = [sweep.override(suite_config(make_config, templates=True, splits="test"), {"seed": s}) for s in (0, 1)]
-    together = multi.train_and_evaluate(configs, [str(tmp_path / f"k{s}") for s in (0, 1)])
-    alone = train.train_and_evaluate(configs[1], str(tmp_path / "alone"))
-    for key in ["test_accuracy"] + [f"validation_accuracy_t{i}" for i in range(3)]:
-        assert together[1][key] == pytest.approx(alone[key], abs=1e-6), key
 
 
 @pytest.mark.parametrize("task, evals, message", [

@@ -137,6 +137,8 @@ def _point_config(make_config, seed, learning_rate, **overrides):
 
 def test_vmapped_points_equal_separate_runs(make_config, tmp_path, monkeypatch):
     configs = [_point_config(make_config, s, lr) for s, lr in [(0, 1e-3), (1, 3e-3), (2, 1e-2)]]
+    for c in configs:   # the final evaluation suite runs per point in both paths
+        c.eval.splits = "test"
     final_params = []   # the parameters of every evaluation: here only the one after the last step
     evaluate = train.evaluate
 
@@ -157,6 +159,7 @@ def test_vmapped_points_equal_separate_runs(make_config, tmp_path, monkeypatch):
             [(1, "train"), (2, "train"), (3, "train"), (4, "train"), (4, "validation")]
         np.testing.assert_allclose([l[2] for l in logged[0]], [l[2] for l in logged[1]], atol=1e-5, rtol=0)
         assert vmapped[i]["validation_accuracy"] == separate[i]["validation_accuracy"]
+        assert vmapped[i]["test_accuracy"] == separate[i]["test_accuracy"]
         a, b = partition.flatten(final_params[i]), partition.flatten(final_params[3 + i])
         assert a.keys() == b.keys()
         for path in a:
