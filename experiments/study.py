@@ -27,7 +27,6 @@ Expected direction (see docs/RESULTS.md for the measured numbers and verdicts): 
 BitFit and IA3 near full fine-tuning; prompt tuning clearly below it at these model sizes.
 """
 
-from ptune import sweep
 from ptune.config import base_config, with_method
 
 SEEDS = [0, 1, 2]

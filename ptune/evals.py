@@ -24,8 +24,8 @@ import numpy as np
 from ptune import objectives, sharding
 from ptune.data import batching, tasks
 
-DEFAULTS = dict(splits="", templates=False, max_examples=0, lm_task="", lm_max_length=128,
-                lm_max_examples=0, predictions=False)
+DEFAULTS = {"splits": "", "templates": False, "max_examples": 0, "lm_task": "", "lm_max_length": 128,
+            "lm_max_examples": 0, "predictions": False}
 
 
 def extra_splits(eval_cfg) -> list[str]:

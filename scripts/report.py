@@ -33,30 +33,35 @@ CLOSE = 0.01    # "close to full fine-tuning": within one accuracy point (the pa
 
 # ---- reading -------------------------------------------------------------------------------------
 
+def read_json(path, lines=False, default=None):
+    """A JSON (or JSON-lines) file's value; `default` when the file does not exist."""
+    if not os.path.exists(path):
+        return default
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()] if lines else json.load(f)
+
+
 def load(workdir: str) -> dict:
     out = {}
     for part in ("encoder", "decoder", "data", "generate"):
-        path = os.path.join(workdir, part, "results.jsonl")
-        rows = [json.loads(line) for line in open(path)] if os.path.exists(path) else []
+        rows = read_json(os.path.join(workdir, part, "results.jsonl"), lines=True, default=[])
         for r in rows:
             r["method"] = r["method"].removesuffix("+head")   # the encoder's fresh head trains in every run
             r["dir"] = os.path.join(workdir, part, r["point"])
         out[part] = rows
     for name in ("cost", "multitask"):
-        path = os.path.join(workdir, f"{name}.json")
-        out[name] = json.load(open(path)) if os.path.exists(path) else None
+        out[name] = read_json(os.path.join(workdir, f"{name}.json"))
     return out
 
 
 def curve(row, split="validation", key="accuracy") -> dict[int, float]:
     """{step: metric}; a point rerun after an interruption logged some steps twice: the last wins."""
-    path = os.path.join(row["dir"], "metrics.jsonl")
-    return {r["step"]: r[key] for r in map(json.loads, open(path)) if r["split"] == split and key in r}
+    logged = read_json(os.path.join(row["dir"], "metrics.jsonl"), lines=True, default=[])
+    return {r["step"]: r[key] for r in logged if r["split"] == split and key in r}
 
 
 def predictions(row) -> dict:
-    path = os.path.join(row["dir"], "predictions.json")
-    return json.load(open(path)) if os.path.exists(path) else {}
+    return read_json(os.path.join(row["dir"], "predictions.json"), default={})
 
 
 def by(rows, *keys) -> dict:
@@ -238,7 +243,7 @@ class Report:
 
     def cost_section(self):
         self.add("## Cost per method", f"One fresh process per model and method ({'scripts/study.py'} cost "
-                 "stage): the study's own config, 12 steps; step time = median of steps 3-12, first = the first "
+                 "stage): the study's own config, 8 steps; step time = median of steps 3-8, first = the first "
                  "two steps (compilation included); peak = the process's peak resident memory (model load, "
                  "training, a checkpoint); adapter = trainable parameters in f32; checkpoint = the Orbax "
                  "directory (trainable + AdamW state + metadata).")
@@ -334,7 +339,7 @@ class Report:
             if m != "manual":
                 points.append((m, mean(ppl) - base, acc))
         self.add(table(["method", "Brown perplexity", "change vs base", "sentiment val acc"], rows))
-        changes = dict((m, d) for m, d, _ in points)
+        changes = {m: d for m, d, _ in points}
         if "lora" in changes and "full" in changes:
             self.verdict("LoRA forgets less than full fine-tuning (Biderman et al. 2024)",
                          changes["lora"] < changes["full"],
@@ -424,7 +429,7 @@ class Report:
                 ["one full model per task", human(n * mt["full_model_bytes"]),
                  f"{mt['full_model_load_s'] * 1e3:.0f} ms", f"{mt['batch'] / mt['own_model_s']:.0f} (one task)"]]
         self.add(table(["setup", f"storage, {n} tasks", "swap", "examples/s"], rows),
-                 f"Per-task adapter bytes: " + ", ".join(f"{t} {human(b)}" for t, b in mt["adapter_bytes"].items()) +
+                 "Per-task adapter bytes: " + ", ".join(f"{t} {human(b)}" for t, b in mt["adapter_bytes"].items()) +
                  f". The bank on a one-task batch: {mt['batch'] / mt['single_task_bank_s']:.0f} examples/s.")
 
     def maintenance(self):
@@ -491,10 +496,8 @@ class Report:
         groups = by(self.d["generate"], "method")
         self.add("## Generation (ChatterBot Q->A)", "SmolLM2, validation perplexity of the answers given the "
                  "question (24 steps of batch 8 for the trained methods; manual = the template alone).")
-        self.add(table(["method", "answer perplexity"],
-                       [[m, f"{mean(values(g, 'validation_perplexity')):.2f} ± "
-                            f"{std(values(g, 'validation_perplexity')):.2f}"] for m, g in
-                        sorted(groups.items(), key=lambda kv: ORDER.index(kv[0]))]) if groups else "Not run.")
+        rows = [[m, pm(values(groups[m], "validation_perplexity"), scale=1, digits=2)] for m in ordered(groups)]
+        self.add(table(["method", "answer perplexity"], rows) if rows else "Not run.")
 
     def write(self):
         for section in (self.accuracy, self.params_plot, self.cost_section, self.data_efficiency, self.forgetting,
@@ -502,10 +505,10 @@ class Report:
                         self.hybrid, self.generation):
             section()
         verdicts = table(["claim", "verdict", "measured"], self.verdicts)
-        text = "\n\n".join(["# Results: fine-tuning vs prompt-tuning, measured",
-                            "Generated by `python scripts/report.py` from the runs of `python scripts/study.py "
-                            "--workdir workdirs/study` (experiments/study.py); do not edit by hand. The guide "
-                            "that reads these numbers is in BUILD_NOTES.md.",
+        intro = ("Generated by `python scripts/report.py` from the runs of `python scripts/study.py --workdir "
+                 "workdirs/study` (experiments/study.py); do not edit by hand. The guide that reads these numbers "
+                 "is in BUILD_NOTES.md.")
+        text = "\n\n".join(["# Results: fine-tuning vs prompt-tuning, measured", intro,
                             "## The literature's claims against these runs", verdicts, *self.out]) + "\n"
         path = os.path.join(self.docs, "RESULTS.md")
         with open(path + ".tmp", "w") as f:

@@ -30,7 +30,7 @@ from ptune import cli
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SWEEPS = ("encoder", "decoder", "data", "generate")
 STAGES = SWEEPS + ("cost", "multitask", "report")
-COST_STEPS = 12   # the first 2 steps (compilation) are reported apart, the rest give the median
+COST_STEPS = 8   # the first 2 steps (compilation) are reported apart, the other 6 give the median
 
 flags.DEFINE_string("workdir", None, "The study's directory (one sub-directory per stage).")
 flags.DEFINE_string("stages", ",".join(STAGES), f"Stages to run, of {STAGES}.")
@@ -78,10 +78,12 @@ def cost(workdir: str):
             if status:
                 raise RuntimeError(f"cost measurement {part}:{method} failed (status {status}); rerun "
                                    f"scripts/study.py --measure={part}:{method} --workdir=/tmp/x to see why")
-            logs = [json.loads(line) for line in open(os.path.join(where, "metrics.jsonl"))]
+            with open(os.path.join(where, "metrics.jsonl")) as f:
+                logs = [json.loads(line) for line in f]
             batch = study().get_config(part).train.batch_size
             step_s = [batch / r["examples_per_s"] for r in logs if r["split"] == "train"]
-            final = json.load(open(os.path.join(where, "final_metrics.json")))
+            with open(os.path.join(where, "final_metrics.json")) as f:
+                final = json.load(f)
             rows.append({"part": part, "method": method, "trainable_params": final["trainable_params"],
                          "first_steps_s": sum(step_s[:2]), "step_s": statistics.median(step_s[2:]),
                          "peak_rss_bytes": usage.ru_maxrss * 1024,
