@@ -51,7 +51,8 @@ def study():
 def run_sweep(part: str, workdir: str):
     subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "sweep.py"),
                     f"--config={os.path.join(ROOT, 'experiments', 'study.py')}:{part}",
-                    f"--workdir={os.path.join(workdir, part)}", "--vmap", "--vmap_chunk=1"], check=True)
+                    f"--workdir={os.path.join(workdir, part)}", "--vmap", f"--vmap_chunk={study().VMAP_CHUNK[part]}"],
+                   check=True)
 
 
 def measure(spec: str, workdir: str):
@@ -105,7 +106,7 @@ def multitask(workdir: str):
     s = study()
     runs = {task: train.setup(sweep.override(s.get_config("encoder"), {
         "method": "lora", "task.name": task, "task.options": options, "task.max_length": 64}, task))
-        for task, (options, _, _) in s.ENCODER_TASKS.items()}
+        for task, (options, *_) in s.ENCODER_TASKS.items()}
     rng = np.random.default_rng(0)
     adapters = {}
     for task, run in runs.items():
