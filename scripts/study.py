@@ -4,8 +4,10 @@
 
 Stages, each skipped when its results exist (so an interrupted study continues):
   encoder, decoder, data, generate   the sweeps of experiments/study.py (vmapped over seeds)
-  cost        per model and method, one fresh process: step time, first-step (compile) time,
-              peak resident memory, checkpoint and adapter bytes
+  cost        per model and method, one fresh process running the part's recipe in full on its
+              whole training set (the same job as updating a task when new data arrives): step
+              time, first-step (compile) time, the job's wall time, peak resident memory, and the
+              adapter and checkpoint bytes on disk
   multitask   the encoder's four tasks as LoRA adapters in one bank vs one full model per task:
               storage, swap time, mixed-batch throughput
   report      scripts/report.py: tables, plots and docs/RESULTS.md
@@ -30,11 +32,11 @@ from ptune import cli
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SWEEPS = ("encoder", "decoder", "data", "generate")
 STAGES = SWEEPS + ("cost", "multitask", "report")
-COST_STEPS = 8   # the first 2 steps (compilation) are reported apart, the other 6 give the median
+FIRST_STEPS = 2   # reported apart (compilation); the median step time is over the others
 
 flags.DEFINE_string("workdir", None, "The study's directory (one sub-directory per stage).")
 flags.DEFINE_string("stages", ",".join(STAGES), f"Stages to run, of {STAGES}.")
-flags.DEFINE_string("measure", "", "Internal: 'part:method' trains COST_STEPS steps in --workdir (cost stage).")
+flags.DEFINE_string("measure", "", "Internal: 'part:method' runs the part's recipe in --workdir (cost stage).")
 flags.DEFINE_string("docs", os.path.join(ROOT, "docs"), "Where the report writes RESULTS.md and its plots.")
 flags.mark_flags_as_required(["workdir"])
 
@@ -56,40 +58,44 @@ def run_sweep(part: str, workdir: str):
 
 
 def measure(spec: str, workdir: str):
-    """Child process of the cost stage: a short run of one method with a checkpoint at the end."""
+    """Child process of the cost stage: one method's recipe, logging every step, with the trained
+    adapter saved at the end and the validation split evaluated once."""
     from ptune import sweep, train
     part, method = spec.split(":")
     s = study()
-    overrides = {"method": method, **s.METHODS[method], "train.steps": COST_STEPS, "train.log_every": 1,
-                 "train.eval_every": COST_STEPS, "checkpoint.every_steps": COST_STEPS,
-                 "eval.splits": "", "eval.templates": False, "eval.predictions": False, "eval.lm_task": ""}
+    steps = s.get_config(part).train.steps
+    overrides = {"method": method, **s.METHODS[method], "train.log_every": 1, "train.eval_every": steps,
+                 "checkpoint.every_steps": steps, "eval.splits": "", "eval.templates": False,
+                 "eval.predictions": False, "eval.lm_task": ""}
     train.train_and_evaluate(sweep.override(s.get_config(part), overrides, f"cost {spec}"), workdir)
 
 
 def cost(workdir: str):
-    """One process per (part, method): peak RSS from os.wait4 (per child, not the max of all)."""
+    """One process per (part, method): peak RSS from os.wait4 (per child, not the max of all), wall
+    time from start to exit (imports, model load, training, evaluation, the checkpoint)."""
+    from ptune import checkpoint
     rows = []
     for part in ("encoder", "decoder"):
+        batch = study().get_config(part).train.batch_size
         for method in study().METHODS:
             where = os.path.join(workdir, "cost", part, method.replace("+", "_"))
             shutil.rmtree(where, ignore_errors=True)
+            t0 = time.perf_counter()
             child = subprocess.Popen([sys.executable, os.path.abspath(__file__), f"--measure={part}:{method}",
                                       f"--workdir={where}"], stdout=subprocess.DEVNULL)
             _, status, usage = os.wait4(child.pid, 0)
+            wall_s = time.perf_counter() - t0
             if status:
                 raise RuntimeError(f"cost measurement {part}:{method} failed (status {status}); rerun "
                                    f"scripts/study.py --measure={part}:{method} --workdir=/tmp/x to see why")
-            with open(os.path.join(where, "metrics.jsonl")) as f:
-                logs = [json.loads(line) for line in f]
-            batch = study().get_config(part).train.batch_size
+            logs = read_json(os.path.join(where, "metrics.jsonl"), lines=True)
             step_s = [batch / r["examples_per_s"] for r in logs if r["split"] == "train"]
-            with open(os.path.join(where, "final_metrics.json")) as f:
-                final = json.load(f)
+            final = read_json(os.path.join(where, "final_metrics.json"))
+            saved = os.path.join(where, checkpoint.DIRECTORY, str(len(step_s)))
             rows.append({"part": part, "method": method, "trainable_params": final["trainable_params"],
-                         "first_steps_s": sum(step_s[:2]), "step_s": statistics.median(step_s[2:]),
-                         "peak_rss_bytes": usage.ru_maxrss * 1024,
-                         "adapter_bytes": 4 * final["trainable_params"],
-                         "checkpoint_bytes": _tree_bytes(os.path.join(where, "checkpoints"))})
+                         "steps": len(step_s), "first_steps_s": sum(step_s[:FIRST_STEPS]),
+                         "step_s": statistics.median(step_s[FIRST_STEPS:]), "train_s": sum(step_s),
+                         "wall_s": wall_s, "peak_rss_bytes": usage.ru_maxrss * 1024, **checkpoint.sizes(saved)})
             print(json.dumps(rows[-1]), flush=True)
     _write_json(os.path.join(workdir, "cost.json"), rows)
 
@@ -154,8 +160,9 @@ def _median_s(fn, repeats: int) -> float:
     return statistics.median(times)
 
 
-def _tree_bytes(path: str) -> int:
-    return sum(os.path.getsize(os.path.join(d, f)) for d, _, files in os.walk(path) for f in files)
+def read_json(path: str, lines: bool = False):
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()] if lines else json.load(f)
 
 
 def _write_json(path: str, value):
