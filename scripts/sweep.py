@@ -88,6 +88,7 @@ def run_sweep(F):
                 train.train_and_evaluate(todo[0].config, workdirs[0])
         except ValueError as e:
             raise ValueError(f"{names}: {e}") from None
+        sweep.collect(F.workdir, points)   # the table so far, so an interrupted sweep still has one
     rows = sweep.collect(F.workdir, points)
     print(f"{len(rows)} of {len(points)} points finished; table in "
           f"{os.path.join(F.workdir, 'results.csv')} and results.jsonl", flush=True)
