@@ -407,8 +407,9 @@ def train_steps(tc, step_fn, state, start_step: int, desc: str, show: bool):
             count = logged.sums["count"]
             bar.set_postfix(loss=f"{logged.sums['loss_sum'].sum() / max(count.sum(), 1):.4f}",
                             ex_s=f"{steps * tc.batch_size * count.size / logged.seconds:.1f}")
-            sums, t0, steps = {}, time.perf_counter(), 0
         yield done, state, logged
+        if logged:   # after the caller's evaluation and checkpoint, so examples/s times steps only
+            sums, t0, steps = {}, time.perf_counter(), 0
 
 
 def _train(run: Run, trainable, frozen, where: Layout, eval_step, writer: MetricWriter, final: dict,
