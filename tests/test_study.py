@@ -106,12 +106,13 @@ def test_report_computes_tables_and_verdicts(tmp_path, lora_gap, verdict):
     assert row("| full |") .startswith("| full | 92.0 ± 2.0 | 92.0 ± 2.0 | 92.0 ± 2.0 | 92.0 ± 2.0 | 92.0 ± 2.0 |")
     lora = 100 * (0.92 - lora_gap)
     assert row("| lora |").startswith(f"| lora | {lora:.1f} ± 2.0 |")
+    assert row("| majority class | 50.0 |")   # the balanced sentiment validation split
     assert f"| LoRA matches full fine-tuning (Hu et al. 2021) | {verdict} |" in text
     # forgetting: LoRA's perplexity rises 2.0 over the base, full's 11.0
     assert "| LoRA forgets less than full fine-tuning (Biderman et al. 2024) | agrees |" in text
     assert row("| full | 31.00 ± 1.00 | +11.00 |")
     # zero-shot fragility: templates 90 and 60 -> spread 30 points; agreement 50% across paraphrases
-    assert row("| SmolLM2 Amazon manual | 30.0 | 15.0 | 50.0 |")
+    assert row("| SmolLM2 Amazon manual | 75.0 | 30.0 | 15.0 | 50.0 |")
     assert "| Manual prompts are sensitive to phrasing (Zhao et al. 2021; Sclar et al. 2023) | agrees |" in text
     # per-domain test accuracy from predictions: seed 0 wrong on every amazon sentence
     assert row("| full | 66.7 ± 57.7 | 100.0 ± 0.0 | 100.0 ± 0.0 |")
