@@ -49,6 +49,15 @@ def product(axes: Mapping[str, Sequence]) -> list[dict]:
     return [dict(zip(keys, values)) for values in itertools.product(*(axes[k] for k in keys))]
 
 
+def load_module(path: str):
+    """A Python file (an experiment config) as a module, without making its folder a package."""
+    import importlib.util
+    spec = importlib.util.spec_from_file_location(os.path.splitext(os.path.basename(path))[0], path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def override(config, overrides: Mapping, where: str = "override"):
     """A copy of `config` with dotted `overrides` applied; a key that does not exist is an error."""
     config = copy.deepcopy(config)

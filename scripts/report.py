@@ -18,14 +18,17 @@ os.environ.setdefault("MPLBACKEND", "Agg")
 
 from absl import flags
 
-from ptune import cli
+from ptune import cli, sweep
 
 flags.DEFINE_string("workdir", None, "The study's directory (scripts/study.py --workdir).")
 flags.DEFINE_string("docs", "docs", "Where RESULTS.md and results/*.png go.")
 flags.mark_flags_as_required(["workdir"])
 
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+STUDY = sweep.load_module(os.path.join(ROOT, "experiments", "study.py"))
+PARTS = STUDY.PARTS
 ORDER = ["full", "bitfit", "lora", "adapter", "prefix", "prompt", "ptuning_v2", "ia3", "lora+prompt", "manual"]
-ENCODER_TASKS = ["sentiment", "spam", "topic", "genre"]
+ENCODER_TASKS = list(STUDY.ENCODER_TASKS)
 DOMAINS = ["amazon", "imdb", "yelp"]
 TARGET = 0.80   # "time to reach a target accuracy": validation accuracy on pooled sentiment (encoder)
 CLOSE = 0.01    # "close to full fine-tuning": within one accuracy point (the papers' own reading)
@@ -44,7 +47,7 @@ def read_json(path, lines=False, default=None):
 
 def load(workdir: str) -> dict:
     out = {}
-    for part in ("encoder", "decoder", "data", "generate"):
+    for part in PARTS:
         rows = read_json(os.path.join(workdir, part, "results.jsonl"), lines=True, default=[])
         for r in rows:
             r["method"] = r["method"].removesuffix("+head")   # the encoder's fresh head trains in every run
@@ -173,8 +176,8 @@ def gap(part_groups, keys, m) -> tuple[float, float, int] | None:
 # ---- report -----------------------------------------------------------------------------------------
 
 class Report:
-    def __init__(self, data, docs):
-        self.d, self.docs = data, docs
+    def __init__(self, data, docs, planned=()):
+        self.d, self.docs, self.planned = data, docs, planned
         self.out = []
         self.verdicts = []
         os.makedirs(os.path.join(docs, "results"), exist_ok=True)
@@ -264,7 +267,7 @@ class Report:
 
     def cost_section(self):
         self.add("## Cost per method", "One fresh process per model and method (scripts/study.py cost stage) "
-                 "running the part's recipe on its whole training set (MiniLM 60 steps, SmolLM2 24, batch 8): "
+                 "on its whole training set, batch 8 (MiniLM: its whole 60-step recipe; SmolLM2: 8 steps): "
                  "step time = median over the steps after the first two; first = the first two steps "
                  "(compilation included); job = wall time of the process (imports, model load, training, one "
                  "evaluation, the checkpoint); peak = the process's peak resident memory; adapter = the trained "
@@ -460,7 +463,7 @@ class Report:
 
     def maintenance(self):
         self.add("## Maintenance: updating one task when new data arrives",
-                 "Measured in the cost stage: updating a task is one job that retrains it on its grown training "
+                 "Measured in the cost stage (MiniLM): updating a task is one job that retrains it on its grown training "
                  "set with the study's recipe and writes the new version. Job = its wall time from process start "
                  "to the new version on disk; shipped = what must be redeployed (the adapter; for full "
                  "fine-tuning the whole model, and for BitFit the changed biases, one copy per task); accuracy "
@@ -472,19 +475,17 @@ class Report:
         k256 = by([r for r in self.d["data"] if r.get("task.options", {}).get("k_shot") == 256], "method")
         full_data = by([r for r in self.d["encoder"] if r.get("task.name") == "sentiment"], "method")
         rows = []
-        for part in ("encoder", "decoder"):
-            for m in ORDER:
-                c = self.cost.get((part, m))
-                if not c:
-                    continue
-                accuracy = "–"
-                if part == "encoder" and k256.get(m) and full_data.get(m):
-                    accuracy = (f"{pm(values(k256[m], 'validation_accuracy'))} → "
-                                f"{pm(values(full_data[m], 'validation_accuracy'))}")
-                rows.append([f"{MODEL[part]} {m}", f"{c['wall_s']:.0f}", f"{c['train_s']:.1f}",
-                             human(c["adapter_bytes"]), accuracy])
-        self.add(table(["model, method", "update job s", "of which training s", "shipped", "accuracy (K=256 → all)"],
-                       rows))
+        for m in ORDER:
+            c = self.cost.get(("encoder", m))
+            if not c:
+                continue
+            accuracy = "–"
+            if k256.get(m) and full_data.get(m):
+                accuracy = (f"{pm(values(k256[m], 'validation_accuracy'))} → "
+                            f"{pm(values(full_data[m], 'validation_accuracy'))}")
+            rows.append([m, f"{c['wall_s']:.0f}", f"{c['train_s']:.1f}", human(c["adapter_bytes"]), accuracy])
+        self.add(table(["method (MiniLM sentiment)", "update job s", "of which training s", "shipped",
+                        "accuracy (K=256 → all)"], rows))
 
     def model_size(self):
         records = _task_records("sentiment", "test")
@@ -548,8 +549,11 @@ class Report:
         regime = ("Every run is in the low-budget regime (MiniLM 60 steps of batch 8, SmolLM2 24) with one "
                   "learning rate per method; the papers trained for thousands of steps with tuned rates, so each "
                   "verdict speaks for this regime.")
+        planned = table(["part", "planned points", "finished", "not run (points)"], self.planned)
         text = "\n\n".join(["# Results: fine-tuning vs prompt-tuning, measured", intro,
-                            "## The literature's claims against these runs", regime, verdicts, *self.out]) + "\n"
+                            "## The literature's claims against these runs", regime, verdicts,
+                            "## What ran", "The sweeps' points (experiments/study.py) that these results hold; a "
+                            "point not run is missing from every table below.", planned, *self.out]) + "\n"
         path = os.path.join(self.docs, "RESULTS.md")
         with open(path + ".tmp", "w") as f:
             f.write(text)
@@ -575,12 +579,26 @@ def majority(name, split, **options) -> str:
     return f"{100 * max(counts.values()) / len(records):.1f}"
 
 
+def coverage(workdir: str) -> list[list]:
+    """Per sweep part: the points experiments/study.py plans, how many finished, and the
+    unfinished ones grouped by method and task."""
+    rows = []
+    for part in PARTS:
+        points = sweep.points(STUDY.get_config(part), STUDY.get_sweep(part))
+        todo = collections.Counter(
+            f"{p.overrides['method']} {p.overrides.get('task.name', '')}".strip()
+            for p in points if not sweep.finished(os.path.join(workdir, part), p))
+        rows.append([part, len(points), len(points) - sum(todo.values()),
+                     ", ".join(f"{group} ({n})" for group, n in sorted(todo.items())) or "–"])
+    return rows
+
+
 def main():
     F = flags.FLAGS
     data = load(F.workdir)
-    if not any(data[p] for p in ("encoder", "decoder", "data", "generate")):
+    if not any(data[p] for p in PARTS):
         raise ValueError(f"{F.workdir} holds no study results (<part>/results.jsonl); run scripts/study.py first")
-    Report(data, F.docs).write()
+    Report(data, F.docs, coverage(F.workdir)).write()
 
 
 if __name__ == "__main__":

@@ -4,10 +4,11 @@
 
 Stages, each skipped when its results exist (so an interrupted study continues):
   encoder, decoder, data, generate   the sweeps of experiments/study.py (vmapped over seeds)
-  cost        per model and method, one fresh process running the part's recipe in full on its
-              whole training set (the same job as updating a task when new data arrives): step
-              time, first-step (compile) time, the job's wall time, peak resident memory, and the
-              adapter and checkpoint bytes on disk
+  cost        per model and method, one fresh process: step time, first-step (compile) time, the
+              job's wall time, peak resident memory, and the adapter and checkpoint bytes on disk.
+              MiniLM's runs are its whole recipe on the whole training set, the same job as
+              updating a task when new data arrives (the maintenance measurement); SmolLM2's
+              are COST_STEPS["decoder"] steps, for CPU time
   multitask   the encoder's four tasks as LoRA adapters in one bank vs one full model per task:
               storage, swap time, mixed-batch throughput
   report      scripts/report.py: tables, plots and docs/RESULTS.md
@@ -30,9 +31,9 @@ from absl import flags
 from ptune import cli
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SWEEPS = ("encoder", "decoder", "data", "generate")
-STAGES = SWEEPS + ("cost", "multitask", "report")
+STAGES = ("encoder", "decoder", "data", "generate", "cost", "multitask", "report")   # the first four: sweeps
 FIRST_STEPS = 2   # reported apart (compilation); the median step time is over the others
+COST_STEPS = {"encoder": None, "decoder": 8}   # None: the part's recipe
 
 flags.DEFINE_string("workdir", None, "The study's directory (one sub-directory per stage).")
 flags.DEFINE_string("stages", ",".join(STAGES), f"Stages to run, of {STAGES}.")
@@ -43,11 +44,8 @@ flags.mark_flags_as_required(["workdir"])
 
 def study():
     """experiments/study.py as a module (its METHODS, tasks and get_config)."""
-    import importlib.util
-    spec = importlib.util.spec_from_file_location("study", os.path.join(ROOT, "experiments", "study.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    from ptune import sweep
+    return sweep.load_module(os.path.join(ROOT, "experiments", "study.py"))
 
 
 def run_sweep(part: str, workdir: str):
@@ -63,8 +61,9 @@ def measure(spec: str, workdir: str):
     from ptune import sweep, train
     part, method = spec.split(":")
     s = study()
-    steps = s.get_config(part).train.steps
-    overrides = {"method": method, **s.METHODS[method], "train.log_every": 1, "train.eval_every": steps,
+    steps = COST_STEPS[part] or s.get_config(part).train.steps
+    overrides = {"method": method, **s.METHODS[method], "train.steps": steps, "train.log_every": 1,
+                 "train.eval_every": steps,
                  "checkpoint.every_steps": steps, "eval.splits": "", "eval.templates": False,
                  "eval.predictions": False, "eval.lm_task": ""}
     train.train_and_evaluate(sweep.override(s.get_config(part), overrides, f"cost {spec}"), workdir)
@@ -182,7 +181,7 @@ def main():
     os.makedirs(F.workdir, exist_ok=True)
     for stage in stages:
         print(f"== {stage}", flush=True)
-        if stage in SWEEPS:
+        if stage in study().PARTS:
             run_sweep(stage, F.workdir)
         elif stage == "report":
             subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "report.py"), f"--workdir={F.workdir}",

@@ -12,7 +12,6 @@ results.jsonl hold every finished point (of all hosts): its overrides and final 
 `--config.<key>=...` overrides apply to every point.
 """
 
-import importlib.util
 import os
 import shlex
 import sys
@@ -41,9 +40,7 @@ _HOST_FLAGS = ("--host_index", "--num_hosts", "--print_commands", "--noprint_com
 def get_sweep():
     """The config file's get_sweep(), given the same ':argument' as its get_config."""
     path, *argument = config_flags.get_config_filename(flags.FLAGS["config"]).split(":", 1)
-    spec = importlib.util.spec_from_file_location("sweep_config", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = sweep.load_module(path)
     if not hasattr(module, "get_sweep"):
         raise ValueError(f"{path} defines no get_sweep(); add one returning a list of "
                          "{config key: value} overrides (ptune.sweep.product builds one)")

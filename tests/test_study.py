@@ -1,7 +1,6 @@
 """The study's sweeps are valid configs, and scripts/report.py computes its tables and verdicts
 from the runs' files (a synthetic study with known numbers)."""
 
-import importlib.util
 import json
 import os
 import subprocess
@@ -15,10 +14,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def load(path):
-    spec = importlib.util.spec_from_file_location(os.path.basename(path)[:-3], os.path.join(ROOT, path))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return sweep.load_module(os.path.join(ROOT, path))
 
 
 @pytest.mark.parametrize("part, n_points, n_jobs", [("encoder", 72, 24), ("decoder", 28, 10), ("data", 27, 3),
@@ -96,6 +92,10 @@ def synthetic_study(root, lora_gap):
 @pytest.mark.parametrize("lora_gap, verdict", [(0.005, "agrees"), (0.02, "inconclusive"), (0.05, "does not agree")])
 def test_report_computes_tables_and_verdicts(tmp_path, lora_gap, verdict):
     synthetic_study(tmp_path, lora_gap)
+    study = load("experiments/study.py")   # of the planned generate points, only the zero-shot one ran
+    manual = sweep.points(study.get_config("generate"), study.get_sweep("generate"))[0]
+    write_point(tmp_path / "generate", manual.overrides, {})
+    open(tmp_path / "generate" / manual.name / "final_metrics.json", "w").write("{}")
     docs = tmp_path / "docs"
     subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "report.py"), f"--workdir={tmp_path}",
                     f"--docs={docs}"], check=True, capture_output=True, text=True)
@@ -120,10 +120,11 @@ def test_report_computes_tables_and_verdicts(tmp_path, lora_gap, verdict):
     assert row("| lora | 3/3 | 20 | 5.0 |")
     assert row("| MiniLM lora | 10 | 1.000 | 0.250 | 3.0 | 31 | 2.0 GB | 4.0 kB | 9.0 kB |")
     # maintenance: the measured update job and what it ships; no K=256 runs, so no accuracy change
-    assert row("| MiniLM full | 55 | 40.0 | 4.0 MB | – |")
+    assert row("| full | 55 | 40.0 | 4.0 MB | – |")
     for plot in ("accuracy_vs_params", "cost", "forgetting", "fragility"):
         assert (docs / "results" / f"{plot}.png").stat().st_size > 1000
     assert "## Data efficiency" in text and "Not run." in text   # parts without runs say so
+    assert row("| generate | 7 | 1 | lora (3), prompt (3) |") and row("| data | 27 | 0 | full (9), lora (9), prompt (9) |")
 
 
 def test_report_without_results_exits_2(tmp_path):
