@@ -16,7 +16,7 @@ VMAP_CHUNK below says how many at once):
   encoder   MiniLM-L6 (22.7M, a fresh head; no zero-shot: the shipped encoder has no MLM head),
             9 training methods x {sentiment (3 domains pooled), spam}, 5 of them x {topic, genre},
             60 steps of batch 8: accuracy, curves, paraphrase fragility, per-seed predictions.
-  decoder   SmolLM2-135M (verbalizer), 9 training methods + manual (zero-shot, every template) on
+  decoder   SmolLM2-135M (verbalizer), 8 training methods (BitFit: no biases in LLaMA) + manual (zero-shot, every template) on
             the Amazon sentiment domain, 24 steps of batch 8: accuracy, fragility, and Brown-corpus
             perplexity after training (forgetting; manual = the untouched base).
   data      MiniLM, sentiment with K = 16 / 64 / 256 examples per class, full / LoRA / prompt.
@@ -56,6 +56,8 @@ ENCODER_TASKS = {
     "topic": ({}, 64, {}, ["full", "lora", "prompt"]),
     "genre": ({}, 64, {}, ["full", "lora", "prompt"]),
 }
+# BitFit trains bias terms and SmolLM2 (LLaMA) has none, so it does not apply to the decoder.
+DECODER_METHODS = [m for m in METHODS if m != "bitfit"]
 K_SHOTS = [16, 64, 256]
 DATA_METHODS = ["full", "lora", "prompt"]
 PARTS = ("encoder", "decoder", "data", "generate")
@@ -98,7 +100,7 @@ def get_sweep(part: str = "encoder"):
         # Paraphrase fragility: every template on the whole validation split for zero-shot, on 40
         # sentences of it for seed 0 of each trained method (the forward passes dominate the cost).
         return [{"method": "manual", "eval.templates": True, "eval.max_examples": 0}] + [
-            {**p, "eval.templates": p["seed"] == 0} for p in _trained(METHODS)]
+            {**p, "eval.templates": p["seed"] == 0} for p in _trained(DECODER_METHODS)]
     if part == "data":
         return [{"method": m, **METHODS[m], "task.options": {"domain": "all", "k_shot": k, "shot_seed": s}, "seed": s}
                 for k in K_SHOTS for m in DATA_METHODS for s in SEEDS]

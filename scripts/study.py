@@ -71,12 +71,16 @@ def measure(spec: str, workdir: str):
 
 def cost(workdir: str):
     """One process per (part, method): peak RSS from os.wait4 (per child, not the max of all), wall
-    time from start to exit (imports, model load, training, evaluation, the checkpoint)."""
+    time from start to exit (imports, model load, training, evaluation, the checkpoint). cost.json
+    is rewritten after every measurement and measured pairs are skipped, so the stage resumes."""
     from ptune import checkpoint
-    rows = []
-    for part in ("encoder", "decoder"):
+    path = os.path.join(workdir, "cost.json")
+    rows = read_json(path) if os.path.exists(path) else []
+    for part, methods in (("encoder", study().METHODS), ("decoder", study().DECODER_METHODS)):
         batch = study().get_config(part).train.batch_size
-        for method in study().METHODS:
+        for method in methods:
+            if any((r["part"], r["method"]) == (part, method) for r in rows):
+                continue
             where = os.path.join(workdir, "cost", part, method.replace("+", "_"))
             shutil.rmtree(where, ignore_errors=True)
             t0 = time.perf_counter()
@@ -96,7 +100,7 @@ def cost(workdir: str):
                          "step_s": statistics.median(step_s[FIRST_STEPS:]), "train_s": sum(step_s),
                          "wall_s": wall_s, "peak_rss_bytes": usage.ru_maxrss * 1024, **checkpoint.sizes(saved)})
             print(json.dumps(rows[-1]), flush=True)
-    _write_json(os.path.join(workdir, "cost.json"), rows)
+            _write_json(path, rows)
 
 
 def multitask(workdir: str):
@@ -186,8 +190,10 @@ def main():
         elif stage == "report":
             subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "report.py"), f"--workdir={F.workdir}",
                             f"--docs={F.docs}"], check=True)
-        elif not os.path.exists(os.path.join(F.workdir, f"{stage}.json")):
-            {"cost": cost, "multitask": multitask}[stage](F.workdir)
+        elif stage == "cost":
+            cost(F.workdir)
+        elif not os.path.exists(os.path.join(F.workdir, "multitask.json")):
+            multitask(F.workdir)
 
 
 if __name__ == "__main__":

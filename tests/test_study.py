@@ -17,7 +17,7 @@ def load(path):
     return sweep.load_module(os.path.join(ROOT, path))
 
 
-@pytest.mark.parametrize("part, n_points, n_jobs", [("encoder", 72, 24), ("decoder", 28, 10), ("data", 27, 3),
+@pytest.mark.parametrize("part, n_points, n_jobs", [("encoder", 72, 24), ("decoder", 25, 9), ("data", 27, 3),
                                                     ("generate", 7, 3)])
 def test_every_part_is_a_valid_sweep_with_three_seeds_per_job(part, n_points, n_jobs):
     study = load("experiments/study.py")
