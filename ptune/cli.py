@@ -1,5 +1,6 @@
 """The frame every launcher in scripts/ shares around its work."""
 
+import signal
 import sys
 
 from absl import app, flags, logging
@@ -7,16 +8,22 @@ from absl import app, flags, logging
 
 def run(main):
     """`app.run` a function of no arguments: stray arguments are refused, Orbax's per-save INFO
-    logs are hidden unless --verbosity is given, and a ValueError (bad input) becomes one
-    `error:` line on stderr and exit status 2."""
+    logs are hidden unless --verbosity is given, a ValueError (bad input) becomes one
+    `error:` line on stderr and exit status 2, and a training run stopped by SIGTERM
+    (`train.Preempted`, after saving) one `preempted:` line and exit status 143, the status of a
+    process that SIGTERM ends, so that schedulers and retry loops treat the run as unfinished."""
     def absl_main(argv):
         if len(argv) > 1:
             raise app.UsageError(f"unexpected arguments {argv[1:]}")
         if not flags.FLAGS["verbosity"].present:
             logging.set_verbosity(logging.WARNING)
+        from ptune.train import Preempted
         try:
             main()
         except ValueError as e:
             print(f"error: {e}", file=sys.stderr)
             sys.exit(2)
+        except Preempted as e:
+            print(f"preempted: {e}", file=sys.stderr)
+            sys.exit(128 + signal.SIGTERM)
     app.run(absl_main)
