@@ -62,7 +62,8 @@ def fingerprint(tree) -> str:
     for path, leaf in partition.flatten(tree).items():
         array = sharding.to_host(leaf)   # a leaf sharded across processes is all-gathered
         digest.update(f"{path}:{array.dtype.str}:{array.shape};".encode())
-        digest.update(np.ascontiguousarray(array).data)
+        # As bytes: a buffer of bfloat16 (frozen_dtype) cannot be hashed directly.
+        digest.update(np.ascontiguousarray(array).reshape(-1).view(np.uint8).data)
     return digest.hexdigest()
 
 

@@ -157,6 +157,8 @@ def setup(config) -> Run:
         raise ValueError(f"config.train.nonfinite={config.train.nonfinite!r}; choose 'stop' (end the run at a "
                          "non-finite step, naming it) or 'skip' (leave such steps out and count them)")
     method = run_method(config, model_cfg, objective)
+    for label in known_labels(method) + list(config.optim.groups):   # before minutes of model loading
+        optimizer_group(config, method, label)
     mesh = sharding.make_mesh(config.mesh)
     check_batch_sizes(config.train, sharding.data_parallel_size(mesh))
     extra = method.sites.extra_positions
@@ -208,20 +210,29 @@ def check_batch_sizes(train_cfg, data_parallel: int):
                          f"{data_parallel} data-parallel devices (mesh data x fsdp)")
 
 
-def optimizer(config, method: methods.Method, labels, inject: bool = False) -> optax.GradientTransformation:
-    """The optimizer over the trainable labels. Each group: the config's default optimizer < the
-    method's defaults < optim.groups.<label>. `inject`: learning rates live in the optimizer state
-    (see optim.build), as K runs vmapped together need."""
-    # A configured group naming no label reaches optim.build, which says so.
+def optimizer_group(config, method: methods.Method, label: str) -> optim.Group:
+    """The group of `label`: the config's default optimizer < the method's defaults < optim.groups.<label>."""
     base = {k: v for k, v in config.optim.to_dict().items() if k not in ("groups", "clip_norm")}
+    try:
+        return optim.Group(**{**base, **method.optim.get(label, {}), **config.optim.groups.get(label, {})})
+    except ValueError as e:
+        raise ValueError(f"optimizer group {label!r}: {e}; set config.optim.<key> or "
+                         f"config.optim.groups.{label}.<key>") from None
+
+
+def known_labels(method: methods.Method) -> list[str]:
+    """The trainable labels a method names before it sees the parameters (its rule tables and
+    optimizer defaults; a label function names its labels only when applied)."""
+    rules = [r for part in method.parts or (method,) if not callable(part.rules) for r in part.rules]
+    return list(dict.fromkeys([g for _, g in rules if g != partition.FROZEN] + list(method.optim)))
+
+
+def optimizer(config, method: methods.Method, labels, inject: bool = False) -> optax.GradientTransformation:
+    """The optimizer over the trainable labels (see `optimizer_group`). `inject`: learning rates
+    live in the optimizer state (see optim.build), as K runs vmapped together need."""
+    # A configured group naming no label reaches optim.build, which says so.
     names = list(dict.fromkeys(partition.groups(labels) + list(config.optim.groups.keys())))
-    groups = {}
-    for g in names:
-        try:
-            groups[g] = optim.Group(**{**base, **method.optim.get(g, {}), **config.optim.groups.get(g, {})})
-        except ValueError as e:
-            raise ValueError(f"optimizer group {g!r}: {e}; set config.optim.<key> or "
-                             f"config.optim.groups.{g}.<key>") from None
+    groups = {g: optimizer_group(config, method, g) for g in names}
     return optim.build(labels, groups, config.train.steps, config.optim.clip_norm or None, inject=inject)
 
 
@@ -326,22 +337,25 @@ class MetricWriter:
 
 
 def prepare_workdir(workdir: str, needed_bytes: int = 0):
-    """Create the workdir and prove, before any training time is spent, that it is writable
-    and has `needed_bytes` free (what the run's checkpoints will take: a full disk would
-    otherwise surface hours later, inside a save)."""
+    """Prove, before any training time is spent, that the workdir's disk has `needed_bytes` free
+    (what the run's checkpoints will take: a full disk would otherwise surface hours later,
+    inside a save) and that the workdir can be created and written."""
+    existing = os.path.abspath(workdir)
+    while not os.path.exists(existing):   # checked first, so a refusal creates nothing
+        existing = os.path.dirname(existing)
     try:
+        free = shutil.disk_usage(existing).free
+        if free < needed_bytes:
+            raise ValueError(f"workdir {workdir!r} has {partition.human_bytes(free)} free but the run's checkpoints "
+                             f"need about {partition.human_bytes(needed_bytes)}; free some space, lower "
+                             "config.checkpoint.keep, or choose another --workdir")
         os.makedirs(workdir, exist_ok=True)
         probe = os.path.join(workdir, f".write_test.{jax.process_index()}")
         with open(probe, "w") as f:
             f.write("ok")
         os.remove(probe)
-        free = shutil.disk_usage(workdir).free
     except OSError as e:
         raise ValueError(f"workdir {workdir!r} is not writable ({e.strerror}); choose another --workdir") from None
-    if free < needed_bytes:
-        raise ValueError(f"workdir {workdir!r} has {partition.human_bytes(free)} free but the run's checkpoints "
-                         f"need about {partition.human_bytes(needed_bytes)}; free some space, lower "
-                         "config.checkpoint.keep, or choose another --workdir")
 
 
 def dropout_key(seed: int):

@@ -76,9 +76,11 @@ def steps_on_disk(workdir):
 
 
 def snapshot(workdir):
-    """{relative path: sha256} of every file, to prove a refused run changed nothing."""
+    """{relative path: sha256 (files) or "dir"} of everything under `workdir`, to prove a refused
+    run changed nothing."""
     out = {}
-    for d, _, files in os.walk(workdir):
+    for d, dirs, files in os.walk(workdir):
+        out.update({os.path.relpath(os.path.join(d, sub), workdir): "dir" for sub in dirs})
         for f in files:
             path = os.path.join(d, f)
             out[os.path.relpath(path, workdir)] = hashlib.sha256(open(path, "rb").read()).hexdigest()
