@@ -310,3 +310,14 @@ def test_bad_command_line(row, cli_results):
     assert len(errors) == 1, stderr[-2000:]
     assert re.search(row.culprit, errors[0]) and re.search(row.fix, errors[0]), errors[0]
     assert snapshot(workdir) == before
+
+
+def test_record_is_checked_before_any_array_is_read(trained, tmp_path, monkeypatch):
+    """Trust: a checkpoint that does not match the run is refused on its JSON record alone."""
+    read = []
+    monkeypatch.setattr(checkpoint, "_restore_tree", lambda *args: read.append(args))
+    workdir = shutil.copytree(trained, tmp_path / "run")
+    for config in (tiny_config("prompt"), tiny_config(**{"method.rank": 4}), tiny_config(**{"train.batch_size": 8})):
+        with pytest.raises(ValueError, match=r"checkpoint .*/checkpoints/4"):
+            train.train_and_evaluate(config, str(workdir))
+    assert read == []
