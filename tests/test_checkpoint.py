@@ -187,6 +187,33 @@ def test_keep_last_n_and_keep_best(tmp_path):
     assert checkpoint.load_adapter(str(tmp_path), 4)[2]["step"] == 4
 
 
+def test_a_drop_cut_short_leaves_only_trash(tmp_path, monkeypatch):
+    """Orbax renames a step it drops into the trash (atomic); a kill while ptune empties the trash
+    leaves a partial directory only there, and the next open removes it."""
+    run = train.setup(launch_config())
+    trainable, _ = partition.split(run.params, run.labels)
+    opt_state = run.tx.init(trainable)
+    keep_one = {"checkpoint.every_steps": 1, "checkpoint.keep": 1, "checkpoint.keep_best": 0}
+    checkpoints = open_checkpoints(tmp_path, **keep_one)
+    checkpoints.save(1, trainable, opt_state)
+    rmtree = shutil.rmtree
+
+    def killed_half_way(path, *args, **kwargs):   # one file of dropped step 1 removed, then the "kill"
+        victim = os.path.join(path, "1")
+        if os.path.isdir(victim):
+            os.remove(next(os.path.join(d, f) for d, _, files in os.walk(victim) for f in files))
+            raise KeyboardInterrupt
+        return rmtree(path, *args, **kwargs)
+    monkeypatch.setattr(shutil, "rmtree", killed_half_way)
+    with pytest.raises(KeyboardInterrupt):
+        checkpoints.save(2, trainable, opt_state)
+    monkeypatch.undo()
+    assert sorted(os.listdir(tmp_path / "checkpoints")) == ["2", checkpoint.TRASH]
+    assert_every_checkpoint_restores(tmp_path)
+    assert open_checkpoints(tmp_path, **keep_one).start_step == 2
+    assert sorted(os.listdir(tmp_path / "checkpoints")) == ["2"]
+
+
 def test_reference_run_keeps_newest_and_best(reference):
     workdir, final = reference
     evals = {r["step"]: r["loss"] for r in records(workdir) if r["split"] == "validation"}
