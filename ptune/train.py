@@ -399,13 +399,15 @@ def train_and_evaluate(config, workdir: str) -> dict:
     # Opening validates and reads the newest checkpoint: a run that cannot resume stops here,
     # before anything in the workdir changes.
     checkpoints = checkpoint.Checkpoints(workdir, run, dropout_key(config.seed)) if run.method.trains else None
-    writer, final = start(run, workdir)
     if checkpoints and checkpoints.manager:
-        if writer.active:
-            print(f"base sha256 {checkpoints.base['sha256'][:16]} ({checkpoints.base_hash_seconds:.2f} s)", flush=True)
-            if checkpoints.start_step:
-                print(f"resuming from step {checkpoints.start_step} of {checkpoints.directory}", flush=True)
-        checkpoint.truncate_metrics(workdir, checkpoints.start_step)   # a killed run logged past it
+        # A killed run logged past its checkpoint. Before the writer opens metrics.jsonl: the file
+        # is replaced, and records written to the old one would be lost.
+        checkpoint.truncate_metrics(workdir, checkpoints.start_step)
+    writer, final = start(run, workdir)
+    if checkpoints and checkpoints.manager and writer.active:
+        print(f"base sha256 {checkpoints.base['sha256'][:16]} ({checkpoints.base_hash_seconds:.2f} s)", flush=True)
+        if checkpoints.start_step:
+            print(f"resuming from step {checkpoints.start_step} of {checkpoints.directory}", flush=True)
     trainable, frozen = partition.split(run.params, run.labels)
     where = layout(run, trainable, frozen)
     trainable, frozen = sharding.put(trainable, where.trainable), sharding.put(frozen, where.frozen)
