@@ -23,6 +23,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import time
 
 import jax
@@ -35,6 +36,10 @@ from ptune import partition, sharding
 
 DIRECTORY = "checkpoints"
 FORMAT = 1
+# Orbax deletes a step it no longer keeps with rmtree, which a kill can leave half done: a step
+# directory that looks complete but is not. It renames such steps into TRASH instead (atomic),
+# and ptune empties TRASH after each save and on open.
+TRASH = "deleted"
 
 
 def check_options(config, objective: str) -> None:
@@ -57,7 +62,8 @@ def fingerprint(tree) -> str:
     for path, leaf in partition.flatten(tree).items():
         array = sharding.to_host(leaf)   # a leaf sharded across processes is all-gathered
         digest.update(f"{path}:{array.dtype.str}:{array.shape};".encode())
-        digest.update(np.ascontiguousarray(array).data)
+        # As bytes: a buffer of bfloat16 (frozen_dtype) cannot be hashed directly.
+        digest.update(np.ascontiguousarray(array).reshape(-1).view(np.uint8).data)
     return digest.hexdigest()
 
 
@@ -87,6 +93,18 @@ def data_position(data: dict, config, step: int) -> dict:
             "examples": len(next(iter(data.values()))), "sha256": digest.hexdigest()}
 
 
+def space_needed(run) -> int:
+    """Bytes the run's checkpoints take at most: `keep` + `keep_best` saved steps plus the one
+    being written, each its trainable subtree, optimizer state and ~64 kB of metadata."""
+    options = run.config.checkpoint
+    if not (run.method.trains and options.every_steps):
+        return 0
+    trainable = partition.split(jax.eval_shape(lambda: run.params), run.labels)[0]
+    arrays = jax.tree.leaves((trainable, jax.eval_shape(run.tx.init, trainable)))
+    per_step = sum(x.size * np.dtype(x.dtype).itemsize for x in arrays) + 64_000
+    return per_step * (options.keep + options.keep_best + 1)
+
+
 def sizes(step_directory: str) -> dict[str, int]:
     """Bytes on disk of a saved step: the adapter artifact (trainable/ + meta/) and the whole
     resume checkpoint. Not a result of training: Orbax's own metadata varies by a few hundred bytes."""
@@ -108,7 +126,7 @@ def _training_manager(directory: str, options) -> ocp.CheckpointManager:
     # synchronous: an adapter saves in milliseconds, and the next train step donates its arrays.
     return _orbax_manager(directory, ocp.CheckpointManagerOptions(
         preservation_policy=policies.AnyPreservationPolicy(policy), best_fn=best_fn, best_mode=options.best_mode,
-        enable_async_checkpointing=False, cleanup_tmp_directories=True))
+        enable_async_checkpointing=False, cleanup_tmp_directories=True, todelete_subdir=TRASH))
 
 
 def _restore_tree(manager, step: int, item: str, target=None):
@@ -184,6 +202,11 @@ class Checkpoints:
         self.dropout_key = np.asarray(jax.random.key_data(dropout_key)).tolist()
         self.manager = _training_manager(self.directory, self.options)
         self.restored = self._restore_latest()
+        self._empty_trash()   # after the checks: a refused resume changes nothing
+
+    def _empty_trash(self):
+        if jax.process_index() == 0:
+            shutil.rmtree(os.path.join(self.directory, TRASH), ignore_errors=True)
 
     @property
     def start_step(self) -> int:
@@ -247,16 +270,21 @@ class Checkpoints:
         """Keep-best ranks checkpoints by eval metrics, so a save step must be evaluated."""
         return self.due(step) and self.options.keep_best > 0
 
-    def save(self, step: int, trainable, opt_state, metrics: dict | None = None) -> dict | None:
-        """Save `step` if it is due; returns the sizes written ({} on processes other than 0)."""
-        if not self.due(step):
+    def save(self, step: int, trainable, opt_state, metrics: dict | None = None, force: bool = False) -> dict | None:
+        """Save `step` if it is due, or if `force` (a preemption) and checkpoints are on; returns the
+        sizes written ({} on processes other than 0). A forced save between due steps carries no
+        metrics, so keep-best never ranks it (it was not evaluated)."""
+        due = self.due(step)
+        if not (due or force and self.manager):
             return None
         record = self._record(step, trainable, opt_state)
         self.manager.save(step, args=ocp.args.Composite(
             trainable=ocp.args.PyTreeSave(trainable), opt_state=ocp.args.PyTreeSave(opt_state),
             meta=ocp.args.JsonSave(record)),
-            metrics={self.options.best_metric: metrics[self.options.best_metric]} if self.options.keep_best else None,
+            metrics={self.options.best_metric: metrics[self.options.best_metric]}
+            if self.options.keep_best and due else None,
             force=True)
+        self._empty_trash()
         if jax.process_index() != 0:
             return {}
         return {"step": step, "trainable_bytes": self.run.summary.trainable_bytes,

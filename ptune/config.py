@@ -40,6 +40,7 @@ def base_config() -> ml_collections.ConfigDict:
         steps=100, batch_size=16, eval_batch_size=64, eval_every=50, log_every=10,
         eval_split="validation", progress=True,
         grad_accum=1,                          # micro-batches per step (equal to the whole batch at once)
+        nonfinite="stop",                      # a step with a non-finite loss/gradient: stop | skip (never applied)
     ))
     # Devices as a (data, fsdp, tensor) mesh; -1 = the rest. rules: logical parameter axis -> mesh
     # axes ("" replicates). Method sites are replicated unless their path matches shard_sites.

@@ -180,6 +180,11 @@ def train_and_evaluate(configs, workdirs, chunk: int | None = None) -> list[dict
         for i, (writer, final) in enumerate(started):
             if logged:
                 metrics = logged.train_metrics(tc.batch_size, point=i)
+                if metrics["skipped_steps"] and tc.nonfinite == "stop":
+                    raise ValueError(f"point {i} ({workdirs[i]}): {metrics['skipped_steps']} of training steps "
+                                     f"{done - logged.steps + 1}..{done} had a non-finite loss or gradients and "
+                                     "were not applied; lower its learning rate, or set "
+                                     "config.train.nonfinite='skip' to leave such steps out")
                 writer.write(done, "train", metrics)
                 final["train_loss"] = metrics["loss"]
             if done % tc.eval_every == 0 or done == tc.steps:

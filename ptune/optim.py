@@ -35,12 +35,12 @@ class Group:
     def __post_init__(self):
         lr = self.learning_rate * self.lr_scale
         if not (math.isfinite(lr) and lr > 0):
-            raise ValueError(f"learning rate {self.learning_rate} x lr_scale {self.lr_scale} must be a "
+            raise ValueError(f"learning_rate={self.learning_rate} x lr_scale={self.lr_scale} must be a "
                              "finite number > 0")
         if self.optimizer not in _OPTIMIZERS:
-            raise ValueError(f"optimizer {self.optimizer!r} is unknown; choose one of {sorted(_OPTIMIZERS)}")
+            raise ValueError(f"optimizer={self.optimizer!r} is unknown; choose one of {sorted(_OPTIMIZERS)}")
         if self.schedule not in _SCHEDULES:
-            raise ValueError(f"schedule {self.schedule!r} is unknown; choose one of {sorted(_SCHEDULES)}")
+            raise ValueError(f"schedule={self.schedule!r} is unknown; choose one of {sorted(_SCHEDULES)}")
 
 
 _SCHEDULES = {

@@ -86,6 +86,11 @@ def mesh_shape(mesh_config, num_devices: int) -> tuple[int, int, int]:
 
 def make_mesh(mesh_config, devices=None) -> Mesh:
     devices = jax.devices() if devices is None else devices
+    try:
+        re.compile(mesh_config.get("shard_sites", ""))
+    except re.error as e:
+        raise ValueError(f"config.mesh.shard_sites={mesh_config.shard_sites!r} is not a valid regex ({e}); "
+                         "fix it ('' replicates every site)") from None
     shape = mesh_shape(mesh_config, len(devices))
     if math.prod(shape) < len(devices) and jax.process_count() > 1:
         raise ValueError(f"config.mesh {dict(zip(AXES, shape))} leaves devices unused; a multi-process job must "

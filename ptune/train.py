@@ -6,10 +6,13 @@ is touched, so a bad run writes nothing.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import json
 import os
+import shutil
+import signal
 import time
 from typing import Any
 
@@ -102,6 +105,9 @@ def base_model(config):
         return models.model_config(config.model.preset, **overrides), None, ByteTokenizer()
     from ptune import assets
     from ptune.models import checkpoints
+    if source not in assets.ASSETS and not os.path.exists(source):
+        raise ValueError(f"config.model.checkpoint={source!r} is neither an asset ({sorted(assets.ASSETS)}) nor an "
+                         "existing HF directory or .gguf file; fix the name or the path")
     path = assets.ensure(source) if source in assets.ASSETS else source
     hf_config, state = checkpoints.read(path)
     model_cfg = checkpoints.config_from_hf(hf_config, **overrides)
@@ -147,7 +153,12 @@ def setup(config) -> Run:
     if objective == "head":
         model_cfg = dataclasses.replace(model_cfg, num_labels=task.num_classes)
 
+    if config.train.nonfinite not in NONFINITE:
+        raise ValueError(f"config.train.nonfinite={config.train.nonfinite!r}; choose 'stop' (end the run at a "
+                         "non-finite step, naming it) or 'skip' (leave such steps out and count them)")
     method = run_method(config, model_cfg, objective)
+    for label in known_labels(method) + list(config.optim.groups):   # before minutes of model loading
+        optimizer_group(config, method, label)
     mesh = sharding.make_mesh(config.mesh)
     check_batch_sizes(config.train, sharding.data_parallel_size(mesh))
     extra = method.sites.extra_positions
@@ -181,6 +192,9 @@ def setup(config) -> Run:
     return run
 
 
+NONFINITE = ("stop", "skip")
+
+
 def check_batch_sizes(train_cfg, data_parallel: int):
     """Each micro-batch, and each eval batch, is split evenly over the data-parallel devices."""
     accum, batch = train_cfg.grad_accum, train_cfg.batch_size
@@ -196,15 +210,29 @@ def check_batch_sizes(train_cfg, data_parallel: int):
                          f"{data_parallel} data-parallel devices (mesh data x fsdp)")
 
 
-def optimizer(config, method: methods.Method, labels, inject: bool = False) -> optax.GradientTransformation:
-    """The optimizer over the trainable labels. Each group: the config's default optimizer < the
-    method's defaults < optim.groups.<label>. `inject`: learning rates live in the optimizer state
-    (see optim.build), as K runs vmapped together need."""
-    # A configured group naming no label reaches optim.build, which says so.
+def optimizer_group(config, method: methods.Method, label: str) -> optim.Group:
+    """The group of `label`: the config's default optimizer < the method's defaults < optim.groups.<label>."""
     base = {k: v for k, v in config.optim.to_dict().items() if k not in ("groups", "clip_norm")}
+    try:
+        return optim.Group(**{**base, **method.optim.get(label, {}), **config.optim.groups.get(label, {})})
+    except ValueError as e:
+        raise ValueError(f"optimizer group {label!r}: {e}; set config.optim.<key> or "
+                         f"config.optim.groups.{label}.<key>") from None
+
+
+def known_labels(method: methods.Method) -> list[str]:
+    """The trainable labels a method names before it sees the parameters (its rule tables and
+    optimizer defaults; a label function names its labels only when applied)."""
+    rules = [r for part in method.parts or (method,) if not callable(part.rules) for r in part.rules]
+    return list(dict.fromkeys([g for _, g in rules if g != partition.FROZEN] + list(method.optim)))
+
+
+def optimizer(config, method: methods.Method, labels, inject: bool = False) -> optax.GradientTransformation:
+    """The optimizer over the trainable labels (see `optimizer_group`). `inject`: learning rates
+    live in the optimizer state (see optim.build), as K runs vmapped together need."""
+    # A configured group naming no label reaches optim.build, which says so.
     names = list(dict.fromkeys(partition.groups(labels) + list(config.optim.groups.keys())))
-    groups = {g: optim.Group(**{**base, **method.optim.get(g, {}), **config.optim.groups.get(g, {})})
-              for g in names}
+    groups = {g: optimizer_group(config, method, g) for g in names}
     return optim.build(labels, groups, config.train.steps, config.optim.clip_norm or None, inject=inject)
 
 
@@ -216,6 +244,10 @@ def train_step_fn(run: Run):
     weights' gradients. With `train.grad_accum` = k the batch is split into k micro-batches
     whose summed-loss gradients are added and divided by the whole batch's count once, so the
     update equals the one-batch update.
+
+    A step whose loss or gradient norm is not finite is not applied: trainable and optimizer
+    state come back unchanged, its metrics are zeroed and `nonfinite` is 1 (the host decides,
+    by config.train.nonfinite, whether the run stops). A finite step's result is unchanged bitwise.
     """
     accum = run.config.train.grad_accum
 
@@ -242,9 +274,14 @@ def train_step_fn(run: Run):
             zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
             (grads, metrics), _ = jax.lax.scan(add, zeros, jnp.arange(accum))
         grads = jax.tree.map(lambda g: g / jnp.maximum(metrics["count"], 1), grads)
-        updates, opt_state = run.tx.update(grads, opt_state, trainable)
+        updates, new_opt_state = run.tx.update(grads, opt_state, trainable)
         metrics["grad_norm"] = optax.tree.norm(grads)
-        return optax.apply_updates(trainable, updates), opt_state, metrics
+        finite = jnp.isfinite(metrics["loss_sum"]) & jnp.isfinite(metrics["grad_norm"])
+        if_finite = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
+        metrics = if_finite(metrics, jax.tree.map(jnp.zeros_like, metrics))
+        metrics["nonfinite"] = (~finite).astype(jnp.float32)
+        return (if_finite(optax.apply_updates(trainable, updates), trainable), if_finite(new_opt_state, opt_state),
+                metrics)
     return step
 
 
@@ -299,9 +336,19 @@ class MetricWriter:
             self.tb.close()
 
 
-def prepare_workdir(workdir: str):
-    """Create the workdir and prove it is writable before any training time is spent."""
+def prepare_workdir(workdir: str, needed_bytes: int = 0):
+    """Prove, before any training time is spent, that the workdir's disk has `needed_bytes` free
+    (what the run's checkpoints will take: a full disk would otherwise surface hours later,
+    inside a save) and that the workdir can be created and written."""
+    existing = os.path.abspath(workdir)
+    while not os.path.exists(existing):   # checked first, so a refusal creates nothing
+        existing = os.path.dirname(existing)
     try:
+        free = shutil.disk_usage(existing).free
+        if free < needed_bytes:
+            raise ValueError(f"workdir {workdir!r} has {partition.human_bytes(free)} free but the run's checkpoints "
+                             f"need about {partition.human_bytes(needed_bytes)}; free some space, lower "
+                             "config.checkpoint.keep, or choose another --workdir")
         os.makedirs(workdir, exist_ok=True)
         probe = os.path.join(workdir, f".write_test.{jax.process_index()}")
         with open(probe, "w") as f:
@@ -348,23 +395,27 @@ def train_and_evaluate(config, workdir: str) -> dict:
     """Train `config` in `workdir`, resuming from its newest checkpoint if it has one;
     returns the final metrics (also in final_metrics.json)."""
     run = setup(config)
-    prepare_workdir(workdir)
+    prepare_workdir(workdir, checkpoint.space_needed(run))
     # Opening validates and reads the newest checkpoint: a run that cannot resume stops here,
     # before anything in the workdir changes.
     checkpoints = checkpoint.Checkpoints(workdir, run, dropout_key(config.seed)) if run.method.trains else None
-    writer, final = start(run, workdir)
     if checkpoints and checkpoints.manager:
-        if writer.active:
-            print(f"base sha256 {checkpoints.base['sha256'][:16]} ({checkpoints.base_hash_seconds:.2f} s)", flush=True)
-            if checkpoints.start_step:
-                print(f"resuming from step {checkpoints.start_step} of {checkpoints.directory}", flush=True)
-        checkpoint.truncate_metrics(workdir, checkpoints.start_step)   # a killed run logged past it
+        # A killed run logged past its checkpoint. Before the writer opens metrics.jsonl: the file
+        # is replaced, and records written to the old one would be lost.
+        checkpoint.truncate_metrics(workdir, checkpoints.start_step)
+    writer, final = start(run, workdir)
+    if checkpoints and checkpoints.manager and writer.active:
+        print(f"base sha256 {checkpoints.base['sha256'][:16]} ({checkpoints.base_hash_seconds:.2f} s)", flush=True)
+        if checkpoints.start_step:
+            print(f"resuming from step {checkpoints.start_step} of {checkpoints.directory}", flush=True)
     trainable, frozen = partition.split(run.params, run.labels)
     where = layout(run, trainable, frozen)
     trainable, frozen = sharding.put(trainable, where.trainable), sharding.put(frozen, where.frozen)
     eval_step = make_eval_step(run, where)
     if run.method.trains:
-        metrics, trainable = _train(run, trainable, frozen, where, eval_step, writer, final, checkpoints)
+        with stop_on_sigterm() as stop_requested:
+            metrics, trainable = _train(run, trainable, frozen, where, eval_step, writer, final, checkpoints,
+                                        stop_requested)
         checkpoints.close()
     else:
         metrics = evaluate(run, partition.merge(trainable, frozen), config.train.eval_split, eval_step, where)
@@ -382,8 +433,9 @@ class Logged:
     def train_metrics(self, batch_size: int, point: int | None = None) -> dict:
         """The logged training metrics (of one `point` of K vmapped runs)."""
         sums = {k: float(v if point is None else v[point]) for k, v in self.sums.items()}
-        return {"loss": sums["loss_sum"] / max(sums["count"], 1), "grad_norm": sums["grad_norm"] / self.steps,
-                "examples_per_s": self.steps * batch_size / self.seconds}
+        applied = self.steps - sums["nonfinite"]   # a non-finite step's metrics are zeros
+        return {"loss": sums["loss_sum"] / max(sums["count"], 1), "grad_norm": sums["grad_norm"] / max(applied, 1),
+                "skipped_steps": int(sums["nonfinite"]), "examples_per_s": self.steps * batch_size / self.seconds}
 
 
 def train_steps(tc, step_fn, state, start_step: int, desc: str, show: bool):
@@ -412,24 +464,76 @@ def train_steps(tc, step_fn, state, start_step: int, desc: str, show: bool):
             sums, t0, steps = {}, time.perf_counter(), 0
 
 
+class Preempted(Exception):
+    """Training stopped on SIGTERM after saving a checkpoint of the step it had reached."""
+
+    def __init__(self, step: int, directory: str | None):
+        where = f"saved checkpoint step {step} in {directory}" if directory else \
+            f"at step {step} with no checkpoint (config.checkpoint.every_steps=0)"
+        super().__init__(f"stopped by SIGTERM {where}; rerun the same command to resume")
+        self.step = step
+
+
+@contextlib.contextmanager
+def stop_on_sigterm():
+    """While training, SIGTERM (a scheduler's preemption notice) asks the step loop to save and
+    stop after the current step; yields the function that says whether it was asked. A job of
+    several processes keeps the default (immediate exit): they could see the signal at different
+    steps and would then wait for each other's saves forever; they resume from the last
+    periodic checkpoint."""
+    requested = []
+    if jax.process_count() > 1:
+        yield lambda: False
+        return
+    previous = signal.signal(signal.SIGTERM, lambda *_: requested.append(True))
+    try:
+        yield lambda: bool(requested)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def check_finite(pending: list, mode: str, checkpoints: checkpoint.Checkpoints):
+    """Raise naming the first of the `pending` (step, device flag) pairs whose step was not finite,
+    unless `mode` is 'skip'; empties `pending`. Called only where the host waits for the device
+    anyway (log and save steps), so the flags cost no extra synchronisation."""
+    flags = jax.device_get([flag for _, flag in pending])
+    bad = next((step for (step, _), flag in zip(pending, flags) if flag), None)
+    pending.clear()
+    if bad is None or mode == "skip":
+        return
+    kept = f"checkpoint step {checkpoints.manager.latest_step()} is kept" if checkpoints.manager and \
+        checkpoints.manager.latest_step() else "no checkpoint was written"
+    raise ValueError(f"training step {bad + 1}: the loss or gradients are not finite, so the step was not applied "
+                     f"and the run stopped ({kept}); lower config.optim.learning_rate or set config.optim.clip_norm, "
+                     "or set config.train.nonfinite='skip' to leave such steps out")
+
+
 def _train(run: Run, trainable, frozen, where: Layout, eval_step, writer: MetricWriter, final: dict,
-           checkpoints: checkpoint.Checkpoints) -> dict:
+           checkpoints: checkpoint.Checkpoints, stop_requested=lambda: False) -> dict:
     """Steps from the newest checkpoint (or 0) to train.steps, evaluating every `eval_every` steps and
-    after the last, saving when due; returns the last evaluation's metrics and the trained subtree."""
+    after the last, saving when due; returns the last evaluation's metrics and the trained subtree.
+    A non-finite step stops the run before anything later is saved (config.train.nonfinite='stop')
+    or is skipped and counted in the train records' `skipped_steps` ('skip'); `stop_requested()` (SIGTERM) saves the step reached and
+    raises `Preempted`."""
     from tqdm import tqdm
     tc, seed = run.config.train, run.config.seed
     opt_state = jax.jit(run.tx.init, out_shardings=where.opt_state)(trainable)
     first, trainable, opt_state = checkpoints.resume(trainable, opt_state, where)
     train_step, step_keys = make_train_step(run, where), dropout_key(seed)
+    pending = []   # (step, device flag: not finite) since the last check
 
     def step_fn(state, step):
         batch = sharding.put_batch(batching.batch_at(run.data["train"], step, tc.batch_size, seed), where.batch)
         *state, metrics = train_step(*state, frozen, batch, jax.random.fold_in(step_keys, step))
+        pending.append((step, metrics["nonfinite"]))
         return tuple(state), metrics
 
     evaluated = None
     for done, (trainable, opt_state), logged in train_steps(tc, step_fn, (trainable, opt_state), first,
                                                             run.method.name, writer.active):
+        preempted = stop_requested() and done < tc.steps
+        if logged or checkpoints.due(done) or preempted:
+            check_finite(pending, tc.nonfinite, checkpoints)
         if logged:
             metrics = logged.train_metrics(tc.batch_size)
             writer.write(done, "train", metrics)
@@ -437,9 +541,11 @@ def _train(run: Run, trainable, frozen, where: Layout, eval_step, writer: Metric
         if done % tc.eval_every == 0 or done == tc.steps or checkpoints.needs_metrics(done):
             evaluated = evaluate(run, partition.merge(trainable, frozen), tc.eval_split, eval_step, where)
             writer.write(done, tc.eval_split, evaluated)
-        saved = checkpoints.save(done, trainable, opt_state, evaluated)
+        saved = checkpoints.save(done, trainable, opt_state, evaluated, force=preempted)
         if saved:
             tqdm.write(checkpoint.describe(saved))
+        if preempted:
+            raise Preempted(done, checkpoints.directory if checkpoints.manager else None)
     if evaluated is None:   # a finished run restarted: nothing was left to train
         evaluated = evaluate(run, partition.merge(trainable, frozen), tc.eval_split, eval_step, where)
     return evaluated, trainable

@@ -95,16 +95,6 @@ def test_fortune_items_and_email_text():
     assert assets.email_text("Subject: s\n\n" + "x" * 5000) == ("Subject: s\n\n" + "x" * 5000)[:2000]
 
 
-def test_missing_asset_names_the_fix(tmp_path):
-    with pytest.raises(assets.AssetError, match=r"python scripts/assets.py fetch genre --cache_dir"):
-        assets.path("genre", cache_dir=tmp_path)
-    with pytest.raises(assets.AssetError, match="python scripts/assets.py fetch smollm2"):
-        assets.path("smollm2", cache_dir=tmp_path)
-    with pytest.raises(assets.AssetError, match="unknown asset 'sst2'"):
-        assets.ensure("sst2", cache_dir=tmp_path)
-    assert not (tmp_path / "data").exists()
-
-
 def test_cache_root_precedence(tmp_path, monkeypatch):
     monkeypatch.setenv("PTUNE_CACHE", str(tmp_path / "env"))
     assert assets.cache_root() == tmp_path / "env"

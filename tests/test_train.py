@@ -9,7 +9,7 @@ import jax
 import numpy as np
 import pytest
 
-from ptune import partition, train
+from ptune import checkpoint, partition, train
 from ptune.data import batching
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -47,14 +47,67 @@ def test_lm_objective_on_decoders(make_config):
         assert 150 < metrics["perplexity"] < 400
 
 
+def results(workdir):
+    """metrics.jsonl without its timings, and the final adapter (saved after the last step)."""
+    timeless = [{k: v for k, v in json.loads(line).items() if k != "examples_per_s"}
+                for line in open(os.path.join(workdir, "metrics.jsonl"))]
+    return timeless, partition.flatten(checkpoint.load_adapter(str(workdir))[1])
+
+
 def test_same_seed_same_numbers_and_training_learns(make_config, tmp_path):
+    """Bitwise: every logged number, the final metrics and the final parameters."""
     config = make_config("lora", steps=30)
     config.optim.learning_rate = 3e-3
     a = train.train_and_evaluate(config, str(tmp_path / "a"))
     b = train.train_and_evaluate(config, str(tmp_path / "b"))
     assert a == b
-    first = json.loads(open(tmp_path / "a" / "metrics.jsonl").readline())
-    assert first["split"] == "train" and a["train_loss"] < first["loss"]
+    (records_a, params_a), (records_b, params_b) = results(tmp_path / "a"), results(tmp_path / "b")
+    assert records_a == records_b and len(records_a) == 31
+    assert params_a.keys() == params_b.keys()
+    assert all(np.array_equal(params_a[p], params_b[p]) for p in params_a)
+    assert records_a[0]["split"] == "train" and a["train_loss"] < records_a[0]["loss"]
+    assert sum(r.get("skipped_steps", 0) for r in records_a) == 0
+
+
+def poison_step(monkeypatch, poisoned: int):
+    """Training batches get a per-example `weight`: ones, NaN in the batch of step index `poisoned`,
+    so that step's loss and gradients are NaN."""
+    batch_at = batching.batch_at
+
+    def poisoned_batch_at(arrays, step, batch_size, seed):
+        batch = batch_at(arrays, step, batch_size, seed)
+        batch["weight"] = np.full(batch_size, np.nan if step == poisoned else 1.0, np.float32)
+        return batch
+    monkeypatch.setattr(batching, "batch_at", poisoned_batch_at)
+
+
+def nonfinite_config(make_config, mode):
+    config = make_config("lora", steps=6)
+    config.train.update(log_every=5, nonfinite=mode)   # the bad step 4 is found at the save of step 4
+    config.checkpoint.every_steps = 2
+    return config
+
+
+def test_nonfinite_step_stops_naming_it_and_keeps_the_last_good_checkpoint(make_config, tmp_path, monkeypatch):
+    poison_step(monkeypatch, 3)
+    with pytest.raises(ValueError, match=r"training step 4: the loss or gradients are not finite, so the step was "
+                                         r"not applied and the run stopped \(checkpoint step 2 is kept\); lower "
+                                         r"config.optim.learning_rate .* config.train.nonfinite='skip'"):
+        train.train_and_evaluate(nonfinite_config(make_config, "stop"), str(tmp_path))
+    assert sorted(os.listdir(tmp_path / "checkpoints")) == ["2"]
+    adapter = checkpoint.load_adapter(str(tmp_path))[1]
+    assert all(np.isfinite(x).all() for x in jax.tree.leaves(adapter))
+
+
+def test_nonfinite_step_is_skipped_and_counted(make_config, tmp_path, monkeypatch):
+    clean = train.train_and_evaluate(nonfinite_config(make_config, "skip"), str(tmp_path / "clean"))
+    poison_step(monkeypatch, 3)
+    final = train.train_and_evaluate(nonfinite_config(make_config, "skip"), str(tmp_path / "skip"))
+    records = [r for r in results(tmp_path / "skip")[0] if r["split"] == "train"]
+    assert [(r["step"], r["skipped_steps"]) for r in records] == [(5, 1), (6, 0)]
+    assert all(np.isfinite(r["loss"]) and np.isfinite(r["grad_norm"]) for r in records)
+    assert np.isfinite(final["train_loss"]) and final["validation_loss"] != clean["validation_loss"]
+    assert all(np.isfinite(x).all() for x in results(tmp_path / "skip")[1].values())
 
 
 def test_manual_prompt_evaluates_without_training(make_config, tmp_path):
@@ -96,28 +149,6 @@ def test_launcher_writes_metrics(tmp_path):
     assert "validation_accuracy" in json.load(open(tmp_path / "final_metrics.json"))
 
 
-@pytest.mark.parametrize("overrides,message", [
-    (["--config.method.name=lorra"], "unknown method 'lorra'"),
-    (["--config.method.rank=0"], "rank=0 must be a positive integer"),
-    (["--config.method.targets=q_proj"], "targets 'q_proj' match no layer"),
-    (["--config.task.max_length=200"], "exceeds the model's context of 128"),
-])
-def test_launcher_bad_input_exits_nonzero_and_writes_nothing(tmp_path, overrides, message):
-    workdir = tmp_path / "run"
-    proc = _launch(workdir, *overrides)
-    assert proc.returncode != 0
-    assert message in proc.stderr
-    assert not workdir.exists()
-
-
-def test_unknown_config_key(make_config):
-    config = make_config()
-    config.unlock()
-    config.train.stesp = 3
-    with pytest.raises(ValueError, match=r"unknown config key\(s\) \['config.train.stesp'\]"):
-        train.setup(config)
-
-
 def test_generation_task_trains_on_outputs(make_config, tmp_path):
     config = make_config("lora", steps=2)
     config.task.name = "chatterbot_qa"
@@ -127,21 +158,11 @@ def test_generation_task_trains_on_outputs(make_config, tmp_path):
     assert np.isfinite(final["train_loss"]) and final["validation_perplexity"] > 1
 
 
-def test_optimizer_group_override_and_unknown_group(make_config):
+def test_optimizer_group_override(make_config):
     config = make_config("lora", lr_ratio_b=4.0)
     config.optim.groups = {"lora": {"learning_rate": 0.01}}
     run = train.setup(config)
     assert partition.groups(run.labels) == ["lora", "lora_b"]
-    config.optim.groups = {"prompt": {"learning_rate": 0.3}}
-    with pytest.raises(partition.PartitionError, match=r"group\(s\) \['prompt'\] match no trainable label"):
-        train.setup(config)
-
-
-def test_template_index_selects_a_paraphrase(make_config):
-    config = make_config("manual")
-    config.task.template_index = 5
-    with pytest.raises(ValueError, match=r"template_index=5: task 'synthetic_sentiment' has 1 templates"):
-        train.setup(config)
 
 
 @pytest.mark.parametrize("task", ["synthetic_sentiment", "synthetic_lm"])

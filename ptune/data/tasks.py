@@ -54,6 +54,7 @@ class Task:
     num_classes: int = 0
     templates: tuple[Template, ...] = ()
     label_names: tuple[str, ...] = ()
+    files: dict[str, str] = dataclasses.field(default_factory=dict)   # split -> the file it was read from
 
     def __post_init__(self):
         if self.kind not in KINDS:
@@ -74,19 +75,22 @@ class Task:
         if name not in self.splits:
             raise ValueError(f"task {self.name!r} has no split {name!r}; splits: {sorted(self.splits)}")
         examples = self.splits[name]
+        where = f"task {self.name!r}: split {name!r}" + (f" ({self.files[name]})" if name in self.files else "")
         if not examples:
-            raise ValueError(f"task {self.name!r}: split {name!r} is empty")
+            raise ValueError(f"{where} is empty; give it examples (or check the task's options)")
         if self.kind == "classify":
-            bad = next((i for i, e in enumerate(examples) if e.get("label") not in range(self.num_classes)), None)
+            bad = next((i for i, e in enumerate(examples)
+                        if type(e.get("label")) is not int or e["label"] not in range(self.num_classes)), None)
             if bad is not None:
-                raise ValueError(f"task {self.name!r}: split {name!r} example {bad} has label "
-                                 f"{examples[bad].get('label')!r}, outside 0..{self.num_classes - 1}")
+                names = f" ({', '.join(self.label_names)})" if self.label_names else ""
+                raise ValueError(f"{where} example {bad} has label {examples[bad].get('label')!r}, outside the "
+                                 f"label set 0..{self.num_classes - 1}{names}; fix that example's label")
         if self.kind == "generate":
             bad = next((i for i, e in enumerate(examples)
                         if not (isinstance(e.get("input"), str) and isinstance(e.get("output"), str))), None)
             if bad is not None:
-                raise ValueError(f"task {self.name!r}: split {name!r} example {bad} lacks a string "
-                                 f"'input' and 'output': {examples[bad]!r}")
+                raise ValueError(f"{where} example {bad} lacks a string 'input' and 'output': "
+                                 f"{str(examples[bad])[:200]}; fix that example")
         return examples
 
 
@@ -180,16 +184,30 @@ CHAT_TEMPLATES = (
 # Real tasks.
 
 def read_jsonl(path: str | pathlib.Path) -> list[dict]:
+    """One JSON object per line (blank lines skipped); a bad line is an error naming file and line."""
+    records = []
     with open(path, encoding="utf-8") as f:
-        return [json.loads(line) for line in f if line.strip()]
+        for number, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except ValueError as e:
+                raise ValueError(f"{path}:{number}: not valid JSON ({e}); fix or delete that line") from None
+            if not isinstance(record, dict):
+                raise ValueError(f"{path}:{number}: a JSON {type(record).__name__}, not an object; fix that line")
+            records.append(record)
+    return records
 
 
 def load_dataset(dataset: str) -> tuple[dict[str, list[dict]], dict]:
-    """({split: records}, meta) of a converted data set, fetching it on first use."""
+    """({split: records}, meta) of a converted data set, fetching it on first use; meta["files"]
+    becomes {split: path of its file}."""
     from ptune import assets   # late: keeps `import ptune.data.tasks` free of the asset machinery
     directory = assets.ensure(dataset)
     meta = json.loads((directory / "meta.json").read_text(encoding="utf-8"))
-    return {s: read_jsonl(directory / f"{s}.jsonl") for s in SPLITS}, meta
+    meta["paths"] = {s: str(directory / f"{s}.jsonl") for s in SPLITS}
+    return {s: read_jsonl(meta["paths"][s]) for s in SPLITS}, meta
 
 
 def _with_words(prompts, words: dict[str, str], label_names, task: str) -> tuple[Template, ...]:
@@ -207,7 +225,8 @@ def _classification(name: str, dataset: str, templates, k_shot: int | None, shot
         templates = _with_words(templates, words, label_names, name)
     if k_shot is not None:
         splits["train"] = few_shot(splits["train"], k_shot, shot_seed, label_names=label_names)
-    return Task(name, "classify", splits, templates=templates, num_classes=len(label_names), label_names=label_names)
+    return Task(name, "classify", splits, templates=templates, num_classes=len(label_names), label_names=label_names,
+                files=meta["paths"])
 
 
 SENTIMENT_DOMAINS = ("all", "amazon", "imdb", "yelp")

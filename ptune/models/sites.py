@@ -22,6 +22,11 @@ from collections.abc import Sequence
 def targets_regex(targets: str | Sequence[str]) -> str:
     """A regex from PEFT-style `target_modules`: a regex string, or names matched as suffixes."""
     if isinstance(targets, str):
+        try:
+            re.compile(targets)
+        except re.error as e:
+            raise ValueError(f"targets {targets!r} is not a valid regex ({e}); fix it, or give a list of module "
+                             "names such as ['c_attn']") from None
         return targets
     return r"(^|/)(" + "|".join(re.escape(t).replace(r"\.", "/") for t in targets) + r")$"
 
