@@ -205,7 +205,8 @@ class Report:
         enc, dec = self.d["encoder"], self.d["decoder"]
         self.add("## Accuracy", "Validation accuracy (%) mean ± std over seeds (n = 3 unless shown); "
                  "test accuracy where the part measured it. MiniLM-L6 (encoder, fresh head), 60 steps of "
-                 "batch 8; SmolLM2-135M (decoder, verbalizer), Amazon sentiment, 24 steps of batch 8.")
+                 "batch 8; SmolLM2-135M (decoder, verbalizer), Amazon sentiment, 24 steps of batch 8. BitFit "
+                 "does not apply to SmolLM2: LLaMA-family layers have no bias terms.")
         groups = by(enc, "method", "task.name")
         rows = []
         for m in ordered({r["method"] for r in enc}):
