@@ -4,10 +4,12 @@ Everything, sweeps then report (tables, plots, docs/RESULTS.md):
 
     python scripts/study.py --workdir workdirs/study
 
-Expected on this 2-core CPU: about 75 minutes when the machine is otherwise idle (the rows in
-docs/RESULTS.md came from one such run, shared with other work, in about two hours). A finished
-point is skipped when run again, so an interrupted study continues where it stopped. One part
-alone (each is a sweep; `:part` reaches get_config and get_sweep):
+Expected on this 2-core CPU, measured job by job: about 3 to 3.5 hours when the machine is
+otherwise idle (MiniLM jobs of 3 vmapped seeds 2.5-4 minutes each, SmolLM2 jobs 6-10 minutes; the
+encoder part ~85 minutes, decoder ~60, data ~15, generate ~15, cost and multitask ~17). A finished
+point is skipped when run again, so an interrupted study continues where it stopped; the records
+of the runs behind docs/RESULTS.md are kept in docs/study-runs/ (copy them to the workdir to
+continue from them). One part alone (each is a sweep; `:part` reaches get_config and get_sweep):
 
     python scripts/sweep.py --config experiments/study.py:encoder --workdir workdirs/study/encoder --vmap
 

@@ -11,7 +11,8 @@ Stages, each skipped when its results exist (so an interrupted study continues):
               are COST_STEPS["decoder"] steps, for CPU time
   multitask   the encoder's four tasks as LoRA adapters in one bank vs one full model per task:
               storage, swap time, mixed-batch throughput
-  report      scripts/report.py: tables, plots and docs/RESULTS.md
+  report      copies the runs' records (no checkpoints, no event files) to --records, then
+              scripts/report.py writes tables, plots and docs/RESULTS.md from them
 --stages picks some of them (comma-separated).
 """
 
@@ -39,6 +40,8 @@ flags.DEFINE_string("workdir", None, "The study's directory (one sub-directory p
 flags.DEFINE_string("stages", ",".join(STAGES), f"Stages to run, of {STAGES}.")
 flags.DEFINE_string("measure", "", "Internal: 'part:method' runs the part's recipe in --workdir (cost stage).")
 flags.DEFINE_string("docs", os.path.join(ROOT, "docs"), "Where the report writes RESULTS.md and its plots.")
+flags.DEFINE_string("records", os.path.join(ROOT, "docs", "study-runs"),
+                    "Where the report stage keeps the runs' records (metrics, predictions, configs) it reads.")
 flags.mark_flags_as_required(["workdir"])
 
 
@@ -152,6 +155,18 @@ def multitask(workdir: str):
     _write_json(os.path.join(workdir, "multitask.json"), row)
 
 
+def keep_records(workdir: str, records: str):
+    """The study's records without what the report does not read (checkpoints, TensorBoard
+    events, the cost runs' workdirs: cost.json holds their numbers), replacing `records` whole."""
+    if os.path.abspath(workdir) == os.path.abspath(records):
+        return
+    shutil.rmtree(records + ".tmp", ignore_errors=True)
+    shutil.copytree(workdir, records + ".tmp",
+                    ignore=shutil.ignore_patterns("checkpoints", "events.out.tfevents.*", "cost"))
+    shutil.rmtree(records, ignore_errors=True)
+    os.replace(records + ".tmp", records)
+
+
 def _median_s(fn, repeats: int) -> float:
     import jax
     jax.block_until_ready(fn())   # compile / warm up
@@ -188,7 +203,8 @@ def main():
         if stage in study().PARTS:
             run_sweep(stage, F.workdir)
         elif stage == "report":
-            subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "report.py"), f"--workdir={F.workdir}",
+            keep_records(F.workdir, F.records)
+            subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "report.py"), f"--workdir={F.records}",
                             f"--docs={F.docs}"], check=True)
         elif stage == "cost":
             cost(F.workdir)
