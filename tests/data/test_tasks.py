@@ -108,7 +108,7 @@ def test_split_checks_and_synthetic_tasks_unchanged():
     empty = tasks.Task("t", "classify", {"train": []}, num_classes=2)
     with pytest.raises(ValueError, match="is empty"):
         empty.split("train")
-    with pytest.raises(ValueError, match="outside 0..1"):
+    with pytest.raises(ValueError, match="outside the label set 0..1"):
         tasks.Task("t", "classify", {"train": [{"text": "x", "label": 2}]}, num_classes=2).split("train")
     with pytest.raises(ValueError, match="lacks a string 'input' and 'output'"):
         tasks.Task("t", "generate", {"train": [{"input": "x"}]}).split("train")
