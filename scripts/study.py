@@ -38,7 +38,7 @@ COST_STEPS = {"encoder": None, "decoder": 8}   # None: the part's recipe
 
 flags.DEFINE_string("workdir", None, "The study's directory (one sub-directory per stage).")
 flags.DEFINE_string("stages", ",".join(STAGES), f"Stages to run, of {STAGES}.")
-flags.DEFINE_string("measure", "", "Internal: 'part:method' runs the part's recipe in --workdir (cost stage).")
+flags.DEFINE_string("measure", "", "Internal: 'part:method' runs one cost measurement in --workdir (cost stage).")
 flags.DEFINE_string("docs", os.path.join(ROOT, "docs"), "Where the report writes RESULTS.md and its plots.")
 flags.DEFINE_string("records", os.path.join(ROOT, "docs", "study-runs"),
                     "Where the report stage keeps the runs' records (metrics, predictions, configs) it reads.")
@@ -59,16 +59,16 @@ def run_sweep(part: str, workdir: str):
 
 
 def measure(spec: str, workdir: str):
-    """Child process of the cost stage: one method's recipe, logging every step, with the trained
-    adapter saved at the end and the validation split evaluated once."""
+    """Child process of the cost stage: one method trained COST_STEPS[part] steps (the recipe's
+    when None), logging every step, with the adapter saved and the validation split evaluated once
+    at the end."""
     from ptune import sweep, train
     part, method = spec.split(":")
     s = study()
     steps = COST_STEPS[part] or s.get_config(part).train.steps
     overrides = {"method": method, **s.METHODS[method], "train.steps": steps, "train.log_every": 1,
-                 "train.eval_every": steps,
-                 "checkpoint.every_steps": steps, "eval.splits": "", "eval.templates": False,
-                 "eval.predictions": False, "eval.lm_task": ""}
+                 "train.eval_every": steps, "checkpoint.every_steps": steps, "eval.splits": "",
+                 "eval.templates": False, "eval.predictions": False, "eval.lm_task": ""}
     train.train_and_evaluate(sweep.override(s.get_config(part), overrides, f"cost {spec}"), workdir)
 
 
