@@ -144,7 +144,8 @@ def fragility(rows) -> dict | None:
     spreads = [max(template_accuracies(r)) - min(template_accuracies(r)) for r in measured]
     stds = [statistics.pstdev(template_accuracies(r)) for r in measured]
     agree = [agreement([v for k, v in predictions(r).items() if "_t" in k]) for r in measured]
-    return {"mean": mean([mean(template_accuracies(r)) for r in measured]), "spread": mean(spreads), "std": mean(stds), "agree": mean([a for a in agree if a is not None]),
+    return {"mean": mean([mean(template_accuracies(r)) for r in measured]), "spread": mean(spreads),
+            "std": mean(stds), "agree": mean([a for a in agree if a is not None]),
             "best": mean([max(template_accuracies(r)) for r in measured]),
             "worst": mean([min(template_accuracies(r)) for r in measured]), "seeds": len(measured)}
 
