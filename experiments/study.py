@@ -16,11 +16,12 @@ continue from them). One part alone (each is a sweep; `:part` reaches get_config
 Parts (3 seeds everywhere something trains; the seeds of one method train as one vmapped job,
 VMAP_CHUNK below says how many at once):
   encoder   MiniLM-L6 (22.7M, a fresh head; no zero-shot: the shipped encoder has no MLM head),
-            9 training methods x {sentiment (3 domains pooled), spam}, 5 of them x {topic, genre},
-            60 steps of batch 8: accuracy, curves, paraphrase fragility, per-seed predictions.
-  decoder   SmolLM2-135M (verbalizer), 8 training methods (BitFit: no biases in LLaMA) + manual (zero-shot, every template) on
-            the Amazon sentiment domain, 24 steps of batch 8: accuracy, fragility, and Brown-corpus
-            perplexity after training (forgetting; manual = the untouched base).
+            9 training methods x {sentiment (3 domains pooled), spam}, full / LoRA / prompt x {topic,
+            genre}, 60 steps of batch 8: accuracy, curves, paraphrase fragility, per-seed predictions.
+  decoder   SmolLM2-135M (verbalizer), 8 training methods (not BitFit: LLaMA has no biases) +
+            manual (zero-shot, every template) on the Amazon sentiment domain, 24 steps of batch 8:
+            accuracy, fragility, and Brown-corpus perplexity after training (forgetting; manual =
+            the untouched base).
   data      MiniLM, sentiment with K = 16 / 64 / 256 examples per class, full / LoRA / prompt.
   generate  SmolLM2 on ChatterBot Q->A: LoRA and prompt tuning vs zero-shot, answer perplexity.
 
