@@ -157,12 +157,20 @@ def multitask(workdir: str):
 
 def keep_records(workdir: str, records: str):
     """The study's records without what the report does not read (checkpoints, TensorBoard
-    events, the cost runs' workdirs: cost.json holds their numbers), replacing `records` whole."""
+    events, the cost runs' workdirs: cost.json holds their numbers, unfinished points: a rerun
+    starts them afresh), replacing `records` whole."""
     if os.path.abspath(workdir) == os.path.abspath(records):
         return
+
+    def unread(directory, names):
+        def unfinished(name):
+            point = os.path.join(directory, name)
+            return os.path.exists(os.path.join(point, "config.json")) and not \
+                os.path.exists(os.path.join(point, "final_metrics.json"))
+        return {n for n in names if n in ("checkpoints", "cost") or n.startswith("events.out.tfevents.")
+                or unfinished(n)}
     shutil.rmtree(records + ".tmp", ignore_errors=True)
-    shutil.copytree(workdir, records + ".tmp",
-                    ignore=shutil.ignore_patterns("checkpoints", "events.out.tfevents.*", "cost"))
+    shutil.copytree(workdir, records + ".tmp", ignore=unread)
     shutil.rmtree(records, ignore_errors=True)
     os.replace(records + ".tmp", records)
 

@@ -131,3 +131,24 @@ def test_report_without_results_exits_2(tmp_path):
     out = subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "report.py"), f"--workdir={tmp_path}"],
                          capture_output=True, text=True)
     assert out.returncode == 2 and "holds no study results" in out.stderr
+
+
+def test_report_stage_keeps_only_the_records_it_reads(tmp_path):
+    work = tmp_path / "study"
+    synthetic_study(work, 0.0)
+    finished = next(p for p in (work / "encoder").iterdir() if p.is_dir())
+    (finished / "events.out.tfevents.1.vm").write_text("x")
+    (finished / "checkpoints" / "60").mkdir(parents=True)
+    unfinished = work / "encoder" / "method=full,seed=9"
+    unfinished.mkdir()
+    (unfinished / "config.json").write_text("{}")
+    (work / "cost" / "encoder" / "full" / "checkpoints").mkdir(parents=True)
+    records, docs = tmp_path / "records", tmp_path / "docs"
+    subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "study.py"), f"--workdir={work}", "--stages=report",
+                    f"--records={records}", f"--docs={docs}"], check=True, capture_output=True, text=True)
+    kept = records / "encoder" / finished.name
+    assert sorted(p.name for p in kept.iterdir()) == sorted(p.name for p in finished.iterdir()
+                                                            if p.name in ("metrics.jsonl", "predictions.json"))
+    assert not (records / "encoder" / unfinished.name).exists() and not (records / "cost").exists()
+    assert (records / "cost.json").exists() and (docs / "RESULTS.md").exists()
+    assert f"--workdir {records}" in (docs / "RESULTS.md").read_text()
