@@ -430,7 +430,7 @@ class Report:
 
         def draw(plt):
             fig, ax = plt.subplots(figsize=(7, 4.5))
-            for groups, marker, label in ((enc, "o", "MiniLM (mean of 4 tasks)"), (dec, "s", "SmolLM2 Amazon")):
+            for groups, marker, label in ((enc, "o", "MiniLM (mean over the tasks run)"), (dec, "s", "SmolLM2 Amazon")):
                 for m, rows in groups.items():
                     if m == "manual" or not rows:
                         continue
