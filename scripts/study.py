@@ -16,6 +16,7 @@ Stages, each skipped when its results exist (so an interrupted study continues):
 --stages picks some of them (comma-separated).
 """
 
+import functools
 import json
 import os
 import shutil
@@ -45,8 +46,9 @@ flags.DEFINE_string("records", os.path.join(ROOT, "docs", "study-runs"),
 flags.mark_flags_as_required(["workdir"])
 
 
+@functools.cache
 def study():
-    """experiments/study.py as a module (its METHODS, tasks and get_config)."""
+    """experiments/study.py as a module (its METHODS, tasks and get_config), loaded once."""
     from ptune import sweep
     return sweep.load_module(os.path.join(ROOT, "experiments", "study.py"))
 
