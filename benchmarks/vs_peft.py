@@ -1,0 +1,342 @@
+"""ptune against HF PEFT + transformers on PyTorch, on the same work (issue 8).
+
+    pip install -e '.[bench]'
+    python benchmarks/vs_peft.py [--shapes gpt2,smollm2-135m --methods full,lora,prompt,prefix,ia3
+                                  --dtypes float32,bfloat16 --steps 5 --warmup 2 --out bench.json]
+
+Same model shape (random weights: GPT-2 weights do not ship offline, and speed does not depend on
+the values), batch 8 x 128 random tokens, next-token loss on every token, AdamW (lr 1e-4, no
+weight decay), gradient clipping at 1.0, and the same method settings on both sides: LoRA r=8,
+alpha 16 on PEFT's default targets (GPT-2 c_attn; LLaMA q_proj, v_proj), prompt tuning 20 tokens,
+prefix tuning 20 tokens with PEFT's reparameterisation MLP (hidden 512), IA3 on PEFT's defaults.
+bf16 is ptune's compute dtype (float32 parameters, bf16 matmuls) against torch.autocast(bfloat16).
+
+Every measurement is its own subprocess, so its peak resident memory (VmHWM, the whole process
+from start to end) is its own; ptune and PyTorch alternate, one configuration after the other.
+PyTorch gets 2 threads (this machine's cores) and glibc malloc tuned as the issue measured it
+(up to 2x faster). Columns: median step seconds over --steps steps after --warmup steps, tokens/s,
+peak RSS, adapter bytes on disk (ptune: the adapter artifact of a checkpoint, trainable + metadata;
+PEFT: save_pretrained), first-step (compile) seconds, and model FLOP utilisation: the step's matmul
+FLOPs from the shape (`step_flops`) over its time, divided by the f32 matmul peak this script
+measures first in the same run (`peak`). Generation: tokens/s at batch 1 and 8, greedy, KV-cached,
+32-token prompts and 64 new tokens, for a prompt-tuned and a LoRA model.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+BATCH, LENGTH, VIRTUAL = 8, 128, 20
+PROMPT_LEN, NEW_TOKENS = 32, 64
+LR = 1e-4
+METHODS = ["full", "lora", "prompt", "prefix", "ia3"]
+SHAPES = ["gpt2", "smollm2-135m"]
+DTYPES = ["float32", "bfloat16"]
+# The issue's measurement of PyTorch on this kind of machine (its malloc tuning made it up to 2x faster).
+TORCH_ENV = {"MALLOC_MMAP_THRESHOLD_": "33554432", "MALLOC_TOP_PAD_": "1073741824",
+             "MALLOC_TRIM_THRESHOLD_": "68719476736", "OMP_NUM_THREADS": "2"}
+
+
+def peak_rss_bytes() -> int:
+    for line in open("/proc/self/status"):
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+    raise RuntimeError("VmHWM not in /proc/self/status")
+
+
+def du(path: str) -> int:
+    return sum(os.path.getsize(os.path.join(d, f)) for d, _, files in os.walk(path) for f in files)
+
+
+def timed(fn, steps: int, warmup: int) -> tuple[float, float]:
+    """(first call's seconds, median seconds of `steps` calls after `warmup` calls)."""
+    t0 = time.perf_counter()
+    fn()
+    first = time.perf_counter() - t0
+    for _ in range(warmup - 1):
+        fn()
+    times = []
+    for _ in range(steps):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return first, statistics.median(times)
+
+
+# ------------------------------------------------------------------------------------------ FLOPs
+
+def step_flops(shape: str, method: str) -> float:
+    """Matmul FLOPs of one training step: per token, 2N forward, 2N for the activation gradients
+    and 2N more for the weight gradients when the base trains (N = the weight matrices' parameters,
+    the tied LM head included), plus attention (scores and mixing, 4 S d per layer forward, twice
+    that backward). Prompt tuning adds its 20 positions to every sequence, prefix tuning 20 keys."""
+    from ptune.models import model_config
+    c = model_config(shape)
+    d, kv = c.hidden_size, c.num_kv_heads * c.head_dim
+    mlp = (3 if c.family == "llama" else 2) * d * c.intermediate_size
+    n = c.num_layers * (2 * d * d + 2 * d * kv + mlp) + d * c.vocab_size
+    tokens = LENGTH + (VIRTUAL if method == "prompt" else 0)
+    keys = tokens + (VIRTUAL if method == "prefix" else 0)
+    attention = c.num_layers * 4 * keys * d
+    per_token = (6 if method == "full" else 4) * n + 3 * attention
+    return BATCH * tokens * per_token
+
+
+def peak() -> dict:
+    """f32 matmul GFLOP/s, JAX and PyTorch, median of 10 after warm-up, for square sizes."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    import torch
+    torch.set_num_threads(2)
+    out = {}
+    for n in (1024, 2048, 4096):
+        a = np.random.default_rng(0).standard_normal((n, n), np.float32)
+        x = jnp.asarray(a)
+        f = jax.jit(lambda x: x @ x)
+        _, s = timed(lambda: f(x).block_until_ready(), 10, 2)
+        t = torch.from_numpy(a)
+        _, ts = timed(lambda: t @ t, 10, 2)
+        out[n] = {"jax_gflops": 2 * n ** 3 / s / 1e9, "torch_gflops": 2 * n ** 3 / ts / 1e9}
+    return out
+
+
+# ------------------------------------------------------------------------------------------ ptune
+
+def ptune_setup(shape: str, method: str, dtype: str):
+    from ptune import train
+    from ptune.config import base_config, with_method
+    config = with_method(base_config(), method)
+    config.model.update(preset=shape, dtype=dtype)
+    config.task.update(name="synthetic_lm", options={"n_train": 8, "n_eval": 8}, max_length=LENGTH)
+    config.optim.learning_rate = LR
+    config.train.update(steps=1, batch_size=BATCH, progress=False)
+    config.checkpoint.every_steps = 1
+    return config, train.setup(config)
+
+
+def ptune_train(shape: str, method: str, dtype: str, steps: int, warmup: int) -> dict:
+    import jax
+    import numpy as np
+
+    from ptune import checkpoint, partition, train
+    config, run = ptune_setup(shape, method, dtype)
+    ids = np.random.default_rng(0).integers(0, run.model.config.vocab_size, (BATCH, LENGTH)).astype(np.int32)
+    batch = {"input_ids": ids, "attention_mask": np.ones_like(ids), "loss_mask": np.ones_like(ids)}
+    trainable, frozen = partition.split(run.params, run.labels)
+    state = [trainable, run.tx.init(trainable)]
+    step = train.make_train_step(run)
+    tmp = tempfile.TemporaryDirectory()
+    checkpoints = checkpoint.Checkpoints(tmp.name, run, train.dropout_key(0))   # reads run.params: before donation
+
+    def one():
+        *state[:], metrics = step(*state, frozen, batch, jax.random.key(0))   # donated: keep the new state
+        jax.block_until_ready(metrics)
+    first, median = timed(one, steps, warmup)
+    saved = checkpoints.save(1, *state)
+    checkpoints.close()
+    tmp.cleanup()
+    return {"step_s": median, "first_step_s": first, "peak_rss": peak_rss_bytes(),
+            "adapter_bytes": saved["adapter_bytes"], "trainable": saved["trainable_bytes"] // 4}
+
+
+def ptune_generate(shape: str, method: str, batch: int, steps: int) -> dict:
+    import numpy as np
+
+    from ptune import generate
+    _, run = ptune_setup(shape, method, "float32")
+    prompts = np.random.default_rng(0).integers(0, run.model.config.vocab_size, (batch, PROMPT_LEN)).tolist()
+    go = lambda: generate.generate(run.model, run.params, prompts, NEW_TOKENS, eos_id=-1, pad_id=0)
+    first, median = timed(go, steps, 1)
+    return {"tokens_per_s": batch * NEW_TOKENS / median, "first_s": first, "peak_rss": peak_rss_bytes()}
+
+
+# ------------------------------------------------------------------------------------------ PyTorch
+
+def torch_model(shape: str, method: str):
+    """transformers' model of `shape` with PEFT's `method` applied; random weights, no dropout."""
+    import peft
+    import torch
+    import transformers
+
+    from ptune.models import model_config
+    torch.manual_seed(0)
+    p = dataclasses.asdict(model_config(shape))
+    if p["family"] == "gpt2":
+        cfg = transformers.GPT2Config(vocab_size=p["vocab_size"], n_embd=p["hidden_size"], n_layer=p["num_layers"],
+                                      n_head=p["num_heads"], n_positions=p["max_positions"], resid_pdrop=0.0,
+                                      bos_token_id=p["vocab_size"] - 1, eos_token_id=p["vocab_size"] - 1,
+                                      embd_pdrop=0.0, attn_pdrop=0.0)
+        model, targets = transformers.GPT2LMHeadModel(cfg), ["c_attn"]
+    else:
+        cfg = transformers.LlamaConfig(vocab_size=p["vocab_size"], hidden_size=p["hidden_size"],
+                                       num_hidden_layers=p["num_layers"], num_attention_heads=p["num_heads"],
+                                       num_key_value_heads=p["num_kv_heads"], intermediate_size=p["intermediate_size"],
+                                       max_position_embeddings=p["max_positions"], rms_norm_eps=p["norm_eps"],
+                                       rope_theta=p["rope_theta"], tie_word_embeddings=True)
+        model, targets = transformers.LlamaForCausalLM(cfg), ["q_proj", "v_proj"]
+    kinds = {
+        "lora": lambda: peft.LoraConfig(task_type="CAUSAL_LM", r=8, lora_alpha=16, lora_dropout=0.0,
+                                        target_modules=targets, fan_in_fan_out=p["family"] == "gpt2"),
+        "prompt": lambda: peft.PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=VIRTUAL),
+        "prefix": lambda: peft.PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=VIRTUAL,
+                                                  prefix_projection=True, encoder_hidden_size=512),
+        "ia3": lambda: peft.IA3Config(task_type="CAUSAL_LM"),
+    }
+    return model if method == "full" else peft.get_peft_model(model, kinds[method]())
+
+
+def torch_train(shape: str, method: str, dtype: str, steps: int, warmup: int) -> dict:
+    import contextlib
+
+    import numpy as np
+    import torch
+    torch.set_num_threads(2)
+    model = torch_model(shape, method)
+    model.train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=LR, weight_decay=0.0, fused=True)
+    ids = torch.from_numpy(np.random.default_rng(0).integers(0, model.config.vocab_size, (BATCH, LENGTH)))
+    mask = torch.ones_like(ids)
+    autocast = (lambda: torch.autocast("cpu", dtype=torch.bfloat16)) if dtype == "bfloat16" else contextlib.nullcontext
+
+    def one():
+        with autocast():
+            loss = model(input_ids=ids, attention_mask=mask, labels=ids).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    first, median = timed(one, steps, warmup)
+    with tempfile.TemporaryDirectory() as tmp:
+        model.save_pretrained(tmp)
+        size = du(tmp)
+    return {"step_s": median, "first_step_s": first, "peak_rss": peak_rss_bytes(), "adapter_bytes": size,
+            "trainable": sum(p.numel() for p in params)}
+
+
+def torch_generate(shape: str, method: str, batch: int, steps: int) -> dict:
+    import numpy as np
+    import torch
+    torch.set_num_threads(2)
+    model = torch_model(shape, method).eval()
+    ids = torch.from_numpy(np.random.default_rng(0).integers(0, model.config.vocab_size, (batch, PROMPT_LEN)))
+
+    def go():
+        with torch.inference_mode():
+            model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=NEW_TOKENS,
+                           min_new_tokens=NEW_TOKENS, do_sample=False, use_cache=True, pad_token_id=0)
+    first, median = timed(go, steps, 1)
+    return {"tokens_per_s": batch * NEW_TOKENS / median, "first_s": first, "peak_rss": peak_rss_bytes()}
+
+
+# ------------------------------------------------------------------------------------------ driver
+
+CHILDREN = {"ptune:train": ptune_train, "torch:train": torch_train,
+            "ptune:generate": ptune_generate, "torch:generate": torch_generate}
+
+
+def child(args, kind: str, *spec) -> dict:
+    """Run one measurement in a fresh process and return its JSON."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", **(TORCH_ENV if kind.startswith("torch") else {})}
+    cmd = [sys.executable, __file__, f"--steps={args.steps}", f"--warmup={args.warmup}",
+           "--child=" + ":".join((kind, *map(str, spec)))]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    if proc.returncode:
+        raise SystemExit(f"{' '.join(cmd)} failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def run_child(spec: str, steps: int, warmup: int) -> dict:
+    if spec == "peak":
+        return peak()
+    framework, what, *rest = spec.split(":")
+    fn = CHILDREN[f"{framework}:{what}"]
+    if what == "train":
+        return fn(*rest, steps, warmup)
+    return fn(rest[0], rest[1], int(rest[2]), steps)
+
+
+def check_choice(flag: str, given: list[str], valid: list[str]):
+    unknown = sorted(set(given) - set(valid))
+    if unknown:
+        raise SystemExit(f"--{flag}: unknown {unknown}; choose from {valid}")
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--shapes", default=",".join(SHAPES))
+    ap.add_argument("--methods", default=",".join(METHODS))
+    ap.add_argument("--dtypes", default=",".join(DTYPES))
+    ap.add_argument("--generate", default="lora,prompt", help="methods whose generation is measured ('' = none)")
+    ap.add_argument("--steps", type=int, default=5, help="timed steps (or generations) after warm-up")
+    ap.add_argument("--warmup", type=int, default=2, help="untimed steps first (the first one compiles)")
+    ap.add_argument("--out", default="", help="also write every measurement to this JSON file")
+    ap.add_argument("--child", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.child:
+        print(json.dumps(run_child(args.child, args.steps, args.warmup)))
+        return
+    shapes, methods, dtypes = args.shapes.split(","), args.methods.split(","), args.dtypes.split(",")
+    generate = [m for m in args.generate.split(",") if m]
+    for flag, given, valid in (("shapes", shapes, SHAPES), ("methods", methods, METHODS), ("dtypes", dtypes, DTYPES),
+                               ("generate", generate, METHODS)):
+        check_choice(flag, given, valid)
+    if args.steps < 5 or args.warmup < 1:
+        raise SystemExit("--steps must be >= 5 and --warmup >= 1 (medians of at least 5 steps after warm-up)")
+    if args.out and os.path.exists(args.out):
+        raise SystemExit(f"--out {args.out} exists; give a new file name")
+
+    results = {"peak": child(args, "peak")}
+    best = max(r["jax_gflops"] for r in results["peak"].values())
+    print("f32 matmul GFLOP/s, n x n @ n x n: " + ", ".join(
+        f"n={n} JAX {r['jax_gflops']:.0f} / torch {r['torch_gflops']:.0f}" for n, r in results["peak"].items())
+        + f"; peak used for MFU: {best:.0f}", flush=True)
+    print(f"batch {BATCH} x {LENGTH}, median of {args.steps} steps after {args.warmup}; ratio = ptune / PEFT")
+    header = ("shape", "dtype", "method", "ptune s", "PEFT s", "ratio", "ptune tok/s", "ptune GB", "PEFT GB", "ratio",
+              "ptune kB", "PEFT kB", "ptune 1st s", "PEFT 1st s", "MFU")
+    print("| " + " | ".join(header) + " |\n|" + "---|" * len(header), flush=True)
+    results["train"] = []
+    for shape in shapes:
+        for dtype in dtypes:
+            for method in methods:
+                p = child(args, "ptune:train", shape, method, dtype)
+                t = child(args, "torch:train", shape, method, dtype)
+                flops = step_flops(shape, method)
+                results["train"].append({"shape": shape, "dtype": dtype, "method": method, "ptune": p, "torch": t,
+                                         "flops": flops, "mfu": flops / p["step_s"] / (best * 1e9)})
+                cells = (shape, dtype, method, f"{p['step_s']:.2f}", f"{t['step_s']:.2f}",
+                         f"{p['step_s'] / t['step_s']:.2f}", f"{BATCH * LENGTH / p['step_s']:.0f}",
+                         f"{p['peak_rss'] / 2**30:.2f}", f"{t['peak_rss'] / 2**30:.2f}",
+                         f"{p['peak_rss'] / t['peak_rss']:.2f}", f"{p['adapter_bytes'] / 1e3:,.0f}",
+                         f"{t['adapter_bytes'] / 1e3:,.0f}", f"{p['first_step_s']:.1f}", f"{t['first_step_s']:.1f}",
+                         f"{results['train'][-1]['mfu']:.0%}")
+                print("| " + " | ".join(cells) + " |", flush=True)
+    if generate:
+        print(f"\ngeneration, f32, greedy, {PROMPT_LEN}-token prompts + {NEW_TOKENS} new tokens, KV cache; "
+              f"median of {args.steps} after 1")
+        print("| shape | method | batch | ptune tok/s | PEFT tok/s | ratio | ptune 1st s |\n|---|---|---|---|---|---|---|")
+        results["generate"] = []
+        for shape in shapes:
+            for method in generate:
+                for b in (1, 8):
+                    p = child(args, "ptune:generate", shape, method, b)
+                    t = child(args, "torch:generate", shape, method, b)
+                    results["generate"].append({"shape": shape, "method": method, "batch": b, "ptune": p, "torch": t})
+                    print(f"| {shape} | {method} | {b} | {p['tokens_per_s']:.0f} | {t['tokens_per_s']:.0f} | "
+                          f"{p['tokens_per_s'] / t['tokens_per_s']:.2f} | {p['first_s']:.1f} |", flush=True)
+    if args.out:
+        with open(args.out, "x") as f:
+            json.dump(results, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
