@@ -16,8 +16,9 @@ from start to end) is its own; ptune and PyTorch alternate, one configuration af
 PyTorch gets 2 threads (this machine's cores) and glibc malloc tuned as the issue measured it
 (up to 2x faster). Columns: median step seconds over --steps steps after --warmup steps, tokens/s,
 peak RSS, adapter bytes on disk (ptune: the adapter artifact of a checkpoint, trainable + metadata;
-PEFT: save_pretrained), first-step (compile) seconds, and model FLOP utilisation: the step's matmul
-FLOPs from the shape (`step_flops`) over its time, divided by the f32 matmul peak this script
+PEFT: save_pretrained), first-step seconds (ptune's includes compiling), the step's matmul FLOPs
+from the shape (`step_flops`; XLA's own count of the compiled step beside it), and model FLOP
+utilisation: those FLOPs over the step time, divided by the f32 matmul peak this script
 measures first in the same run (`peak`). Generation: tokens/s at batch 1 and 8, greedy, KV-cached,
 32-token prompts and 64 new tokens, for a prompt-tuned and a LoRA model.
 """
@@ -133,7 +134,9 @@ def ptune_train(shape: str, method: str, dtype: str, steps: int, warmup: int) ->
     batch = {"input_ids": ids, "attention_mask": np.ones_like(ids), "loss_mask": np.ones_like(ids)}
     trainable, frozen = partition.split(run.params, run.labels)
     state = [trainable, run.tx.init(trainable)]
-    step = train.make_train_step(run)
+    t0 = time.perf_counter()
+    step = train.make_train_step(run).lower(*state, frozen, batch, jax.random.key(0)).compile()
+    compile_s = time.perf_counter() - t0
     tmp = tempfile.TemporaryDirectory()
     checkpoints = checkpoint.Checkpoints(tmp.name, run, train.dropout_key(0))   # reads run.params: before donation
 
@@ -144,8 +147,9 @@ def ptune_train(shape: str, method: str, dtype: str, steps: int, warmup: int) ->
     saved = checkpoints.save(1, *state)
     checkpoints.close()
     tmp.cleanup()
-    return {"step_s": median, "first_step_s": first, "peak_rss": peak_rss_bytes(),
-            "adapter_bytes": saved["adapter_bytes"], "trainable": saved["trainable_bytes"] // 4}
+    return {"step_s": median, "first_step_s": first + compile_s, "compile_s": compile_s, "peak_rss": peak_rss_bytes(),
+            "adapter_bytes": saved["adapter_bytes"], "trainable": saved["trainable_bytes"] // 4,
+            "xla_flops": step.cost_analysis().get("flops", float("nan"))}
 
 
 def ptune_generate(shape: str, method: str, batch: int, steps: int) -> dict:
@@ -302,7 +306,7 @@ def main():
         + f"; peak used for MFU: {best:.0f}", flush=True)
     print(f"batch {BATCH} x {LENGTH}, median of {args.steps} steps after {args.warmup}; ratio = ptune / PEFT")
     header = ("shape", "dtype", "method", "ptune s", "PEFT s", "ratio", "ptune tok/s", "ptune GB", "PEFT GB", "ratio",
-              "ptune kB", "PEFT kB", "ptune 1st s", "PEFT 1st s", "MFU")
+              "ptune kB", "PEFT kB", "ptune 1st s", "PEFT 1st s", "GFLOP (XLA's)", "MFU")
     print("| " + " | ".join(header) + " |\n|" + "---|" * len(header), flush=True)
     results["train"] = []
     for shape in shapes:
@@ -318,7 +322,7 @@ def main():
                          f"{p['peak_rss'] / 2**30:.2f}", f"{t['peak_rss'] / 2**30:.2f}",
                          f"{p['peak_rss'] / t['peak_rss']:.2f}", f"{p['adapter_bytes'] / 1e3:,.0f}",
                          f"{t['adapter_bytes'] / 1e3:,.0f}", f"{p['first_step_s']:.1f}", f"{t['first_step_s']:.1f}",
-                         f"{results['train'][-1]['mfu']:.0%}")
+                         f"{flops / 1e9:.0f} ({p['xla_flops'] / 1e9:.0f})", f"{results['train'][-1]['mfu']:.0%}")
                 print("| " + " | ".join(cells) + " |", flush=True)
     if generate:
         print(f"\ngeneration, f32, greedy, {PROMPT_LEN}-token prompts + {NEW_TOKENS} new tokens, KV cache; "
