@@ -4,9 +4,10 @@ Everything, sweeps then report (tables, plots, docs/RESULTS.md):
 
     python scripts/study.py --workdir workdirs/study
 
-Expected on this 2-core CPU, measured job by job: about 3 to 3.5 hours when the machine is
-otherwise idle (MiniLM jobs of 3 vmapped seeds 2.5-4 minutes each, SmolLM2 jobs 6-10 minutes; the
-encoder part ~85 minutes, decoder ~60, data ~15, generate ~15, cost and multitask ~17). A finished
+Expected on this 2-core CPU, measured job by job: about 4 hours when the machine is otherwise
+idle (MiniLM jobs of 3 vmapped seeds 2.5-4 minutes each, ~10 for topic and genre with their large
+validation sets; SmolLM2 jobs 6-19 minutes; the encoder part ~115 minutes, decoder ~70, data ~20,
+generate ~10, cost ~20, multitask ~1). A finished
 point is skipped when run again, so an interrupted study continues where it stopped; the records
 of the runs behind docs/RESULTS.md are kept in docs/study-runs/ (copy them to the workdir to
 continue from them). One part alone (each is a sweep; `:part` reaches get_config and get_sweep):
