@@ -269,12 +269,6 @@ def run_child(spec: str, steps: int, warmup: int) -> dict:
     return fn(rest[0], rest[1], int(rest[2]), steps)
 
 
-def check_choice(flag: str, given: list[str], valid: list[str]):
-    unknown = sorted(set(given) - set(valid))
-    if unknown:
-        raise SystemExit(f"--{flag}: unknown {unknown}; choose from {valid}")
-
-
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--shapes", default=",".join(SHAPES))
@@ -293,11 +287,12 @@ def main():
     generate = [m for m in args.generate.split(",") if m]
     for flag, given, valid in (("shapes", shapes, SHAPES), ("methods", methods, METHODS), ("dtypes", dtypes, DTYPES),
                                ("generate", generate, METHODS)):
-        check_choice(flag, given, valid)
+        if unknown := sorted(set(given) - set(valid)):
+            ap.error(f"--{flag}: unknown {unknown}; choose from {valid}")
     if args.steps < 5 or args.warmup < 1:
-        raise SystemExit("--steps must be >= 5 and --warmup >= 1 (medians of at least 5 steps after warm-up)")
+        ap.error("--steps must be >= 5 and --warmup >= 1 (medians of at least 5 steps after warm-up)")
     if args.out and os.path.exists(args.out):
-        raise SystemExit(f"--out {args.out} exists; give a new file name")
+        ap.error(f"--out {args.out} exists; give a new file name")
 
     results = {"peak": child(args, "peak")}
     best = max(r["jax_gflops"] for r in results["peak"].values())
