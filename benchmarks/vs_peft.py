@@ -26,7 +26,6 @@ measures first in the same run (`peak`). Generation: tokens/s at batch 1 and 8, 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import os
 import statistics
@@ -121,7 +120,7 @@ def ptune_setup(shape: str, method: str, dtype: str):
     config.optim.learning_rate = LR
     config.train.update(steps=1, batch_size=BATCH, progress=False)
     config.checkpoint.every_steps = 1
-    return config, train.setup(config)
+    return train.setup(config)
 
 
 def ptune_train(shape: str, method: str, dtype: str, steps: int, warmup: int) -> dict:
@@ -129,7 +128,8 @@ def ptune_train(shape: str, method: str, dtype: str, steps: int, warmup: int) ->
     import numpy as np
 
     from ptune import checkpoint, partition, train
-    config, run = ptune_setup(shape, method, dtype)
+    run = ptune_setup(shape, method, dtype)
+    trainable_count = run.summary.trainable   # before the step donates run.params' arrays
     ids = np.random.default_rng(0).integers(0, run.model.config.vocab_size, (BATCH, LENGTH)).astype(np.int32)
     batch = {"input_ids": ids, "attention_mask": np.ones_like(ids), "loss_mask": np.ones_like(ids)}
     trainable, frozen = partition.split(run.params, run.labels)
@@ -148,7 +148,7 @@ def ptune_train(shape: str, method: str, dtype: str, steps: int, warmup: int) ->
     checkpoints.close()
     tmp.cleanup()
     return {"step_s": median, "first_step_s": first + compile_s, "compile_s": compile_s, "peak_rss": peak_rss_bytes(),
-            "adapter_bytes": saved["adapter_bytes"], "trainable": saved["trainable_bytes"] // 4,
+            "adapter_bytes": saved["adapter_bytes"], "trainable": trainable_count,
             "xla_flops": step.cost_analysis().get("flops", float("nan"))}
 
 
@@ -156,7 +156,7 @@ def ptune_generate(shape: str, method: str, batch: int, steps: int) -> dict:
     import numpy as np
 
     from ptune import generate
-    _, run = ptune_setup(shape, method, "float32")
+    run = ptune_setup(shape, method, "float32")
     prompts = np.random.default_rng(0).integers(0, run.model.config.vocab_size, (batch, PROMPT_LEN)).tolist()
     go = lambda: generate.generate(run.model, run.params, prompts, NEW_TOKENS, eos_id=-1, pad_id=0)
     first, median = timed(go, steps, 1)
@@ -171,25 +171,16 @@ def torch_model(shape: str, method: str):
     import torch
     import transformers
 
-    from ptune.models import model_config
+    from ptune.models import DEFAULT_TARGETS, checkpoints, model_config
     torch.manual_seed(0)
-    p = dataclasses.asdict(model_config(shape))
-    if p["family"] == "gpt2":
-        cfg = transformers.GPT2Config(vocab_size=p["vocab_size"], n_embd=p["hidden_size"], n_layer=p["num_layers"],
-                                      n_head=p["num_heads"], n_positions=p["max_positions"], resid_pdrop=0.0,
-                                      bos_token_id=p["vocab_size"] - 1, eos_token_id=p["vocab_size"] - 1,
-                                      embd_pdrop=0.0, attn_pdrop=0.0)
-        model, targets = transformers.GPT2LMHeadModel(cfg), ["c_attn"]
-    else:
-        cfg = transformers.LlamaConfig(vocab_size=p["vocab_size"], hidden_size=p["hidden_size"],
-                                       num_hidden_layers=p["num_layers"], num_attention_heads=p["num_heads"],
-                                       num_key_value_heads=p["num_kv_heads"], intermediate_size=p["intermediate_size"],
-                                       max_position_embeddings=p["max_positions"], rms_norm_eps=p["norm_eps"],
-                                       rope_theta=p["rope_theta"], tie_word_embeddings=True)
-        model, targets = transformers.LlamaForCausalLM(cfg), ["q_proj", "v_proj"]
+    cfg = model_config(shape)
+    hf = checkpoints.config_to_hf(cfg)   # the conversion ptune's own exports use
+    no_dropout = dict(resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0) if cfg.family == "gpt2" else {}
+    model = getattr(transformers, hf["architectures"][0])(transformers.AutoConfig.for_model(**hf, **no_dropout))
+    targets = DEFAULT_TARGETS[cfg.family]["lora"]
     kinds = {
         "lora": lambda: peft.LoraConfig(task_type="CAUSAL_LM", r=8, lora_alpha=16, lora_dropout=0.0,
-                                        target_modules=targets, fan_in_fan_out=p["family"] == "gpt2"),
+                                        target_modules=targets, fan_in_fan_out=cfg.family == "gpt2"),
         "prompt": lambda: peft.PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=VIRTUAL),
         "prefix": lambda: peft.PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=VIRTUAL,
                                                   prefix_projection=True, encoder_hidden_size=512),
