@@ -274,14 +274,16 @@ def train_step_fn(run: Run):
             zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
             (grads, metrics), _ = jax.lax.scan(add, zeros, jnp.arange(accum))
         grads = jax.tree.map(lambda g: g / jnp.maximum(metrics["count"], 1), grads)
-        updates, new_opt_state = run.tx.update(grads, opt_state, trainable)
         metrics["grad_norm"] = optax.tree.norm(grads)
         finite = jnp.isfinite(metrics["loss_sum"]) & jnp.isfinite(metrics["grad_norm"])
-        if_finite = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
-        metrics = if_finite(metrics, jax.tree.map(jnp.zeros_like, metrics))
+
+        def apply(trainable, opt_state):
+            updates, opt_state = run.tx.update(grads, opt_state, trainable)
+            return optax.apply_updates(trainable, updates), opt_state
+        trainable, opt_state = jax.lax.cond(finite, apply, lambda t, o: (t, o), trainable, opt_state)
+        metrics = jax.tree.map(lambda m: jnp.where(finite, m, jnp.zeros_like(m)), metrics)
         metrics["nonfinite"] = (~finite).astype(jnp.float32)
-        return (if_finite(optax.apply_updates(trainable, updates), trainable), if_finite(new_opt_state, opt_state),
-                metrics)
+        return trainable, opt_state, metrics
     return step
 
 
