@@ -1,6 +1,7 @@
 """Losses and predictions for each task objective.
 
-    lm          next-token cross-entropy over `loss_mask`           (decoders)
+    lm          next-token cross-entropy over `loss_mask`, fused with
+                the LM head so the vocab-wide logits are never whole   (decoders)
     verbalizer  classify by the LM's next-token logits restricted to
                 the verbalizer's first tokens, after the template     (decoders)
     head        classify with the task head (`classifier`/`score`)    (all families)
@@ -14,9 +15,10 @@ import optax
 OBJECTIVES = ("lm", "verbalizer", "head")
 
 
-def _apply(model, params, batch, output: str, rng, deterministic: bool):
+def _apply(model, params, batch, output: str, rng, deterministic: bool, targets=None):
+    extra = {} if targets is None else {"targets": targets}
     return model.apply({"params": params}, batch["input_ids"], batch["attention_mask"], output=output,
-                       deterministic=deterministic, rngs={"dropout": rng} if rng is not None else None)
+                       deterministic=deterministic, rngs={"dropout": rng} if rng is not None else None, **extra)
 
 
 def class_logits(model, params, batch, objective: str, label_ids=None, rng=None, deterministic=True):
@@ -30,13 +32,11 @@ def class_logits(model, params, batch, objective: str, label_ids=None, rng=None,
 def loss(model, params, batch, objective: str, label_ids=None, rng=None, deterministic=True):
     """(mean loss, metrics) with per-example `weight` (1 when absent); metrics are weighted sums."""
     weight = batch.get("weight", jnp.ones(batch["input_ids"].shape[0], jnp.float32))
-    if objective == "lm":
-        logits = _apply(model, params, batch, "logits", rng, deterministic)
-        token_loss = optax.softmax_cross_entropy_with_integer_labels(
-            logits[:, :-1].astype(jnp.float32), batch["input_ids"][:, 1:])
-        mask = batch["loss_mask"][:, 1:] * weight[:, None]
+    if objective == "lm":   # position t predicts token t + 1; the last position predicts nothing
+        shift = lambda x: jnp.pad(x[:, 1:], [(0, 0), (0, 1)])
+        mask = shift(batch["loss_mask"]) * weight[:, None]
+        total = _apply(model, params, batch, "nll_sum", rng, deterministic, (shift(batch["input_ids"]), mask))
         tokens = mask.sum()
-        total = (token_loss * mask).sum()
         return total / jnp.maximum(tokens, 1), {"loss_sum": total, "count": tokens}
     logits = class_logits(model, params, batch, objective, label_ids, rng, deterministic)
     per_example = optax.softmax_cross_entropy_with_integer_labels(logits, batch["labels"])

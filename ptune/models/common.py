@@ -17,7 +17,7 @@ from ptune.models.config import ModelConfig
 from ptune.models.layers import Linear, PrefixKV, SoftPrompt, param, visible_mask
 from ptune.models.sites import Sites
 
-OUTPUTS = ("hidden", "logits", "last_logits", "class")
+OUTPUTS = ("hidden", "logits", "last_logits", "class", "nll_sum")
 
 
 class Prepared(NamedTuple):
@@ -79,11 +79,13 @@ def prepare(model: nn.Module, tok, attention_mask, positions, *, decode: bool, w
     return Prepared(tok, positions, this_mask, visible, prefix, cache_index, prepended)
 
 
-def outputs(model: nn.Module, h, mask, n_prompt: int, output: str, lm_logits=None, pool=None):
+def outputs(model: nn.Module, h, mask, n_prompt: int, output: str, lm_head=None, pool=None, targets=None):
     """Drop the prompt positions and compute the requested output.
 
     hidden: (B,T,d); logits: (B,T,V); last_logits: (B,V) at the last real token;
-    class: (B,num_labels) from the task head on the pooled (or last-token) state.
+    class: (B,num_labels) from the task head on the pooled (or last-token) state;
+    nll_sum: sum of weight * -log p(target) over positions, `targets` = (ids, weights), both (B,T)
+    (see `nll_sum`). `lm_head` is (module, fn): the logits are fn(module, h).
     """
     if output not in OUTPUTS:
         raise ValueError(f"output={output!r}; choose one of {OUTPUTS}")
@@ -97,24 +99,97 @@ def outputs(model: nn.Module, h, mask, n_prompt: int, output: str, lm_logits=Non
         last if pooled is None else pooled)
     if model.is_initializing():
         # Create every head's parameters, whatever output init was asked for.
-        if lm_logits:
-            lm_logits(last)
+        if lm_head:
+            lm_head[1](lm_head[0], last)
         if cfg.num_labels and output != "class":
             class_logits()
     if output == "hidden":
         return h
     if output == "class":
         return class_logits()
-    if lm_logits is None:
+    if lm_head is None:
         raise ValueError(f"{type(model).__name__} has no language-model head for output={output!r}")
-    return lm_logits(h if output == "logits" else last)
+    if output == "nll_sum":
+        if targets is None:
+            raise ValueError("output='nll_sum' needs targets=(ids, weights), both (B, T)")
+        module, fn = lm_head
+        logits_fn = lambda variables, x: module.clone(parent=None).apply(variables, x, method=fn)
+        return nll_sum(logits_fn, {"params": module.variables["params"]}, h, *targets)
+    return lm_head[1](lm_head[0], h if output == "logits" else last)
+
+
+def nll_sum(logits_fn, head_vars, h, ids, weights, chunk_tokens: int = 256, max_chunks: int = 16):
+    """sum(weights * -log softmax(logits_fn(head_vars, h))[ids]) without the (B, T, vocab) logits.
+
+    Fused linear cross-entropy: the positions are cut into chunks along T (the batch axis stays
+    whole, so a data-parallel sharding is untouched) and a scan makes each chunk's logits, reduces
+    them to its loss and, when differentiated, turns them into the head's and `h`'s gradients in
+    the forward pass; the backward pass only scales those. With a 50k vocabulary the logits were
+    the step's largest buffers; now one chunk's exist at a time and none is kept or recomputed.
+    Head leaves that are not differentiated (a frozen tied embedding) get no gradient work.
+    """
+    B, T = ids.shape
+    n = min(max_chunks, max(1, B * T // chunk_tokens), T)
+    size = -(-T // n)
+    # (B, T, ...) -> (n, B, size, ...), padding weighing 0.
+    chunks = lambda x: jnp.moveaxis(jnp.pad(x, [(0, 0), (0, n * size - T)] + [(0, 0)] * (x.ndim - 2)).reshape(
+        (B, n, size) + x.shape[2:]), 1, 0)
+    xs = (chunks(ids), chunks(weights.astype(jnp.float32)))
+
+    def chunk_loss(logits, ids, weights):
+        logits = logits.astype(jnp.float32)
+        lse = jax.nn.logsumexp(logits, -1)
+        picked = jnp.take_along_axis(logits, ids[..., None], -1)[..., 0]
+        return logits, lse, ((lse - picked) * weights).sum()
+
+    static = {}
+
+    @jax.custom_vjp
+    def fused(head_vars, hs):
+        step = lambda total, x: (total + chunk_loss(logits_fn(head_vars, x[0]), *x[1:])[2], None)
+        return jax.lax.scan(step, jnp.zeros((), jnp.float32), (hs,) + xs)[0]
+
+    def forward(head_vars, hs):
+        leaves, treedef = jax.tree.flatten(head_vars)
+        trained = [i for i, leaf in enumerate(leaves) if leaf.perturbed]
+        values = [leaf.value for leaf in leaves]
+
+        def logits_of(trained_values, h):
+            full = list(values)
+            for i, v in zip(trained, trained_values):
+                full[i] = v
+            return logits_fn(jax.tree.unflatten(treedef, full), h)
+
+        def step(carry, x):
+            total, grads = carry
+            h, ids, weights = x
+            out, vjp = jax.vjp(logits_of, [values[i] for i in trained], h)
+            logits, lse, loss = chunk_loss(out, ids, weights)
+            g = (jnp.exp(logits - lse[..., None]) - jax.nn.one_hot(ids, logits.shape[-1])) * weights[..., None]
+            head_g, h_g = vjp(g.astype(out.dtype))
+            return (total + loss, [a + b for a, b in zip(grads, head_g)]), h_g
+        zeros = [jnp.zeros_like(values[i]) for i in trained]
+        (total, grads), h_grads = jax.lax.scan(step, (jnp.zeros((), jnp.float32), zeros), (hs.value,) + xs)
+        static.update(treedef=treedef, count=len(leaves), trained=trained)   # not JAX values: no residuals
+        return total, (grads, h_grads)
+
+    def backward(residuals, g):
+        grads, h_grads = residuals
+        out = [None] * static["count"]
+        for i, grad in zip(static["trained"], grads):
+            out[i] = grad * g.astype(grad.dtype)
+        return jax.tree.unflatten(static["treedef"], out), h_grads * g.astype(h_grads.dtype)
+
+    fused.defvjp(forward, backward, symbolic_zeros=True)
+    return fused(head_vars, chunks(h))
 
 
 class Model(nn.Module):
     """The top level of every family: its body under the HF name, then the shared heads.
 
     A family sets `body` (a module with `embed(ids)`, `__call__(prepared, deterministic)`,
-    `attend(h)` for a tied LM head, and optionally a `pooler`) and `body_name`.
+    `token_embedding`, the nn.Embed a tied LM head attends with, and optionally a `pooler`)
+    and `body_name`.
     """
     config: ModelConfig
     sites: Sites = Sites()
@@ -123,9 +198,9 @@ class Model(nn.Module):
 
     @nn.compact
     def __call__(self, input_ids, attention_mask=None, positions=None, *, output: str | None = None,
-                 decode: bool = False, with_prompt: bool = True, deterministic: bool = True):
+                 decode: bool = False, with_prompt: bool = True, deterministic: bool = True, targets=None):
         """input_ids: (B,T) -> `output` ("logits" for decoders, "class" for encoders by default;
-        see `outputs`). decode: use and update the KV cache (see `prepare`)."""
+        see `outputs`, which takes `targets`). decode: use and update the KV cache (see `prepare`)."""
         cfg = self.config
         if decode and not cfg.causal:
             raise ValueError(f"the {cfg.family} family is an encoder: it has no decode mode")
@@ -133,12 +208,13 @@ class Model(nn.Module):
         p = prepare(self, body.embed(input_ids), attention_mask, positions, decode=decode,
                     with_prompt=with_prompt, causal=cfg.causal)
         h = body(p, deterministic)
-        lm_logits = None
+        lm_head = None
         if cfg.causal:   # logits in the compute dtype; the losses cast them to float32
-            lm_logits = body.attend if cfg.tie_embeddings else Linear(
-                cfg.vocab_size, ("embed", "vocab"), False, self.sites, dtype=cfg.compute_dtype, name="lm_head")
+            lm_head = (body.token_embedding, nn.Embed.attend) if cfg.tie_embeddings else (Linear(
+                cfg.vocab_size, ("embed", "vocab"), False, self.sites, dtype=cfg.compute_dtype, name="lm_head"),
+                Linear.__call__)
         output = output or ("logits" if cfg.causal else "class")
-        return outputs(self, h, p.mask, p.n_prompt, output, lm_logits, getattr(body, "pooler", None))
+        return outputs(self, h, p.mask, p.n_prompt, output, lm_head, getattr(body, "pooler", None), targets)
 
 
 class ClassHead(nn.Module):

@@ -80,8 +80,9 @@ class GPT2Model(nn.Module):
     def embed(self, input_ids):
         return self.wte(input_ids)
 
-    def attend(self, h):
-        return self.wte.attend(h)
+    @property
+    def token_embedding(self) -> nn.Embed:
+        return self.wte
 
     def __call__(self, p: common.Prepared, deterministic: bool):
         x = self.drop(p.x + self.wpe(p.positions), deterministic=deterministic)

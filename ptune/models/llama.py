@@ -81,8 +81,9 @@ class LlamaModel(nn.Module):
     def embed(self, input_ids):
         return self.embed_tokens(input_ids)
 
-    def attend(self, h):
-        return self.embed_tokens.attend(h)
+    @property
+    def token_embedding(self) -> nn.Embed:
+        return self.embed_tokens
 
     def __call__(self, p: common.Prepared, deterministic: bool):
         x = p.x
