@@ -264,7 +264,7 @@ def run_child(spec: str, steps: int, warmup: int) -> dict:
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--shapes", default=",".join(SHAPES))
-    ap.add_argument("--methods", default=",".join(METHODS))
+    ap.add_argument("--methods", default=",".join(METHODS), help="methods whose training is measured ('' = none)")
     ap.add_argument("--dtypes", default=",".join(DTYPES))
     ap.add_argument("--generate", default="lora,prompt", help="methods whose generation is measured ('' = none)")
     ap.add_argument("--steps", type=int, default=5, help="timed steps (or generations) after warm-up")
@@ -275,8 +275,8 @@ def main():
     if args.child:
         print(json.dumps(run_child(args.child, args.steps, args.warmup)))
         return
-    shapes, methods, dtypes = args.shapes.split(","), args.methods.split(","), args.dtypes.split(",")
-    generate = [m for m in args.generate.split(",") if m]
+    shapes, methods, dtypes, generate = ([x for x in flag.split(",") if x] for flag in
+                                         (args.shapes, args.methods, args.dtypes, args.generate))
     for flag, given, valid in (("shapes", shapes, SHAPES), ("methods", methods, METHODS), ("dtypes", dtypes, DTYPES),
                                ("generate", generate, METHODS)):
         if unknown := sorted(set(given) - set(valid)):
