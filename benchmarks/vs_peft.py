@@ -110,6 +110,42 @@ def peak() -> dict:
     return out
 
 
+def step_dots(shape: str) -> list[dict]:
+    """f32 GFLOP/s, JAX and PyTorch, of the products a training step of `shape` is made of:
+    for each weight shape (k, n) and M = batch x length tokens, the forward x @ W, the input
+    gradient dy @ W^T and the weight gradient x^T @ dy (the transposes left to the library,
+    as in a step). Medians of 10 after 2. Tells whether a step-time gap is in the matmuls."""
+    import jax
+    import numpy as np
+    import torch
+
+    from ptune.models import model_config
+    torch.set_num_threads(2)
+    c = model_config(shape)
+    d, kv, m = c.hidden_size, c.num_kv_heads * c.head_dim, BATCH * LENGTH
+    weights = {"gpt2": [(d, 3 * d), (d, d), (d, c.intermediate_size), (c.intermediate_size, d)],
+               "llama": [(d, d), (d, kv), (d, c.intermediate_size), (c.intermediate_size, d)]}[c.family]
+    weights.append((d, c.vocab_size))
+    contract = {"forward": ((1,), (0,)), "input grad": ((1,), (1,)), "weight grad": ((0,), (0,))}
+    out = []
+    for k, n in weights:
+        rng = np.random.default_rng(0)
+        x, w, dy = (rng.standard_normal(s, np.float32) for s in ((m, k), (k, n), (m, n)))
+        operands = {"forward": (x, w), "input grad": (dy, w), "weight grad": (x, dy)}
+        torch_ops = {"forward": lambda a, b: a @ b, "input grad": lambda a, b: a @ b.T,
+                     "weight grad": lambda a, b: a.T @ b}
+        for kind, (a, b) in operands.items():
+            f = jax.jit(lambda a, b, dims=contract[kind]: jax.lax.dot_general(a, b, (dims, ((), ()))))
+            ja, jb = jax.numpy.asarray(a), jax.numpy.asarray(b)
+            _, s = timed(lambda: f(ja, jb).block_until_ready(), 10, 2)
+            ta, tb = torch.from_numpy(a), torch.from_numpy(b)
+            _, ts = timed(lambda: torch_ops[kind](ta, tb), 10, 2)
+            flops = 2 * m * k * n
+            out.append({"weight": f"{k}x{n}", "product": kind, "jax_gflops": flops / s / 1e9,
+                        "torch_gflops": flops / ts / 1e9})
+    return out
+
+
 # ------------------------------------------------------------------------------------------ ptune
 
 def ptune_setup(shape: str, method: str, dtype: str):
@@ -254,6 +290,8 @@ def child(args, kind: str, *spec) -> dict:
 def run_child(spec: str, steps: int, warmup: int) -> dict:
     if spec == "peak":
         return peak()
+    if spec.startswith("dots:"):
+        return step_dots(spec.split(":")[1])
     framework, what, *rest = spec.split(":")
     fn = CHILDREN[f"{framework}:{what}"]
     if what == "train":
@@ -269,6 +307,7 @@ def main():
     ap.add_argument("--generate", default="lora,prompt", help="methods whose generation is measured ('' = none)")
     ap.add_argument("--steps", type=int, default=5, help="timed steps (or generations) after warm-up")
     ap.add_argument("--warmup", type=int, default=2, help="untimed steps first (the first one compiles)")
+    ap.add_argument("--dots", action="store_true", help="also time each shape's step matmuls, JAX vs PyTorch")
     ap.add_argument("--out", default="", help="also write every measurement to this JSON file")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -291,6 +330,14 @@ def main():
     print("f32 matmul GFLOP/s, n x n @ n x n: " + ", ".join(
         f"n={n} JAX {r['jax_gflops']:.0f} / torch {r['torch_gflops']:.0f}" for n, r in results["peak"].items())
         + f"; peak used for MFU: {best:.0f}", flush=True)
+    if args.dots:
+        results["dots"] = {}
+        print("| shape | weight | product | JAX GFLOP/s | PyTorch GFLOP/s | JAX / PyTorch |\n|---|---|---|---|---|---|")
+        for shape in shapes:
+            results["dots"][shape] = child(args, f"dots:{shape}")
+            for r in results["dots"][shape]:
+                print(f"| {shape} | {r['weight']} | {r['product']} | {r['jax_gflops']:.0f} | {r['torch_gflops']:.0f} | "
+                      f"{r['jax_gflops'] / r['torch_gflops']:.2f} |", flush=True)
     print(f"batch {BATCH} x {LENGTH}, median of {args.steps} steps after {args.warmup}; ratio = ptune / PEFT")
     header = ("shape", "dtype", "method", "ptune s", "PEFT s", "ratio", "ptune tok/s", "ptune GB", "PEFT GB", "ratio",
               "ptune kB", "PEFT kB", "ptune 1st s", "PEFT 1st s", "GFLOP (XLA's)", "MFU")
