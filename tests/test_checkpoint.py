@@ -223,7 +223,8 @@ def test_reference_run_keeps_newest_and_best(reference):
     assert checkpoint.load_adapter(str(workdir), "best")[2]["step"] == best
     assert final["validation_loss"] == evals[8]
     on_disk = checkpoint.sizes(workdir / "checkpoints" / "8")
-    assert 0.9 * 16_384 <= on_disk["adapter_bytes"] <= 16_384 + 8_000 < 3 * 16_384 <= on_disk["checkpoint_bytes"]
+    # Metadata here (record, Orbax's files, eval history) measured 7.9-8.2 kB between runs.
+    assert 0.9 * 16_384 <= on_disk["adapter_bytes"] <= 16_384 + 9_000 < 3 * 16_384 <= on_disk["checkpoint_bytes"]
 
 
 @pytest.mark.slow
