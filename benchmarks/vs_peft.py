@@ -127,13 +127,13 @@ def step_dots(shape: str) -> list[dict]:
                "llama": [(d, d), (d, kv), (d, c.intermediate_size), (c.intermediate_size, d)]}[c.family]
     weights.append((d, c.vocab_size))
     contract = {"forward": ((1,), (0,)), "input grad": ((1,), (1,)), "weight grad": ((0,), (0,))}
+    torch_ops = {"forward": lambda a, b: a @ b, "input grad": lambda a, b: a @ b.T,
+                 "weight grad": lambda a, b: a.T @ b}
     out = []
     for k, n in weights:
         rng = np.random.default_rng(0)
         x, w, dy = (rng.standard_normal(s, np.float32) for s in ((m, k), (k, n), (m, n)))
         operands = {"forward": (x, w), "input grad": (dy, w), "weight grad": (x, dy)}
-        torch_ops = {"forward": lambda a, b: a @ b, "input grad": lambda a, b: a @ b.T,
-                     "weight grad": lambda a, b: a.T @ b}
         for kind, (a, b) in operands.items():
             f = jax.jit(lambda a, b, dims=contract[kind]: jax.lax.dot_general(a, b, (dims, ((), ()))))
             ja, jb = jax.numpy.asarray(a), jax.numpy.asarray(b)
@@ -292,6 +292,17 @@ class ChildFailed(RuntimeError):
     """A measurement's process failed; the driver reports it in its row and goes on."""
 
 
+def both(args, what: str, spec: tuple, row: tuple, failed: list):
+    """(ptune, PyTorch) measurements of `what` for `spec`, or None when one failed: then its
+    table row (`row`, then the error) is printed and the error kept in `failed`."""
+    try:
+        return child(args, f"ptune:{what}", *spec), child(args, f"torch:{what}", *spec)
+    except ChildFailed as e:
+        failed.append(str(e))
+        print("| " + " | ".join(map(str, row)) + f" | failed: {e} |", flush=True)
+        return None
+
+
 def run_child(spec: str, steps: int, warmup: int) -> dict:
     if spec == "peak":
         return peak()
@@ -351,13 +362,9 @@ def main():
     for shape in shapes:
         for dtype in dtypes:
             for method in methods:
-                try:
-                    p = child(args, "ptune:train", shape, method, dtype)
-                    t = child(args, "torch:train", shape, method, dtype)
-                except ChildFailed as e:
-                    failed.append(str(e))
-                    print(f"| {shape} | {dtype} | {method} | failed: {e} |", flush=True)
+                if not (pair := both(args, "train", (shape, method, dtype), (shape, dtype, method), failed)):
                     continue
+                p, t = pair
                 flops = step_flops(shape, method)
                 results["train"].append({"shape": shape, "dtype": dtype, "method": method, "ptune": p, "torch": t,
                                          "flops": flops, "mfu": flops / p["step_s"] / (best * 1e9)})
@@ -376,13 +383,10 @@ def main():
         for shape in shapes:
             for method in generate:
                 for b in (1, 8):
-                    try:
-                        p = child(args, "ptune:generate", shape, method, b)
-                        t = child(args, "torch:generate", shape, method, b)
-                    except ChildFailed as e:   # e.g. PEFT's prompt-tuned GPT-2 generate (see BUILD_NOTES)
-                        failed.append(str(e))
-                        print(f"| {shape} | {method} | {b} | failed: {e} |", flush=True)
+                    # PEFT's prompt-tuned GPT-2 generate fails (see BUILD_NOTES): reported, not fatal.
+                    if not (pair := both(args, "generate", (shape, method, b), (shape, method, b), failed)):
                         continue
+                    p, t = pair
                     results["generate"].append({"shape": shape, "method": method, "batch": b, "ptune": p, "torch": t})
                     print(f"| {shape} | {method} | {b} | {p['tokens_per_s']:.0f} | {t['tokens_per_s']:.0f} | "
                           f"{p['tokens_per_s'] / t['tokens_per_s']:.2f} | {p['first_s']:.1f} |", flush=True)

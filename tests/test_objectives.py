@@ -7,7 +7,7 @@ import optax
 import pytest
 from test_precision import tiny, variant
 
-from ptune import objectives, partition
+from ptune import objectives
 from ptune.models.common import nll_sum
 
 
