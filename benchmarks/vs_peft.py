@@ -22,6 +22,11 @@ body once, so the LM loss's scan over chunks counts for one chunk), and model FL
 utilisation: those FLOPs over the step time, divided by the f32 matmul peak this script
 measures first in the same run (`peak`). Generation: tokens/s at batch 1 and 8, greedy, KV-cached,
 32-token prompts and 64 new tokens, for a prompt-tuned and a LoRA model.
+
+A measurement that fails or runs past --timeout is reported and the run goes on (exit 1 at the
+end, naming it); its row shows the other side's numbers and '-' for the missing ones. On a CPU
+without bf16 instructions PyTorch's autocast bf16 takes minutes per step: `--reference-bf16 lora`
+measures it for LoRA only, the other bf16 rows for ptune alone.
 """
 
 from __future__ import annotations
@@ -160,20 +165,29 @@ def ptune_setup(shape: str, method: str, dtype: str):
     return train.setup(config)
 
 
-def ptune_train(shape: str, method: str, dtype: str, steps: int, warmup: int) -> dict:
+def ptune_step(shape: str, method: str, dtype: str):
+    """(run, compiled train step, [trainable, optimizer state], frozen, batch, compile seconds):
+    ptune's real training step on one batch of random tokens."""
     import jax
     import numpy as np
 
-    from ptune import checkpoint, partition, train
+    from ptune import partition, train
     run = ptune_setup(shape, method, dtype)
-    trainable_count = run.summary.trainable   # before the step donates run.params' arrays
     ids = np.random.default_rng(0).integers(0, run.model.config.vocab_size, (BATCH, LENGTH)).astype(np.int32)
     batch = {"input_ids": ids, "attention_mask": np.ones_like(ids), "loss_mask": np.ones_like(ids)}
     trainable, frozen = partition.split(run.params, run.labels)
     state = [trainable, run.tx.init(trainable)]
     t0 = time.perf_counter()
     step = train.make_train_step(run).lower(*state, frozen, batch, jax.random.key(0)).compile()
-    compile_s = time.perf_counter() - t0
+    return run, step, state, frozen, batch, time.perf_counter() - t0
+
+
+def ptune_train(shape: str, method: str, dtype: str, steps: int, warmup: int) -> dict:
+    import jax
+
+    from ptune import checkpoint, train
+    run, step, state, frozen, batch, compile_s = ptune_step(shape, method, dtype)
+    trainable_count = run.summary.trainable   # before the step donates run.params' arrays
     tmp = tempfile.TemporaryDirectory()
     checkpoints = checkpoint.Checkpoints(tmp.name, run, train.dropout_key(0))   # reads run.params: before donation
 
@@ -262,10 +276,21 @@ def torch_generate(shape: str, method: str, batch: int, steps: int) -> dict:
     model = torch_model(shape, method).eval()
     ids = torch.from_numpy(np.random.default_rng(0).integers(0, model.config.vocab_size, (batch, PROMPT_LEN)))
 
+    settings = dict(max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS, do_sample=False, use_cache=True,
+                    pad_token_id=0)
+
     def go():
         with torch.inference_mode():
-            model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=NEW_TOKENS,
-                           min_new_tokens=NEW_TOKENS, do_sample=False, use_cache=True, pad_token_id=0)
+            if method == "prompt":
+                # PEFT's own generate re-inserts the virtual tokens at every decoding step under
+                # transformers 5 (positions overflow: IndexError in wpe), so this does what its
+                # first step does: the prompt's embeddings before the tokens', then transformers'
+                # KV-cached generate on those embeddings.
+                embeds = torch.cat((model.get_prompt(batch_size=batch), model.word_embeddings(ids)), 1)
+                model.get_base_model().generate(inputs_embeds=embeds, **settings,
+                                                attention_mask=torch.ones(embeds.shape[:2], dtype=torch.long))
+            else:
+                model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), **settings)
     first, median = timed(go, steps, 1)
     return {"tokens_per_s": batch * NEW_TOKENS / median, "first_s": first, "peak_rss": peak_rss_bytes()}
 
@@ -281,7 +306,10 @@ def child(args, kind: str, *spec) -> dict:
     env = {**os.environ, "HF_HUB_OFFLINE": "1", **(TORCH_ENV if kind.startswith("torch") else {})}
     cmd = [sys.executable, __file__, f"--steps={args.steps}", f"--warmup={args.warmup}",
            "--child=" + ":".join((kind, *map(str, spec)))]
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=args.timeout)
+    except subprocess.TimeoutExpired:
+        raise ChildFailed(f"{' '.join(cmd[2:])} ran past --timeout {args.timeout:.0f} s and was stopped") from None
     if proc.returncode:
         raise ChildFailed(f"{' '.join(cmd[2:])} failed (exit {proc.returncode}): "
                           f"{(proc.stderr.strip().splitlines() or [''])[-1]}")
@@ -292,15 +320,29 @@ class ChildFailed(RuntimeError):
     """A measurement's process failed; the driver reports it in its row and goes on."""
 
 
-def both(args, what: str, spec: tuple, row: tuple, failed: list):
-    """(ptune, PyTorch) measurements of `what` for `spec`, or None when one failed: then its
-    table row (`row`, then the error) is printed and the error kept in `failed`."""
-    try:
-        return child(args, f"ptune:{what}", *spec), child(args, f"torch:{what}", *spec)
-    except ChildFailed as e:
-        failed.append(str(e))
-        print("| " + " | ".join(map(str, row)) + f" | failed: {e} |", flush=True)
-        return None
+def both(args, what: str, spec: tuple, failed: list, reference: bool = True) -> tuple[dict | None, dict | None]:
+    """(ptune, PyTorch) measurements of `what` for `spec`; either is None when it failed (the
+    error is kept in `failed`) and PyTorch's is None when `reference` is false."""
+    out = []
+    for framework in ("ptune", "torch")[:1 + reference]:
+        try:
+            out.append(child(args, f"{framework}:{what}", *spec))
+        except ChildFailed as e:
+            failed.append(str(e))
+            print(f"failed: {e}", flush=True)
+            out.append(None)
+    return out[0], (out[1] if reference else None)
+
+
+def table_row(columns: list, record: dict) -> str:
+    """A markdown row of `columns` ((header, sides, cell(record)) each) for one result record:
+    '-' where a side the cell needs ("p" ptune, "t" PyTorch) is None: it failed or was not measured."""
+    have = {"p": record["ptune"] is not None, "t": record["torch"] is not None}
+    return "| " + " | ".join(cell(record) if all(have[s] for s in sides) else "-" for _, sides, cell in columns) + " |"
+
+
+def table_header(columns: list) -> str:
+    return "| " + " | ".join(h for h, _, _ in columns) + " |\n|" + "---|" * len(columns)
 
 
 def run_child(spec: str, steps: int, warmup: int) -> dict:
@@ -323,6 +365,11 @@ def main():
     ap.add_argument("--generate", default="lora,prompt", help="methods whose generation is measured ('' = none)")
     ap.add_argument("--steps", type=int, default=5, help="timed steps (or generations) after warm-up")
     ap.add_argument("--warmup", type=int, default=2, help="untimed steps first (the first one compiles)")
+    ap.add_argument("--reference-bf16", default=",".join(METHODS),
+                    help="methods whose PyTorch autocast bf16 step is measured beside ptune's bf16 one ('' = none; "
+                         "on a CPU without bf16 instructions PyTorch takes minutes per step)")
+    ap.add_argument("--timeout", type=float, default=1800, help="seconds one measurement may take before it is "
+                    "stopped and reported as failed")
     ap.add_argument("--dots", action="store_true", help="also time each shape's step matmuls, JAX vs PyTorch")
     ap.add_argument("--out", default="", help="also write every measurement to this JSON file")
     ap.add_argument("--child", help=argparse.SUPPRESS)
@@ -330,10 +377,10 @@ def main():
     if args.child:
         print(json.dumps(run_child(args.child, args.steps, args.warmup)))
         return
-    shapes, methods, dtypes, generate = ([x for x in flag.split(",") if x] for flag in
-                                         (args.shapes, args.methods, args.dtypes, args.generate))
+    shapes, methods, dtypes, generate, reference_bf16 = ([x for x in flag.split(",") if x] for flag in (
+        args.shapes, args.methods, args.dtypes, args.generate, args.reference_bf16))
     for flag, given, valid in (("shapes", shapes, SHAPES), ("methods", methods, METHODS), ("dtypes", dtypes, DTYPES),
-                               ("generate", generate, METHODS)):
+                               ("generate", generate, METHODS), ("reference-bf16", reference_bf16, METHODS)):
         if unknown := sorted(set(given) - set(valid)):
             ap.error(f"--{flag}: unknown {unknown}; choose from {valid}")
     if args.steps < 5 or args.warmup < 1:
@@ -355,41 +402,48 @@ def main():
                 print(f"| {shape} | {r['weight']} | {r['product']} | {r['jax_gflops']:.0f} | {r['torch_gflops']:.0f} | "
                       f"{r['jax_gflops'] / r['torch_gflops']:.2f} |", flush=True)
     print(f"batch {BATCH} x {LENGTH}, median of {args.steps} steps after {args.warmup}; ratio = ptune / PEFT")
-    header = ("shape", "dtype", "method", "ptune s", "PEFT s", "ratio", "ptune tok/s", "ptune GB", "PEFT GB", "ratio",
-              "ptune kB", "PEFT kB", "ptune 1st s", "PEFT 1st s", "GFLOP (XLA's)", "MFU")
-    print("| " + " | ".join(header) + " |\n|" + "---|" * len(header), flush=True)
+    ratio = lambda key: lambda r: f"{r['ptune'][key] / r['torch'][key]:.2f}"
+    field = lambda key: lambda r: str(r[key])
+    train_columns = [
+        ("shape", "", field("shape")), ("dtype", "", field("dtype")), ("method", "", field("method")),
+        ("ptune s", "p", lambda r: f"{r['ptune']['step_s']:.2f}"),
+        ("PEFT s", "t", lambda r: f"{r['torch']['step_s']:.2f}"), ("ratio", "pt", ratio("step_s")),
+        ("ptune tok/s", "p", lambda r: f"{BATCH * LENGTH / r['ptune']['step_s']:.0f}"),
+        ("ptune GB", "p", lambda r: f"{r['ptune']['peak_rss'] / 2**30:.2f}"),
+        ("PEFT GB", "t", lambda r: f"{r['torch']['peak_rss'] / 2**30:.2f}"), ("ratio", "pt", ratio("peak_rss")),
+        ("ptune kB", "p", lambda r: f"{r['ptune']['adapter_bytes'] / 1e3:,.0f}"),
+        ("PEFT kB", "t", lambda r: f"{r['torch']['adapter_bytes'] / 1e3:,.0f}"),
+        ("ptune 1st s (compile)", "p", lambda r: f"{r['ptune']['first_step_s']:.1f} ({r['ptune']['compile_s']:.1f})"),
+        ("PEFT 1st s", "t", lambda r: f"{r['torch']['first_step_s']:.1f}"),
+        ("GFLOP (XLA's)", "p", lambda r: f"{r['flops'] / 1e9:.0f} ({r['ptune']['xla_flops'] / 1e9:.0f})"),
+        ("MFU", "p", lambda r: f"{r['mfu']:.0%}")]
+    print(table_header(train_columns), flush=True)
     results["train"], failed = [], []
     for shape in shapes:
         for dtype in dtypes:
             for method in methods:
-                if not (pair := both(args, "train", (shape, method, dtype), (shape, dtype, method), failed)):
-                    continue
-                p, t = pair
+                reference = dtype != "bfloat16" or method in reference_bf16
+                p, t = both(args, "train", (shape, method, dtype), failed, reference)
                 flops = step_flops(shape, method)
                 results["train"].append({"shape": shape, "dtype": dtype, "method": method, "ptune": p, "torch": t,
-                                         "flops": flops, "mfu": flops / p["step_s"] / (best * 1e9)})
-                cells = (shape, dtype, method, f"{p['step_s']:.2f}", f"{t['step_s']:.2f}",
-                         f"{p['step_s'] / t['step_s']:.2f}", f"{BATCH * LENGTH / p['step_s']:.0f}",
-                         f"{p['peak_rss'] / 2**30:.2f}", f"{t['peak_rss'] / 2**30:.2f}",
-                         f"{p['peak_rss'] / t['peak_rss']:.2f}", f"{p['adapter_bytes'] / 1e3:,.0f}",
-                         f"{t['adapter_bytes'] / 1e3:,.0f}", f"{p['first_step_s']:.1f}", f"{t['first_step_s']:.1f}",
-                         f"{flops / 1e9:.0f} ({p['xla_flops'] / 1e9:.0f})", f"{results['train'][-1]['mfu']:.0%}")
-                print("| " + " | ".join(cells) + " |", flush=True)
+                                         "flops": flops, "mfu": p and flops / p["step_s"] / (best * 1e9)})
+                print(table_row(train_columns, results["train"][-1]), flush=True)
     if generate:
         print(f"\ngeneration, f32, greedy, {PROMPT_LEN}-token prompts + {NEW_TOKENS} new tokens, KV cache; "
               f"median of {args.steps} after 1")
-        print("| shape | method | batch | ptune tok/s | PEFT tok/s | ratio | ptune 1st s |\n|---|---|---|---|---|---|---|")
+        generate_columns = [
+            ("shape", "", field("shape")), ("method", "", field("method")), ("batch", "", field("batch")),
+            ("ptune tok/s", "p", lambda r: f"{r['ptune']['tokens_per_s']:.0f}"),
+            ("PEFT tok/s", "t", lambda r: f"{r['torch']['tokens_per_s']:.0f}"), ("ratio", "pt", ratio("tokens_per_s")),
+            ("ptune 1st s", "p", lambda r: f"{r['ptune']['first_s']:.1f}")]
+        print(table_header(generate_columns))
         results["generate"] = []
         for shape in shapes:
             for method in generate:
                 for b in (1, 8):
-                    # PEFT's prompt-tuned GPT-2 generate fails (see BUILD_NOTES): reported, not fatal.
-                    if not (pair := both(args, "generate", (shape, method, b), (shape, method, b), failed)):
-                        continue
-                    p, t = pair
+                    p, t = both(args, "generate", (shape, method, b), failed)
                     results["generate"].append({"shape": shape, "method": method, "batch": b, "ptune": p, "torch": t})
-                    print(f"| {shape} | {method} | {b} | {p['tokens_per_s']:.0f} | {t['tokens_per_s']:.0f} | "
-                          f"{p['tokens_per_s'] / t['tokens_per_s']:.2f} | {p['first_s']:.1f} |", flush=True)
+                    print(table_row(generate_columns, results["generate"][-1]), flush=True)
     if args.out:
         with open(args.out, "x") as f:
             json.dump(results | {"failed": failed}, f, indent=1)

@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 
 from ptune.models.config import ModelConfig
-from ptune.models.layers import Linear, PrefixKV, SoftPrompt, param, visible_mask
+from ptune.models.layers import Linear, PrefixKV, SoftPrompt, contract, param, visible_mask
 from ptune.models.sites import Sites
 
 OUTPUTS = ("hidden", "logits", "last_logits", "class", "nll_sum")
@@ -210,11 +210,17 @@ class Model(nn.Module):
         h = body(p, deterministic)
         lm_head = None
         if cfg.causal:   # logits in the compute dtype; the losses cast them to float32
-            lm_head = (body.token_embedding, nn.Embed.attend) if cfg.tie_embeddings else (Linear(
+            lm_head = (body.token_embedding, tied_logits) if cfg.tie_embeddings else (Linear(
                 cfg.vocab_size, ("embed", "vocab"), False, self.sites, dtype=cfg.compute_dtype, name="lm_head"),
                 Linear.__call__)
         output = output or ("logits" if cfg.causal else "class")
         return outputs(self, h, p.mask, p.n_prompt, output, lm_head, getattr(body, "pooler", None), targets)
+
+
+def tied_logits(embed: nn.Embed, x):
+    """The tied LM head: x @ embedding^T in the embedding's compute dtype (nn.Embed.attend, with
+    `contract`'s float32 accumulation)."""
+    return contract("...d,vd->...v", x, embed.embedding, embed.dtype).astype(embed.dtype)
 
 
 class ClassHead(nn.Module):

@@ -8,6 +8,7 @@ names (``embed``, ``mlp``, ``heads``, ``kv``, ``vocab``) for sharding rules.
 
 from __future__ import annotations
 
+import functools
 import re
 from typing import Any
 
@@ -28,6 +29,48 @@ lora_a_init = nn.initializers.variance_scaling(1 / 3, "fan_in", "uniform")
 def param(module: nn.Module, name: str, init, shape, axes, dtype=jnp.float32):
     """A parameter annotated with logical axis names (one per dimension)."""
     return module.param(name, nn.with_logical_partitioning(init, axes), shape, dtype)
+
+
+def contract(spec: str, a, b, dtype):
+    """jnp.einsum(spec, a, b) in the compute `dtype`. Below float32 the operands are multiplied in
+    `dtype` and accumulated in float32, in the backward pass too, and the result is float32.
+
+    Accelerators accumulate low-precision products in float32 anyway; XLA:CPU runs bf16 products
+    on its fast (AMX) path only when asked for a float32 result, and JAX's own transpose of such a
+    product mixes a float32 cotangent with a bf16 operand, which falls back to float32: one step of
+    bf16 products is ~5x faster this way on a CPU with AMX (BUILD_NOTES, issue 8)."""
+    a, b = a.astype(dtype), b.astype(dtype)
+    if jnp.dtype(dtype) == jnp.float32:
+        return jnp.einsum(spec, a, b)
+    return _accumulate_f32(spec, a, b)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _accumulate_f32(spec, a, b):
+    return jnp.einsum(spec, a, b, preferred_element_type=jnp.float32)
+
+
+def _accumulate_f32_forward(spec, a, b):
+    return _accumulate_f32(spec, a, b), (a, b)
+
+
+def _accumulate_f32_backward(spec, operands, g):
+    """Each operand's gradient is the product of the cotangent (in the operands' dtype) with the
+    other operand, accumulated in float32 (every index of a spec here is in two of its terms)."""
+    a, b = operands
+    (sa, sb), out = spec.split("->")[0].split(","), spec.split("->")[1]
+    g = g.astype(a.dtype)
+    da = jnp.einsum(f"{out},{sb}->{sa}", g, b, preferred_element_type=jnp.float32)
+    db = jnp.einsum(f"{sa},{out}->{sb}", a, g, preferred_element_type=jnp.float32)
+    return da.astype(a.dtype), db.astype(b.dtype)
+
+
+_accumulate_f32.defvjp(_accumulate_f32_forward, _accumulate_f32_backward)
+
+
+def matmul(x, w, dtype):
+    """x @ w over x's last axis, in the compute `dtype` (see `contract`), the result in `dtype`."""
+    return contract("...i,io->...o", x, w, dtype).astype(dtype)
 
 
 class Linear(nn.Module):
@@ -57,12 +100,12 @@ class Linear(nn.Module):
             scale = param(self, "ia3", nn.initializers.ones, (size,), (axis,)).astype(self.dtype)
         if ia3_on_input:
             x = x * scale
-        y = x @ kernel.astype(self.dtype)
+        y = matmul(x, kernel, self.dtype)
         if lora:
             a = param(self, "lora_a", lora_a_init, (d_in, lora.rank), (self.axes[0], None))
             b = param(self, "lora_b", nn.initializers.zeros, (lora.rank, self.features), (None, self.axes[1]))
             h = nn.Dropout(lora.dropout)(x, deterministic=deterministic)
-            y = y + (h @ a.astype(self.dtype)) @ (b * lora.scale).astype(self.dtype)
+            y = y + matmul(matmul(h, a, self.dtype), b * lora.scale, self.dtype)
         if bias is not None:
             y = y + bias.astype(self.dtype)
         if ia3 and not ia3_on_input:
@@ -86,9 +129,9 @@ class Adapter(nn.Module):
     def __call__(self, x):
         d, m, zeros, dt = x.shape[-1], self.spec.size, nn.initializers.zeros, self.dtype
         x = x.astype(dt)
-        h = x @ param(self, "down", normal(1e-3), (d, m), ("embed", None)).astype(dt)
+        h = matmul(x, param(self, "down", normal(1e-3), (d, m), ("embed", None)), dt)
         h = ACTIVATIONS[self.spec.activation](h + param(self, "down_bias", zeros, (m,), (None,)).astype(dt))
-        h = h @ param(self, "up", zeros, (m, d), (None, "embed")).astype(dt)
+        h = matmul(h, param(self, "up", zeros, (m, d), (None, "embed")), dt)
         return x + h + param(self, "up_bias", zeros, (d,), ("embed",)).astype(dt)
 
 
@@ -170,11 +213,11 @@ def attend(module: nn.Module, q, k, v, visible, *, prefix=None, cache_index=None
         pk, pv = (jnp.broadcast_to(p, (B,) + p.shape).astype(k.dtype) for p in prefix)
         k, v = jnp.concatenate([pk, k], 1), jnp.concatenate([pv, v], 1)
     K = k.shape[2]
-    q = q.reshape(B, T, K, H // K, D).astype(dtype)
-    scores = jnp.einsum("btkgd,bskd->bkgts", q, k.astype(dtype)).astype(jnp.float32) * D ** -0.5
+    q = q.reshape(B, T, K, H // K, D)
+    scores = contract("btkgd,bskd->bkgts", q, k, dtype).astype(jnp.float32) * D ** -0.5
     scores = jnp.where(visible[:, :, None], scores, jnp.finfo(jnp.float32).min)
-    probs = jax.nn.softmax(scores, axis=-1).astype(dtype)
-    out = jnp.einsum("bkgts,bskd->btkgd", probs, v.astype(dtype))
+    probs = jax.nn.softmax(scores, axis=-1)
+    out = contract("bkgts,bskd->btkgd", probs, v, dtype).astype(dtype)
     return out.reshape(B, T, H * D)
 
 
