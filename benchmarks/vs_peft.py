@@ -19,8 +19,8 @@ peak RSS, adapter bytes on disk (ptune: the adapter artifact of a checkpoint, tr
 PEFT: save_pretrained), first-step seconds (ptune's includes compiling), the step's matmul FLOPs
 from the shape (`step_flops`; XLA's own count of the compiled step beside it, which counts a loop
 body once, so the LM loss's scan over chunks counts for one chunk), and model FLOP
-utilisation: those FLOPs over the step time, divided by the f32 matmul peak this script
-measures first in the same run (`peak`). Generation: tokens/s at batch 1 and 8, greedy, KV-cached,
+utilisation: those FLOPs over the step time, divided by JAX's matmul peak in the row's dtype,
+which this script measures first in the same run (`peak`). Generation: tokens/s at batch 1 and 8, greedy, KV-cached,
 32-token prompts and 64 new tokens, for a prompt-tuned and a LoRA model.
 
 A measurement that fails or runs past --timeout is reported and the run goes on (exit 1 at the
@@ -97,21 +97,24 @@ def step_flops(shape: str, method: str) -> float:
 
 
 def peak() -> dict:
-    """f32 matmul GFLOP/s, JAX and PyTorch, median of 10 after warm-up, for square sizes."""
+    """Matmul GFLOP/s, JAX and PyTorch, median of 10 after warm-up, for square sizes, in f32 and
+    in bf16 (JAX: bf16 operands accumulated in f32, as ptune's bf16 compute multiplies)."""
     import jax
     import jax.numpy as jnp
     import numpy as np
     import torch
     torch.set_num_threads(2)
     out = {}
-    for n in (1024, 2048, 4096):
-        a = np.random.default_rng(0).standard_normal((n, n), np.float32)
-        x = jnp.asarray(a)
-        f = jax.jit(lambda x: x @ x)
-        _, s = timed(lambda: f(x).block_until_ready(), 10, 2)
-        t = torch.from_numpy(a)
-        _, ts = timed(lambda: t @ t, 10, 2)
-        out[n] = {"jax_gflops": 2 * n ** 3 / s / 1e9, "torch_gflops": 2 * n ** 3 / ts / 1e9}
+    for dtype, torch_dtype in (("float32", torch.float32), ("bfloat16", torch.bfloat16)):
+        out[dtype] = {}
+        for n in (1024, 2048, 4096):
+            a = np.random.default_rng(0).standard_normal((n, n), np.float32)
+            x = jnp.asarray(a, dtype)
+            f = jax.jit(lambda x: jnp.matmul(x, x, preferred_element_type=jnp.float32))
+            _, s = timed(lambda: f(x).block_until_ready(), 10, 2)
+            t = torch.from_numpy(a).to(torch_dtype)
+            _, ts = timed(lambda: t @ t, 10, 2)
+            out[dtype][n] = {"jax_gflops": 2 * n ** 3 / s / 1e9, "torch_gflops": 2 * n ** 3 / ts / 1e9}
     return out
 
 
@@ -389,10 +392,11 @@ def main():
         ap.error(f"--out {args.out} exists; give a new file name")
 
     results = {"peak": child(args, "peak")}
-    best = max(r["jax_gflops"] for r in results["peak"].values())
-    print("f32 matmul GFLOP/s, n x n @ n x n: " + ", ".join(
-        f"n={n} JAX {r['jax_gflops']:.0f} / torch {r['torch_gflops']:.0f}" for n, r in results["peak"].items())
-        + f"; peak used for MFU: {best:.0f}", flush=True)
+    best = {dtype: max(r["jax_gflops"] for r in sizes.values()) for dtype, sizes in results["peak"].items()}
+    for dtype, sizes in results["peak"].items():
+        print(f"{dtype} matmul GFLOP/s, n x n @ n x n: " + ", ".join(
+            f"n={n} JAX {r['jax_gflops']:.0f} / torch {r['torch_gflops']:.0f}" for n, r in sizes.items())
+            + f"; JAX's best, the MFU's peak: {best[dtype]:.0f}", flush=True)
     if args.dots:
         results["dots"] = {}
         print("| shape | weight | product | JAX GFLOP/s | PyTorch GFLOP/s | JAX / PyTorch |\n|---|---|---|---|---|---|")
@@ -426,7 +430,7 @@ def main():
                 p, t = both(args, "train", (shape, method, dtype), failed, reference)
                 flops = step_flops(shape, method)
                 results["train"].append({"shape": shape, "dtype": dtype, "method": method, "ptune": p, "torch": t,
-                                         "flops": flops, "mfu": p and flops / p["step_s"] / (best * 1e9)})
+                                         "flops": flops, "mfu": p and flops / p["step_s"] / (best[dtype] * 1e9)})
                 print(table_row(train_columns, results["train"][-1]), flush=True)
     if generate:
         print(f"\ngeneration, f32, greedy, {PROMPT_LEN}-token prompts + {NEW_TOKENS} new tokens, KV cache; "
