@@ -32,36 +32,39 @@ def param(module: nn.Module, name: str, init, shape, axes, dtype=jnp.float32):
 
 
 def contract(spec: str, a, b, dtype):
-    """jnp.einsum(spec, a, b) in the compute `dtype`. Below float32 the operands are multiplied in
-    `dtype` and accumulated in float32, in the backward pass too, and the result is float32.
+    """jnp.einsum(spec, a, b) in the compute `dtype`. Below float32 the operands are cast to
+    `dtype`, multiplied in it and accumulated in float32, in the backward pass too, and the result
+    is float32.
 
     Accelerators accumulate low-precision products in float32 anyway; XLA:CPU runs bf16 products
     on its fast (AMX) path only when asked for a float32 result, and JAX's own transpose of such a
-    product mixes a float32 cotangent with a bf16 operand, which falls back to float32: one step of
-    bf16 products is ~5x faster this way on a CPU with AMX (BUILD_NOTES, issue 8)."""
-    a, b = a.astype(dtype), b.astype(dtype)
+    product mixes a float32 cotangent with a bf16 operand, which falls back to float32: a bf16 step
+    is ~2x faster this way on a CPU with AMX (BUILD_NOTES, issue 8). The casts happen inside, so
+    the backward pass keeps the operands as given (a float32 weight is live anyway; a bf16 copy
+    of every weight would not be) and a float32 weight's gradient is never rounded to bf16."""
     if jnp.dtype(dtype) == jnp.float32:
-        return jnp.einsum(spec, a, b)
-    return _accumulate_f32(spec, a, b)
+        return jnp.einsum(spec, a.astype(dtype), b.astype(dtype))
+    return _accumulate_f32(spec, jnp.dtype(dtype), a, b)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _accumulate_f32(spec, a, b):
-    return jnp.einsum(spec, a, b, preferred_element_type=jnp.float32)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
+def _accumulate_f32(spec, dtype, a, b):
+    return jnp.einsum(spec, a.astype(dtype), b.astype(dtype), preferred_element_type=jnp.float32)
 
 
-def _accumulate_f32_forward(spec, a, b):
-    return _accumulate_f32(spec, a, b), (a, b)
+def _accumulate_f32_forward(spec, dtype, a, b):
+    return _accumulate_f32(spec, dtype, a, b), (a, b)
 
 
-def _accumulate_f32_backward(spec, operands, g):
-    """Each operand's gradient is the product of the cotangent (in the operands' dtype) with the
-    other operand, accumulated in float32 (every index of a spec here is in two of its terms)."""
+def _accumulate_f32_backward(spec, dtype, operands, g):
+    """Each operand's gradient is the product of the cotangent (in `dtype`) with the other operand,
+    accumulated in float32 and returned in the operand's own dtype (every index of a spec here is
+    in two of its three terms, so each gradient is one product)."""
     a, b = operands
     (sa, sb), out = spec.split("->")[0].split(","), spec.split("->")[1]
-    g = g.astype(a.dtype)
-    da = jnp.einsum(f"{out},{sb}->{sa}", g, b, preferred_element_type=jnp.float32)
-    db = jnp.einsum(f"{sa},{out}->{sb}", a, g, preferred_element_type=jnp.float32)
+    g, a_low, b_low = g.astype(dtype), a.astype(dtype), b.astype(dtype)
+    da = jnp.einsum(f"{out},{sb}->{sa}", g, b_low, preferred_element_type=jnp.float32)
+    db = jnp.einsum(f"{sa},{out}->{sb}", a_low, g, preferred_element_type=jnp.float32)
     return da.astype(a.dtype), db.astype(b.dtype)
 
 
@@ -216,7 +219,7 @@ def attend(module: nn.Module, q, k, v, visible, *, prefix=None, cache_index=None
     q = q.reshape(B, T, K, H // K, D)
     scores = contract("btkgd,bskd->bkgts", q, k, dtype).astype(jnp.float32) * D ** -0.5
     scores = jnp.where(visible[:, :, None], scores, jnp.finfo(jnp.float32).min)
-    probs = jax.nn.softmax(scores, axis=-1)
+    probs = jax.nn.softmax(scores, axis=-1).astype(dtype)   # kept for the backward pass in `dtype`
     out = contract("bkgts,bskd->btkgd", probs, v, dtype).astype(dtype)
     return out.reshape(B, T, H * D)
 
