@@ -20,8 +20,8 @@ PEFT: save_pretrained), first-step seconds (ptune's includes compiling), the ste
 from the shape (`step_flops`; XLA's own count of the compiled step beside it, which counts a loop
 body once, so the LM loss's scan over chunks counts for one chunk), and model FLOP
 utilisation: those FLOPs over the step time, divided by JAX's matmul peak in the row's dtype,
-which this script measures first in the same run (`peak`). Generation: tokens/s at batch 1 and 8, greedy, KV-cached,
-32-token prompts and 64 new tokens, for a prompt-tuned and a LoRA model.
+which this script measures first in the same run (`peak`). Generation: tokens/s at batch 1 and
+8, greedy, KV-cached, 32-token prompts and 64 new tokens, for a prompt-tuned and a LoRA model.
 
 A measurement that fails or runs past --timeout is reported and the run goes on (exit 1 at the
 end, naming it); its row shows the other side's numbers and '-' for the missing ones. On a CPU
@@ -312,7 +312,7 @@ def child(args, kind: str, *spec) -> dict:
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=args.timeout)
     except subprocess.TimeoutExpired:
-        raise ChildFailed(f"{' '.join(cmd[2:])} ran past --timeout {args.timeout:.0f} s and was stopped") from None
+        raise ChildFailed(f"{' '.join(cmd[2:])} ran past --timeout {args.timeout:g} s and was stopped") from None
     if proc.returncode:
         raise ChildFailed(f"{' '.join(cmd[2:])} failed (exit {proc.returncode}): "
                           f"{(proc.stderr.strip().splitlines() or [''])[-1]}")
@@ -386,12 +386,17 @@ def main():
                                ("generate", generate, METHODS), ("reference-bf16", reference_bf16, METHODS)):
         if unknown := sorted(set(given) - set(valid)):
             ap.error(f"--{flag}: unknown {unknown}; choose from {valid}")
+    if args.timeout <= 0:
+        ap.error(f"--timeout must be > 0 seconds, got {args.timeout:g}")
     if args.steps < 5 or args.warmup < 1:
         ap.error("--steps must be >= 5 and --warmup >= 1 (medians of at least 5 steps after warm-up)")
     if args.out and os.path.exists(args.out):
         ap.error(f"--out {args.out} exists; give a new file name")
 
-    results = {"peak": child(args, "peak")}
+    try:   # without a peak there is no MFU: stop here (a training or generation failure goes on)
+        results = {"peak": child(args, "peak")}
+    except ChildFailed as e:
+        raise SystemExit(f"the matmul peak could not be measured: {e}") from None
     best = {dtype: max(r["jax_gflops"] for r in sizes.values()) for dtype, sizes in results["peak"].items()}
     for dtype, sizes in results["peak"].items():
         print(f"{dtype} matmul GFLOP/s, n x n @ n x n: " + ", ".join(
@@ -401,7 +406,10 @@ def main():
         results["dots"] = {}
         print("| shape | weight | product | JAX GFLOP/s | PyTorch GFLOP/s | JAX / PyTorch |\n|---|---|---|---|---|---|")
         for shape in shapes:
-            results["dots"][shape] = child(args, f"dots:{shape}")
+            try:
+                results["dots"][shape] = child(args, f"dots:{shape}")
+            except ChildFailed as e:
+                raise SystemExit(f"--dots for {shape}: {e}") from None
             for r in results["dots"][shape]:
                 print(f"| {shape} | {r['weight']} | {r['product']} | {r['jax_gflops']:.0f} | {r['torch_gflops']:.0f} | "
                       f"{r['jax_gflops'] / r['torch_gflops']:.2f} |", flush=True)
