@@ -169,8 +169,9 @@ def ptune_setup(shape: str, method: str, dtype: str):
 
 
 def ptune_step(shape: str, method: str, dtype: str):
-    """(run, compiled train step, [trainable, optimizer state], frozen, batch, compile seconds):
-    ptune's real training step on one batch of random tokens."""
+    """(run, compiled train step, state, one, compile seconds): ptune's real training step on one
+    batch of random tokens; one() runs it once and keeps the new [trainable, optimizer state] in
+    `state` (the step donates the old)."""
     import jax
     import numpy as np
 
@@ -182,21 +183,20 @@ def ptune_step(shape: str, method: str, dtype: str):
     state = [trainable, run.tx.init(trainable)]
     t0 = time.perf_counter()
     step = train.make_train_step(run).lower(*state, frozen, batch, jax.random.key(0)).compile()
-    return run, step, state, frozen, batch, time.perf_counter() - t0
+    compile_s = time.perf_counter() - t0
+
+    def one():
+        *state[:], metrics = step(*state, frozen, batch, jax.random.key(0))
+        jax.block_until_ready(metrics)
+    return run, step, state, one, compile_s
 
 
 def ptune_train(shape: str, method: str, dtype: str, steps: int, warmup: int) -> dict:
-    import jax
-
     from ptune import checkpoint, train
-    run, step, state, frozen, batch, compile_s = ptune_step(shape, method, dtype)
+    run, step, state, one, compile_s = ptune_step(shape, method, dtype)
     trainable_count = run.summary.trainable   # before the step donates run.params' arrays
     tmp = tempfile.TemporaryDirectory()
     checkpoints = checkpoint.Checkpoints(tmp.name, run, train.dropout_key(0))   # reads run.params: before donation
-
-    def one():
-        *state[:], metrics = step(*state, frozen, batch, jax.random.key(0))   # donated: keep the new state
-        jax.block_until_ready(metrics)
     first, median = timed(one, steps, warmup)
     saved = checkpoints.save(1, *state)
     checkpoints.close()
