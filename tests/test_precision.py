@@ -5,6 +5,7 @@ Each knob is compared with the plain float32 model on the same parameters and ba
 
 import dataclasses
 import functools
+import os
 import re
 
 import flax.linen as nn
@@ -175,3 +176,35 @@ def test_remat_policy_decides_what_the_backward_pass_recomputes():
 def test_unknown_precision_setting_names_the_key(key, value):
     with pytest.raises(ValueError, match=rf"model\.{key}='{value}'; choose one of"):
         models.model_config("gpt2-tiny", **{key: value})
+
+
+def test_remat_lowers_a_cpu_training_steps_memory(make_config):
+    """XLA's memory for one compiled LoRA step of a 6-layer model, with and without remat. On CPU
+    this needs the scheduler ptune's import selects (ptune/__init__.py): under XLA's default one,
+    `full` saved 8% here (and 11% on SmolLM2); under ptune's it saves 24% (and 46%)."""
+    temp = {}
+    for remat in ("none", "full"):
+        config = make_config("lora", "llama-tiny")
+        config.model.update(remat=remat, num_layers=6)
+        config.train.batch_size = 8
+        run = train.setup(config)
+        trainable, frozen = partition.split(run.params, run.labels)
+        batch = batching.batch_at(run.data["train"], 0, 8, 0)
+        step = train.make_train_step(run).lower(trainable, run.tx.init(trainable), frozen, batch,
+                                                jax.random.key(0)).compile()
+        temp[remat] = step.memory_analysis().temp_size_in_bytes
+    assert temp["full"] < 0.85 * temp["none"], temp
+
+
+def test_a_backend_started_before_ptune_is_imported_is_reported(tmp_path):
+    """The scheduler flag only counts before JAX's first backend starts: say so, and how to fix it."""
+    import subprocess
+    import sys
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    code = "import jax; jax.devices(); import ptune"
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, cwd=tmp_path)
+    assert done.returncode == 0 and "import ptune first" in done.stderr, done.stderr
+    env["XLA_FLAGS"] = "--xla_cpu_enable_concurrency_optimized_scheduler=true"   # the user's choice wins
+    code = "import jax; jax.devices(); import ptune, os; print(os.environ['XLA_FLAGS'])"
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, cwd=tmp_path)
+    assert done.stdout.strip() == env["XLA_FLAGS"] and "import ptune first" not in done.stderr, done.stderr
