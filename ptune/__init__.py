@@ -9,8 +9,9 @@ import warnings as _warnings
 # from XLA_FLAGS only (a per-jit compiler option is ignored), when its first backend starts; a
 # user's own setting of it wins. Accelerator backends ignore it.
 _SCHEDULER = "--xla_cpu_enable_concurrency_optimized_scheduler"
-if _SCHEDULER not in _os.environ.get("XLA_FLAGS", ""):
-    _os.environ["XLA_FLAGS"] = f"{_os.environ.get('XLA_FLAGS', '')} {_SCHEDULER}=false".strip()
+_flags = _os.environ.get("XLA_FLAGS", "")
+if _SCHEDULER not in _flags:
+    _os.environ["XLA_FLAGS"] = f"{_flags} {_SCHEDULER}=false".strip()
     from jax._src import xla_bridge as _xla_bridge
 
     if getattr(_xla_bridge, "backends_are_initialized", lambda: False)():
