@@ -1,6 +1,7 @@
 """Where a ptune training step's time goes: XLA ops ranked by time, from a JAX profiler trace.
 
-    python benchmarks/profile_step.py [--shape gpt2 --method full --dtype float32 --steps 3 --top 25]
+    python benchmarks/profile_step.py [--shape gpt2 --method full --dtype float32 --remat none --steps 3
+                                       --top 25]
 
 The step is benchmarks/vs_peft.py's (same shape, batch, method settings and AdamW). It is
 compiled (time printed), run twice, then traced for --steps steps. Each op the XLA runtime ran
@@ -76,6 +77,8 @@ def main():
     ap.add_argument("--shape", default="gpt2", choices=vs_peft.SHAPES)
     ap.add_argument("--method", default="full", choices=vs_peft.METHODS)
     ap.add_argument("--dtype", default="float32", choices=vs_peft.DTYPES)
+    from ptune.models.config import REMAT
+    ap.add_argument("--remat", default="none", choices=REMAT, help="the step's model.remat policy")
     ap.add_argument("--steps", type=int, default=3, help="traced steps (after 2 untraced)")
     ap.add_argument("--top", type=int, default=25, help="how many of the slowest ops to list")
     args = ap.parse_args()
@@ -83,7 +86,7 @@ def main():
         ap.error("--steps must be >= 1")
     import jax
 
-    _, step, _, one, compile_s = vs_peft.ptune_step(args.shape, args.method, args.dtype)
+    _, step, _, one, compile_s = vs_peft.ptune_step(args.shape, args.method, args.dtype, args.remat)
     for _ in range(2):
         one()
     with tempfile.TemporaryDirectory() as trace_dir:
@@ -103,7 +106,7 @@ def main():
         k = kind(opcode, rest, computations)
         per_kind[k] += us / args.steps / 1e6
         ops.append((us / args.steps / 1e6, k, name, opcode, result))
-    print(f"{args.shape} {args.method} {args.dtype}, batch {vs_peft.BATCH} x {vs_peft.LENGTH}: compile "
+    print(f"{args.shape} {args.method} {args.dtype}, remat {args.remat}, batch {vs_peft.BATCH} x {vs_peft.LENGTH}: compile "
           f"{compile_s:.1f} s, step {wall:.2f} s (traced, mean of {args.steps}); ops' time per step by kind:")
     print("| kind | s per step | % of step |\n|---|---:|---:|")
     for k, s in per_kind.most_common():

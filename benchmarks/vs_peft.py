@@ -2,7 +2,8 @@
 
     pip install -e '.[bench]'
     python benchmarks/vs_peft.py [--shapes gpt2,smollm2-135m --methods full,lora,prompt,prefix,ia3
-                                  --dtypes float32,bfloat16 --steps 5 --warmup 2 --out bench.json]
+                                  --dtypes float32,bfloat16 --steps 5 --warmup 2 --remat none
+                                  --out bench.json]
 
 Same model shape (random weights: GPT-2 weights do not ship offline, and speed does not depend on
 the values), batch 8 x 128 random tokens, next-token loss on every token, AdamW (lr 1e-4, no
@@ -10,12 +11,13 @@ weight decay), gradient clipping at 1.0, and the same method settings on both si
 alpha 16 on PEFT's default targets (GPT-2 c_attn; LLaMA q_proj, v_proj), prompt tuning 20 tokens,
 prefix tuning 20 tokens with PEFT's reparameterisation MLP (hidden 512), IA3 on PEFT's defaults.
 bf16 is ptune's compute dtype (float32 parameters, bf16 matmuls) against torch.autocast(bfloat16).
+`--remat` sets ptune's `model.remat` (PyTorch's steps keep every activation, transformers' default).
 
 Every measurement is its own subprocess, so its peak resident memory (VmHWM, the whole process
 from start to end) is its own; ptune and PyTorch alternate, one configuration after the other.
 PyTorch gets 2 threads (this machine's cores) and glibc malloc tuned as the issue measured it
 (up to 2x faster). Columns: median step seconds over --steps steps after --warmup steps, tokens/s,
-peak RSS, adapter bytes on disk (ptune: the adapter artifact of a checkpoint, trainable + metadata;
+peak RSS (and XLA's temp buffers of ptune's compiled step), adapter bytes on disk (ptune: the adapter artifact of a checkpoint, trainable + metadata;
 PEFT: save_pretrained), first-step seconds (ptune's includes compiling), the step's matmul FLOPs
 from the shape (`step_flops`; XLA's own count of the compiled step beside it, which counts a loop
 body once, so the LM loss's scan over chunks counts for one chunk), and model FLOP
@@ -156,11 +158,11 @@ def step_dots(shape: str) -> list[dict]:
 
 # ------------------------------------------------------------------------------------------ ptune
 
-def ptune_setup(shape: str, method: str, dtype: str):
+def ptune_setup(shape: str, method: str, dtype: str, remat: str = "none"):
     from ptune import train
     from ptune.config import base_config, with_method
     config = with_method(base_config(), method)
-    config.model.update(preset=shape, dtype=dtype)
+    config.model.update(preset=shape, dtype=dtype, remat=remat)
     config.task.update(name="synthetic_lm", options={"n_train": 8, "n_eval": 8}, max_length=LENGTH)
     config.optim.learning_rate = LR
     config.train.update(steps=1, batch_size=BATCH, progress=False)
@@ -168,15 +170,16 @@ def ptune_setup(shape: str, method: str, dtype: str):
     return train.setup(config)
 
 
-def ptune_step(shape: str, method: str, dtype: str):
+def ptune_step(shape: str, method: str, dtype: str, remat: str = "none"):
     """(run, compiled train step, state, one, compile seconds): ptune's real training step on one
-    batch of random tokens; one() runs it once and keeps the new [trainable, optimizer state] in
-    `state` (the step donates the old)."""
+    batch of random tokens, its blocks rematerialised as `remat` (a `model.remat` policy) says;
+    one() runs it once and keeps the new [trainable, optimizer state] in `state` (the step donates
+    the old)."""
     import jax
     import numpy as np
 
     from ptune import partition, train
-    run = ptune_setup(shape, method, dtype)
+    run = ptune_setup(shape, method, dtype, remat)
     ids = np.random.default_rng(0).integers(0, run.model.config.vocab_size, (BATCH, LENGTH)).astype(np.int32)
     batch = {"input_ids": ids, "attention_mask": np.ones_like(ids), "loss_mask": np.ones_like(ids)}
     trainable, frozen = partition.split(run.params, run.labels)
@@ -191,9 +194,9 @@ def ptune_step(shape: str, method: str, dtype: str):
     return run, step, state, one, compile_s
 
 
-def ptune_train(shape: str, method: str, dtype: str, steps: int, warmup: int) -> dict:
+def ptune_train(shape: str, method: str, dtype: str, steps: int, warmup: int, remat: str) -> dict:
     from ptune import checkpoint, train
-    run, step, state, one, compile_s = ptune_step(shape, method, dtype)
+    run, step, state, one, compile_s = ptune_step(shape, method, dtype, remat)
     trainable_count = run.summary.trainable   # before the step donates run.params' arrays
     tmp = tempfile.TemporaryDirectory()
     checkpoints = checkpoint.Checkpoints(tmp.name, run, train.dropout_key(0))   # reads run.params: before donation
@@ -203,7 +206,8 @@ def ptune_train(shape: str, method: str, dtype: str, steps: int, warmup: int) ->
     tmp.cleanup()
     return {"step_s": median, "first_step_s": first + compile_s, "compile_s": compile_s, "peak_rss": peak_rss_bytes(),
             "adapter_bytes": saved["adapter_bytes"], "trainable": trainable_count,
-            "xla_flops": step.cost_analysis().get("flops", float("nan"))}
+            "xla_flops": step.cost_analysis().get("flops", float("nan")),
+            "xla_temp_bytes": step.memory_analysis().temp_size_in_bytes}
 
 
 def ptune_generate(shape: str, method: str, batch: int, steps: int) -> dict:
@@ -243,7 +247,8 @@ def torch_model(shape: str, method: str):
     return model if method == "full" else peft.get_peft_model(model, kinds[method]())
 
 
-def torch_train(shape: str, method: str, dtype: str, steps: int, warmup: int) -> dict:
+def torch_train(shape: str, method: str, dtype: str, steps: int, warmup: int, remat: str) -> dict:
+    # `remat` is ptune's knob; the reference keeps its default (no gradient checkpointing).
     import contextlib
 
     import numpy as np
@@ -307,7 +312,7 @@ CHILDREN = {"ptune:train": ptune_train, "torch:train": torch_train,
 def child(args, kind: str, *spec) -> dict:
     """Run one measurement in a fresh process and return its JSON."""
     env = {**os.environ, "HF_HUB_OFFLINE": "1", **(TORCH_ENV if kind.startswith("torch") else {})}
-    cmd = [sys.executable, __file__, f"--steps={args.steps}", f"--warmup={args.warmup}",
+    cmd = [sys.executable, __file__, f"--steps={args.steps}", f"--warmup={args.warmup}", f"--remat={args.remat}",
            "--child=" + ":".join((kind, *map(str, spec)))]
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=args.timeout)
@@ -348,7 +353,7 @@ def table_header(columns: list) -> str:
     return "| " + " | ".join(h for h, _, _ in columns) + " |\n|" + "---|" * len(columns)
 
 
-def run_child(spec: str, steps: int, warmup: int) -> dict:
+def run_child(spec: str, steps: int, warmup: int, remat: str) -> dict:
     if spec == "peak":
         return peak()
     if spec.startswith("dots:"):
@@ -356,11 +361,12 @@ def run_child(spec: str, steps: int, warmup: int) -> dict:
     framework, what, *rest = spec.split(":")
     fn = CHILDREN[f"{framework}:{what}"]
     if what == "train":
-        return fn(*rest, steps, warmup)
+        return fn(*rest, steps, warmup, remat)
     return fn(rest[0], rest[1], int(rest[2]), steps)
 
 
 def main():
+    from ptune.models.config import REMAT
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--shapes", default=",".join(SHAPES))
     ap.add_argument("--methods", default=",".join(METHODS), help="methods whose training is measured ('' = none)")
@@ -373,12 +379,14 @@ def main():
                          "on a CPU without bf16 instructions PyTorch takes minutes per step)")
     ap.add_argument("--timeout", type=float, default=1800, help="seconds one measurement may take before it is "
                     "stopped and reported as failed")
+    ap.add_argument("--remat", default="none", choices=REMAT,
+                    help="ptune's model.remat policy for the training steps (PyTorch's steps keep none)")
     ap.add_argument("--dots", action="store_true", help="also time each shape's step matmuls, JAX vs PyTorch")
     ap.add_argument("--out", default="", help="also write every measurement to this JSON file")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
-        print(json.dumps(run_child(args.child, args.steps, args.warmup)))
+        print(json.dumps(run_child(args.child, args.steps, args.warmup, args.remat)))
         return
     shapes, methods, dtypes, generate, reference_bf16 = ([x for x in flag.split(",") if x] for flag in (
         args.shapes, args.methods, args.dtypes, args.generate, args.reference_bf16))
@@ -413,7 +421,8 @@ def main():
             for r in results["dots"][shape]:
                 print(f"| {shape} | {r['weight']} | {r['product']} | {r['jax_gflops']:.0f} | {r['torch_gflops']:.0f} | "
                       f"{r['jax_gflops'] / r['torch_gflops']:.2f} |", flush=True)
-    print(f"batch {BATCH} x {LENGTH}, median of {args.steps} steps after {args.warmup}; ratio = ptune / PEFT")
+    print(f"batch {BATCH} x {LENGTH}, median of {args.steps} steps after {args.warmup}, ptune's remat "
+          f"{args.remat}; ratio = ptune / PEFT")
     ratio = lambda key: lambda r: f"{r['ptune'][key] / r['torch'][key]:.2f}"
     field = lambda key: lambda r: str(r[key])
     train_columns = [
@@ -421,7 +430,8 @@ def main():
         ("ptune s", "p", lambda r: f"{r['ptune']['step_s']:.2f}"),
         ("PEFT s", "t", lambda r: f"{r['torch']['step_s']:.2f}"), ("ratio", "pt", ratio("step_s")),
         ("ptune tok/s", "p", lambda r: f"{BATCH * LENGTH / r['ptune']['step_s']:.0f}"),
-        ("ptune GB", "p", lambda r: f"{r['ptune']['peak_rss'] / 2**30:.2f}"),
+        ("ptune GB (XLA temp)", "p",
+         lambda r: f"{r['ptune']['peak_rss'] / 2**30:.2f} ({r['ptune']['xla_temp_bytes'] / 2**30:.2f})"),
         ("PEFT GB", "t", lambda r: f"{r['torch']['peak_rss'] / 2**30:.2f}"), ("ratio", "pt", ratio("peak_rss")),
         ("ptune kB", "p", lambda r: f"{r['ptune']['adapter_bytes'] / 1e3:,.0f}"),
         ("PEFT kB", "t", lambda r: f"{r['torch']['adapter_bytes'] / 1e3:,.0f}"),
@@ -458,7 +468,7 @@ def main():
                     print(table_row(generate_columns, results["generate"][-1]), flush=True)
     if args.out:
         with open(args.out, "x") as f:
-            json.dump(results | {"failed": failed}, f, indent=1)
+            json.dump(results | {"remat": args.remat, "failed": failed}, f, indent=1)
     if failed:
         raise SystemExit(f"{len(failed)} measurement(s) failed:\n" + "\n".join(failed))
 
