@@ -106,8 +106,8 @@ def main():
         k = kind(opcode, rest, computations)
         per_kind[k] += us / args.steps / 1e6
         ops.append((us / args.steps / 1e6, k, name, opcode, result))
-    print(f"{args.shape} {args.method} {args.dtype}, remat {args.remat}, batch {vs_peft.BATCH} x {vs_peft.LENGTH}: compile "
-          f"{compile_s:.1f} s, step {wall:.2f} s (traced, mean of {args.steps}); ops' time per step by kind:")
+    print(f"{args.shape} {args.method} {args.dtype}, remat {args.remat}, batch {vs_peft.BATCH} x {vs_peft.LENGTH}: "
+          f"compile {compile_s:.1f} s, step {wall:.2f} s (traced, mean of {args.steps}); ops' time per step by kind:")
     print("| kind | s per step | % of step |\n|---|---:|---:|")
     for k, s in per_kind.most_common():
         print(f"| {k} | {s:.3f} | {s / wall:.0%} |")

@@ -17,10 +17,11 @@ Every measurement is its own subprocess, so its peak resident memory (VmHWM, the
 from start to end) is its own; ptune and PyTorch alternate, one configuration after the other.
 PyTorch gets 2 threads (this machine's cores) and glibc malloc tuned as the issue measured it
 (up to 2x faster). Columns: median step seconds over --steps steps after --warmup steps, tokens/s,
-peak RSS (and XLA's temp buffers of ptune's compiled step), adapter bytes on disk (ptune: the adapter artifact of a checkpoint, trainable + metadata;
-PEFT: save_pretrained), first-step seconds (ptune's includes compiling), the step's matmul FLOPs
-from the shape (`step_flops`; XLA's own count of the compiled step beside it, which counts a loop
-body once, so the LM loss's scan over chunks counts for one chunk), and model FLOP
+peak RSS (and XLA's temp buffers of ptune's compiled step), adapter bytes on disk (ptune: the
+adapter artifact of a checkpoint, trainable + metadata; PEFT: save_pretrained), first-step seconds
+(ptune's includes compiling), the step's matmul FLOPs from the shape (`step_flops`; XLA's own count
+of the compiled step beside it, which counts a loop body once, so the LM loss's scan over chunks
+counts for one chunk), and model FLOP
 utilisation: those FLOPs over the step time, divided by JAX's matmul peak in the row's dtype,
 which this script measures first in the same run (`peak`). Generation: tokens/s at batch 1 and
 8, greedy, KV-cached, 32-token prompts and 64 new tokens, for a prompt-tuned and a LoRA model.

@@ -139,7 +139,7 @@ def nll_sum(logits_fn, head_vars, h, ids, weights, chunk_tokens: int = 256, max_
     def chunk_loss(logits, ids, weights):
         """(softmax, weighted NLL sum) of one chunk's logits. The softmax reuses the log-sum-exp's
         exponentials: a second exp pass over the vocabulary (and XLA:CPU's slower fused
-        exp-reduce of `jax.nn.logsumexp`) cost 5% of a GPT-2 LoRA step."""
+        exp-reduce of `jax.nn.logsumexp`) cost 0.09 s of a 2.2 s GPT-2 LoRA f32 step."""
         logits = logits.astype(jnp.float32)
         top = logits.max(-1, keepdims=True)
         e = jnp.exp(logits - top)
