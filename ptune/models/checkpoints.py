@@ -174,19 +174,21 @@ def load(source, sites: Sites = Sites(), **overrides) -> tuple[ModelConfig, dict
 def load_tokenizer(source):
     """The checkpoint's tokenizer through transformers, from local files only.
 
-    A GGUF tokenizer is converted once into `<file>.tokenizer/` (converting takes ~5 s).
+    A GGUF tokenizer is built from the file's metadata without torch (`gguf_tokenizer`) once
+    and cached in `<file>.tokenizer/` (building takes ~3 s).
     """
     from transformers import AutoTokenizer
 
     from ptune.data.tokenizers import HFTokenizer
+    from ptune.models.gguf_tokenizer import from_gguf
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     path = pathlib.Path(source)
     if path.suffix == ".gguf":
         cached = path.with_name(path.name + ".tokenizer")
         if not (cached / "tokenizer.json").exists():
-            tok = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+            tokenizer = from_gguf(path)
             tmp = pathlib.Path(tempfile.mkdtemp(dir=path.parent))
-            tok.save_pretrained(str(tmp))
+            tokenizer.save_pretrained(str(tmp))
             os.replace(tmp, cached)          # atomic: a half-converted tokenizer never looks complete
         path = cached
     return HFTokenizer(AutoTokenizer.from_pretrained(str(path)))
