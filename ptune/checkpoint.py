@@ -84,11 +84,16 @@ def base_identity(config) -> dict:
 
 
 def data_position(data: dict, config, step: int) -> dict:
-    """What fixes the batch of every step: the training arrays, the seed and the batch size."""
+    """What fixes the batch of every step: the training arrays, the seed and the batch size. An
+    encoding memory-mapped from its cache (ptune.data.batching) counts by its file, whose name is a
+    fingerprint of the data set and the encoding: reading gigabytes on every save would cost time
+    and pull the whole file into memory."""
     digest = hashlib.sha256()
     for name in sorted(data):
         digest.update(name.encode())
-        digest.update(np.ascontiguousarray(data[name]).data)
+        array = data[name]
+        digest.update(os.path.basename(os.path.dirname(array.filename)).encode() if isinstance(array, np.memmap) else
+                      np.ascontiguousarray(array).data)
     return {"step": step, "seed": config.seed, "batch_size": config.train.batch_size,
             "examples": len(next(iter(data.values()))), "sha256": digest.hexdigest()}
 

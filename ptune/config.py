@@ -32,6 +32,8 @@ def base_config() -> ml_collections.ConfigDict:
         max_length=64,
         template_index=0,                      # which of the task's paraphrased templates
         template="",                           # a custom template text ('' = the indexed one)
+        verbalizer=(),                         # custom label words, one per class (() = the template's)
+        packing=False,                         # lm/generate/chat: several examples per row (ptune.data.packing)
     ))
     c.optim = ml_collections.ConfigDict({f.name: f.default for f in dataclasses.fields(Group)})
     c.optim.clip_norm = 1.0
@@ -77,6 +79,26 @@ def with_method(config: ml_collections.ConfigDict, name: str, **options) -> ml_c
     else:
         body = {p: {**defaults(p), **options.get(p, {})} for p in parts}
     config.method = ml_collections.ConfigDict({"name": name, **body}, type_safe=False)
+    return config
+
+
+def with_task(config: ml_collections.ConfigDict, name: str, **options) -> ml_collections.ConfigDict:
+    """Set config.task.name to `name` with every option its builder accepts at its default (so that
+    command-line overrides such as --config.task.options.train=data.jsonl find their key)."""
+    from ptune.data import tasks
+    if name not in tasks.REGISTRY:
+        raise ValueError(f"unknown task {name!r}; choose one of {sorted(tasks.REGISTRY)}")
+    unknown = sorted(set(options) - set(inspect.signature(tasks.REGISTRY[name]).parameters))
+    if unknown:
+        raise ValueError(f"task {name!r} has no option(s) {unknown}")
+    defaults = {}
+    for p in inspect.signature(tasks.REGISTRY[name]).parameters.values():
+        if p.default is None:   # a typed placeholder, so that an override can set it
+            defaults[p.name] = config_dict.placeholder(int if "int" in str(p.annotation) else str)
+        elif p.default is not inspect.Parameter.empty:
+            defaults[p.name] = p.default
+    config.task.name = name
+    config.task.options = ml_collections.ConfigDict({**defaults, **options}, type_safe=False)
     return config
 
 

@@ -23,6 +23,7 @@ import numpy as np
 
 from ptune import objectives, sharding
 from ptune.data import batching, tasks
+from ptune.data.templates import Template
 
 DEFAULTS = {"splits": "", "templates": False, "max_examples": 0, "lm_task": "", "lm_max_length": 128,
             "lm_max_examples": 0, "predictions": False}
@@ -70,7 +71,7 @@ def run_suite(run, params, workdir: str | None, where=None) -> dict:
             metrics[f"{split}_accuracy"], predictions[split] = classify(run.task.split(split), run.template)
         if cfg.templates:
             split = run.config.train.eval_split
-            examples = run.task.split(split)[: cfg.max_examples or None]
+            examples = tasks.head(run.task.split(split), cfg.max_examples or None)
             for i, template in enumerate(run.task.templates):
                 metrics[f"{split}_accuracy_t{i}"], predictions[f"{split}_t{i}"] = classify(examples, template)
     if cfg.lm_task:
@@ -91,7 +92,7 @@ def _classifier(run, params, where):
     def classify(examples, template):
         verbalizer = run.objective == "verbalizer"
         label_ids = jnp.asarray(template.label_ids(run.tokenizer) if verbalizer else [0])
-        arrays = batching.encode_classification(examples, template, run.tokenizer, family, max_length)
+        arrays = batching.encode(examples, "classify", template, run.tokenizer, family, max_length)
         preds = []
         for batch in batching.eval_batches(arrays, run.config.train.eval_batch_size):
             kept = batch.pop("weight") > 0
@@ -103,8 +104,8 @@ def _classifier(run, params, where):
 
 def _perplexity(run, params, where) -> float:
     cfg = run.config.eval
-    examples = tasks.get(cfg.lm_task).split("validation")[: cfg.lm_max_examples or None]
-    arrays = batching.encode_lm(examples, run.tokenizer, run.model.config.family, cfg.lm_max_length)
+    examples = tasks.head(tasks.get(cfg.lm_task).split("validation"), cfg.lm_max_examples or None)
+    arrays = batching.encode(examples, "lm", Template(), run.tokenizer, run.model.config.family, cfg.lm_max_length)
     step = jax.jit(lambda params, batch: objectives.loss(run.model, params, batch, "lm")[1])
     sums: dict = {}
     for batch in batching.eval_batches(arrays, run.config.train.eval_batch_size):

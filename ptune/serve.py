@@ -64,8 +64,8 @@ class Server:
         family = self.bank.config.family
         for i, r in enumerate(requests):
             task = self.served[r["task"]]
-            row = batching.encode_classification([{"text": r["text"], "label": 0}], task.template, self.tokenizer,
-                                                 family, task.max_length)
+            row = batching.encode([{"text": r["text"], "label": 0}], "classify", task.template, self.tokenizer,
+                                  family, task.max_length)
             ids[i, :task.max_length], mask[i, :task.max_length] = row["input_ids"][0], row["attention_mask"][0]
         labels = self.bank.classify(ids, mask, [r["task"] for r in requests]).argmax(-1)
         return [{"prediction": self.served[r["task"]].label_names[k], "label": int(k)}
@@ -76,7 +76,7 @@ class Server:
         room = self.bank.config.max_positions - self.max_new_tokens - self.bank.sites.extra_positions
         encode, prompts = self.tokenizer.encode, []
         for r in requests:
-            # Pieces encoded apart, as batching.encode_generate does in training (BPE merges differ otherwise).
+            # Pieces encoded apart, as batching.generate_rows does in training (BPE merges differ otherwise).
             before, after = self.served[r["task"]].template.parts()
             prompt = head + encode(before) + encode(r["text"]) + encode(after)
             prompts.append(prompt[-room:])   # too long: keep the end, next to the answer

@@ -78,7 +78,7 @@ def layout(run: Run, trainable, frozen) -> Layout:
 def objective_for(task: tasks.Task, family: str, requested: str) -> str:
     if requested not in ("auto",) + objectives.OBJECTIVES:
         raise ValueError(f"config.task.objective={requested!r}; choose auto or one of {objectives.OBJECTIVES}")
-    if task.kind in ("lm", "generate"):   # generate: LM loss on the output given the input
+    if task.kind in ("lm", "generate", "chat"):   # generate, chat: LM loss on the output / assistant turns
         if requested not in ("auto", "lm"):
             raise ValueError(f"task {task.name!r} is {task.kind}; objective {requested!r} does not apply")
         if family == "bert":
@@ -136,9 +136,17 @@ def run_template(config, task: tasks.Task, method: methods.Method) -> Template:
         raise ValueError(f"config.task.template_index={task_cfg.template_index}: task {task.name!r} has "
                          f"{len(task.templates)} templates (0..{len(task.templates) - 1})")
     template = task.templates[task_cfg.template_index]
-    if task_cfg.template or method.template:   # a custom text keeps the chosen template's verbalizer
-        template = Template(task_cfg.template or method.template, template.verbalizer)
-    return template
+    text = task_cfg.template or method.template or template.text   # a custom text keeps the verbalizer
+    if "{text}" not in text or text.count("{text}") > 1:
+        raise ValueError(f"config.task.template={text!r} must contain the '{{text}}' field exactly once "
+                         "(where each example's text goes)")
+    if task_cfg.verbalizer:   # the user's words: each must be one token (Template.single_token)
+        words = tuple(task_cfg.verbalizer)
+        if task.kind != "classify" or len(words) != task.num_classes:
+            raise ValueError(f"config.task.verbalizer has {len(words)} word(s) {list(words)} but task {task.name!r} "
+                             f"has {task.num_classes} classes {list(task.label_names)}; give one word per class")
+        return Template(text, words, single_token=True)
+    return dataclasses.replace(template, text=text)
 
 
 def setup(config) -> Run:
@@ -169,7 +177,7 @@ def setup(config) -> Run:
     template = run_template(config, task, method)
     label_ids = template.label_ids(tokenizer) if objective == "verbalizer" else None
     encode = functools.partial(batching.encode, kind=task.kind, template=template, tokenizer=tokenizer,
-                               family=family, max_length=task_cfg.max_length)
+                               family=family, max_length=task_cfg.max_length, packed=task_cfg.packing)
     data = {"train": encode(task.split("train")) if method.trains else None,
             config.train.eval_split: encode(task.split(config.train.eval_split))}
 
@@ -374,6 +382,10 @@ def start(run: Run, workdir: str) -> tuple[MetricWriter, dict]:
               f"(mesh {dict(run.mesh.shape)}):\n{summary}", flush=True)
         with open(os.path.join(workdir, "config.json"), "w") as f:
             f.write(run.config.to_json_best_effort(indent=2))
+        with open(os.path.join(workdir, "task.json"), "w") as f:   # what predictions' class indices mean
+            json.dump({"name": run.task.name, "kind": run.task.kind, "label_names": list(run.task.label_names),
+                       "template": run.template.text, "verbalizer": list(run.template.verbalizer),
+                       "files": run.task.files}, f, indent=2)
     return MetricWriter(workdir), {"method": run.method.name, "trainable_params": summary.trainable,
                                    "trainable_fraction": summary.trainable_fraction}
 

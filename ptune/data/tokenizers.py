@@ -1,10 +1,14 @@
-"""Tokenizers behind one small interface: `encode(text) -> ids` without special tokens,
-plus the ids a family puts around a sequence. HF tokenizers arrive with real models;
-`ByteTokenizer` needs no files and serves tests and synthetic tasks."""
+"""Tokenizers behind one small interface: `encode(text) -> ids` without special tokens, the ids a
+family puts around a sequence, a conversation cut into chat-template pieces, and a fingerprint
+(what cached encodings are keyed by). HF tokenizers arrive with real models; `ByteTokenizer`
+needs no files and serves tests and synthetic tasks."""
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+
+ROLES = ("system", "user", "assistant", "tool")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -15,6 +19,7 @@ class ByteTokenizer:
     eos_id: int = 258
     cls_id: int = 259
     vocab_size: int = 260
+    fingerprint: str = "bytes"
 
     def encode(self, text: str) -> list[int]:
         return list(text.encode("utf-8"))
@@ -25,6 +30,13 @@ class ByteTokenizer:
     def specials(self, family: str) -> tuple[list[int], list[int]]:
         """(ids before, ids after) a sequence: BERT's [CLS] ... [SEP], decoders' BOS."""
         return ([self.cls_id], [self.eos_id]) if family == "bert" else ([self.bos_id], [])
+
+    def chat_pieces(self, messages) -> list[tuple[str, bool]]:
+        """ChatML-style text (the byte vocabulary has no special tokens): see `chat_pieces`."""
+        def render(turns, add_generation_prompt=False):
+            text = "".join(f"<|im_start|>{m['role']}\n{m['content']}<|im_end|>\n" for m in turns)
+            return text + ("<|im_start|>assistant\n" if add_generation_prompt else "")
+        return chat_pieces(render, messages)
 
 
 class HFTokenizer:
@@ -40,6 +52,9 @@ class HFTokenizer:
         full = tokenizer.encode("a")
         start = full.index(plain[0])
         self._specials = (full[:start], full[start + len(plain):])
+        backend = getattr(tokenizer, "backend_tokenizer", None)
+        identity = (backend.to_str() if backend is not None else repr(tokenizer)) + str(tokenizer.chat_template)
+        self.fingerprint = hashlib.sha256(identity.encode()).hexdigest()[:16]
 
     def encode(self, text: str) -> list[int]:
         return self.tokenizer.encode(text, add_special_tokens=False)
@@ -49,3 +64,33 @@ class HFTokenizer:
 
     def specials(self, family: str) -> tuple[list[int], list[int]]:
         return self._specials
+
+    def chat_pieces(self, messages) -> list[tuple[str, bool]]:
+        """The tokenizer's own chat template, cut into turns (see `chat_pieces`)."""
+        if not self.tokenizer.chat_template:
+            raise ValueError(f"the tokenizer of {self.tokenizer.name_or_path or 'this model'} has no chat template, "
+                             "so chat data cannot be rendered; use a chat model or the generate kind")
+        render = lambda turns, add_generation_prompt=False: self.tokenizer.apply_chat_template(
+            turns, tokenize=False, add_generation_prompt=add_generation_prompt) if turns else ""
+        return chat_pieces(render, messages)
+
+
+def chat_pieces(render, messages) -> list[tuple[str, bool]]:
+    """(text, is an assistant turn) pieces whose concatenation is `render(messages)`.
+
+    An assistant turn's piece is what rendering it adds after the generation prompt (its text and
+    end-of-turn tokens); everything else (system and user turns, the assistant header) is context.
+    Needs a template whose rendering of a conversation starts with the rendering of its first turns,
+    as chat templates do; one that does not is refused."""
+    pieces, done = [], ""
+    for i, message in enumerate(messages):
+        cuts = [(render(messages[:i], add_generation_prompt=True), False)] if message["role"] == "assistant" else []
+        cuts.append((render(messages[: i + 1]), message["role"] == "assistant"))
+        for text, predicted in cuts:
+            if not text.startswith(done):
+                raise ValueError(f"the chat template's rendering of turns 0..{i} does not start with that of the "
+                                 "turns before, so the assistant turns cannot be told apart; render the data "
+                                 "yourself and use the generate kind")
+            pieces.append((text[len(done):], predicted))
+            done = text
+    return [(text, predicted) for text, predicted in pieces if text]

@@ -9,8 +9,8 @@ TOK = ByteTokenizer()
 
 def test_classification_truncates_only_the_text():
     template = Template("T: {text} -> ", ("a", "b"))
-    arrays = batching.encode_classification([{"text": "x" * 100, "label": 1}, {"text": "yy", "label": 0}],
-                                            template, TOK, "gpt2", 16)
+    arrays = batching.encode([{"text": "x" * 100, "label": 1}, {"text": "yy", "label": 0}], "classify",
+                             template, TOK, "gpt2", 16)
     row = arrays["input_ids"][0]
     assert TOK.decode(row) == "T: " + "x" * 8 + " -> " and arrays["attention_mask"][0].sum() == 16
     assert TOK.decode(arrays["input_ids"][1][arrays["attention_mask"][1] > 0]) == "T: yy -> "
@@ -18,7 +18,7 @@ def test_classification_truncates_only_the_text():
 
 
 def test_generate_predicts_only_the_output_and_eos():
-    arrays = batching.encode_generate([{"input": "hi", "output": "yo"}], Template("Q: {text}\nA:"), TOK, "gpt2", 16)
+    arrays = batching.encode([{"input": "hi", "output": "yo"}], "generate", Template("Q: {text}\nA:"), TOK, "gpt2", 16)
     ids, mask = arrays["input_ids"][0], arrays["loss_mask"][0]
     assert TOK.decode(ids[arrays["attention_mask"][0] > 0]) == "Q: hi\nA:yo"
     assert ids[mask > 0].tolist() == TOK.encode("yo") + [TOK.eos_id]
