@@ -5,6 +5,8 @@ Every row must fail with ONE line that names the culprit (a config key, path or 
 says how to fix it, and must leave the workdir as it was. `ROWS` run in process through the
 functions the launcher calls (`train.train_and_evaluate`, `assets.*`); `CLI_ROWS` run
 scripts/train.py itself, all at once, and also check exit status 2 and the single `error:` line.
+The rows of your own data (ptune.data.files: data files, columns, labels, chats, splits, verbalizers,
+Hub names offline) are tests/data/test_files.py's `ROWS` and `CLI_ROWS`, in the same form.
 """
 
 import copy

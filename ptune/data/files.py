@@ -11,8 +11,10 @@ Sources (one of):
     train / validation / test   data files (a path or glob each): .jsonl/.json, .csv, .tsv, .parquet,
                                 .txt (one text per line: column "text"), read by `load_dataset`
     dataset (+ dataset_config)  a `save_to_disk` directory, a directory of data files, or a Hub
-                                data set name (needs the network: HF_DATASETS_OFFLINE / HF_HUB_OFFLINE
-                                must be unset or 0)
+                                data set name (fetched, which needs HF_DATASETS_OFFLINE / HF_HUB_OFFLINE
+                                unset or 0; offline, only a name loaded once before is found: in the
+                                Arrow cache $HF_DATASETS_CACHE/<owner>___<name>, not huggingface_hub's
+                                snapshot cache, which datasets 5.2 does not read offline)
 
 Kinds and their columns (options name them; the defaults are the common names):
     classify   text_column ("text"), label_column ("label"): labels are strings or ints. Classes are
@@ -32,6 +34,7 @@ both parts kept in file order. A test split is read when given, and evaluated on
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import json
 import os
@@ -40,7 +43,6 @@ import re
 
 import numpy as np
 
-from ptune.data import tasks
 from ptune.data.fewshot import few_shot
 from ptune.data.templates import Template
 from ptune.data.tokenizers import ROLES
@@ -51,6 +53,7 @@ COLUMNS = {"classify": ("text_column", "label_column"), "lm": ("text_column",),
 STANDARD = {"text_column": "text", "label_column": "label", "input_column": "input", "output_column": "output",
             "messages_column": "messages"}
 DEFAULT_TEMPLATES = {"classify": "{text}\nLabel:", "generate": "{text}\n"}
+QUIET_BYTES = 64 << 20   # data smaller than this is read without `datasets`' progress bars
 
 
 def files(train: str = "", validation: str = "", test: str = "", dataset: str = "", dataset_config: str = "",
@@ -106,7 +109,7 @@ def from_splits(splits: dict, kind: str, where: dict[str, str], text_column: str
         splits["train"], splits["validation"] = carve(splits["train"], validation_fraction, split_seed, where["train"])
         where["validation"] = f"validation carved from {where['train']}"
     if k_shot is not None:
-        splits["train"] = _few_shot(splits["train"], k_shot, shot_seed, kind == "classify", len(names))
+        splits["train"] = _few_shot(splits["train"], k_shot, shot_seed, kind == "classify", names)
     template = Template(DEFAULT_TEMPLATES.get(kind, "{text}"), tuple(f" {n}" for n in names), single_token=True)
     return tasks.Task("files", kind, splits, template, num_classes=len(names), label_names=names, files=where)
 
@@ -146,11 +149,32 @@ def _load_files(paths: dict[str, str]):
         raise ValueError(f"the data files {data_files} mix formats; give every split in one format")
     builder, delimiter = builders.pop()
     where = {s: ", ".join(f) for s, f in data_files.items()}
+    size = sum(os.path.getsize(f) for fs in data_files.values() for f in fs)
     try:
-        loaded = datasets.load_dataset(builder, data_files=data_files, **({"delimiter": delimiter} if delimiter else {}))
+        with _quiet(progress=size >= QUIET_BYTES):
+            loaded = datasets.load_dataset(builder, data_files=data_files,
+                                           **({"delimiter": delimiter} if delimiter else {}))
     except Exception as e:   # datasets wraps the reader's error (pyarrow, pandas) in its own types
         raise ValueError(_unreadable(builder, data_files, e)) from None
     return dict(loaded), where
+
+
+@contextlib.contextmanager
+def _quiet(progress: bool):
+    """`datasets` logs nothing below CRITICAL meanwhile (a reader's failure is logged by it and then
+    raised, and ptune's error line says it once), and shows progress bars only with `progress`."""
+    import datasets
+    from datasets.utils import logging as datasets_logging
+    verbosity, bars = datasets_logging.get_verbosity(), datasets.is_progress_bar_enabled()
+    datasets_logging.set_verbosity(datasets_logging.CRITICAL)
+    if not progress:
+        datasets.disable_progress_bars()
+    try:
+        yield
+    finally:
+        datasets_logging.set_verbosity(verbosity)
+        if bars:
+            datasets.enable_progress_bars()
 
 
 def _unreadable(builder: str, data_files: dict, error: Exception) -> str:
@@ -158,6 +182,10 @@ def _unreadable(builder: str, data_files: dict, error: Exception) -> str:
     while error.__cause__ is not None or error.__context__ is not None:
         error = error.__cause__ or error.__context__
     files = [f for fs in data_files.values() for f in fs]
+    empty = next((f for f in files if _no_records(f, builder)), None)
+    if empty:
+        what = "a header and no rows" if builder == "csv" and os.path.getsize(empty) else "no records"
+        return f"{empty} has {what}; give it records (or leave the file out)"
     if builder == "json":
         for path in files:
             line = _bad_json_line(path)
@@ -170,6 +198,24 @@ def _unreadable(builder: str, data_files: dict, error: Exception) -> str:
         return (f"{path}:{fields.group(2)}: {fields.group(3)} fields where the header has {fields.group(1)}; "
                 "fix that row (quote fields that contain the delimiter)")
     return f"{', '.join(files)}: not readable as {builder} ({type(error).__name__}: {text[:300]}); fix the file"
+
+
+def _no_records(path: str, builder: str) -> bool:
+    """Whether a data file holds no record: no non-blank line (a CSV: none after its header), a
+    Parquet file of 0 rows."""
+    if builder == "parquet":
+        import pyarrow.parquet as pq
+        try:
+            return pq.ParquetFile(path).metadata.num_rows == 0
+        except Exception:   # not Parquet at all: another message says so
+            return False
+    with open(path, encoding="utf-8", errors="replace") as f:
+        lines = 0
+        for line in f:
+            lines += bool(line.strip())
+            if lines > (builder == "csv"):
+                return False
+    return True
 
 
 def _file_of_error(files: list[str], text: str) -> str:
@@ -195,26 +241,28 @@ def _load_dataset(name: str, config: str):
     """{split: Dataset} from a save_to_disk directory, a directory of data files, or a Hub name."""
     import datasets
     path = pathlib.Path(os.path.expanduser(name))
-    try:
-        if path.is_dir() and any((path / f).exists() for f in ("dataset_dict.json", "state.json")):
-            loaded = datasets.load_from_disk(str(path))
-        elif path.exists() or name.startswith((".", "/", "~")):
-            if not path.is_dir():
-                raise ValueError(f"config.task.options.dataset={name!r}: no such directory; give a data set "
-                                 "directory, or a data file as config.task.options.train")
-            loaded = datasets.load_dataset(str(path), config or None)
-        else:
-            loaded = datasets.load_dataset(name, config or None)
-    except ValueError:
-        raise
+    local = path.exists() or name.startswith((".", "/", "~"))
+    if local and not path.is_dir():
+        raise ValueError(f"config.task.options.dataset={name!r}: no such directory; give a data set "
+                         "directory, or a data file as config.task.options.train")
+    size = sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) if local else QUIET_BYTES
+    try:   # every error of datasets' (its ValueErrors may span lines) becomes one line below
+        with _quiet(progress=size >= QUIET_BYTES):
+            if any((path / f).exists() for f in ("dataset_dict.json", "state.json")):
+                loaded = datasets.load_from_disk(str(path))
+            else:
+                loaded = datasets.load_dataset(str(path) if local else name, config or None)
     except Exception as e:
         offline = [v for v in ("HF_DATASETS_OFFLINE", "HF_HUB_OFFLINE") if os.environ.get(v, "0") not in ("0", "")]
-        if offline and not path.exists():
+        if offline and not path.exists() and isinstance(e, ConnectionError):   # datasets: "Couldn't reach"
+            forbid = "forbid" if len(offline) > 1 else "forbids"
             raise ValueError(f"config.task.options.dataset={name!r} is not a local directory and is not in the local "
-                             f"cache, and {' and '.join(offline)} forbid fetching it; set {offline[0]}=0 on a machine "
-                             "online, or give a local path") from None
+                             f"cache, and {' and '.join(offline)} {forbid} fetching it; set "
+                             f"{' and '.join(v + '=0' for v in offline)} on a machine online, or give a local path"
+                             ) from None
         raise ValueError(f"config.task.options.dataset={name!r}: could not be loaded ({type(e).__name__}: "
-                         f"{' '.join(str(e).split())[:300]})") from None
+                         f"{' '.join(str(e).split())[:300]}); fix the name, or choose a configuration "
+                         "with config.task.options.dataset_config") from None
     if isinstance(loaded, datasets.Dataset):
         loaded = {"train": loaded}
     unknown = sorted(set(loaded) - set(tasks.SPLITS))
@@ -279,8 +327,10 @@ def _encode_labels(splits: dict, declared: tuple[str, ...], where: dict[str, str
         bad = next((i for i, label in enumerate(labels) if label is None), None)
         if bad is not None:
             source = "config.task.options.label_names" if declared else "the training labels"
-            raise ValueError(f"{where[split]} record {bad} has label {values[bad]!r}, outside the classes "
-                             f"{list(names)} (from {source}); fix the record or declare the class in label_names")
+            value = values[bad].item() if isinstance(values[bad], np.generic) else values[bad]   # not np.str_('x')
+            raise ValueError(f"{where[split]} record {bad} has label {value!r}, outside the classes "
+                             f"{list(names)} (from {source}); fix the record or declare the class in "
+                             "config.task.options.label_names")
         ds = splits[split].remove_columns("label")
         out[split] = ds.add_column("label", labels.astype(np.int32).tolist(),
                                    feature=datasets.Value("int32"))
@@ -290,7 +340,8 @@ def _encode_labels(splits: dict, declared: tuple[str, ...], where: dict[str, str
         raise ValueError(f"{where['train']}: class(es) {empty} have no training example; add some, or drop them from "
                          "config.task.options.label_names")
     if len(names) < 2:
-        raise ValueError(f"{where['train']}: only one class {list(names)}; classification needs two or more")
+        raise ValueError(f"{where['train']}: only one class {list(names)}; classification needs two or more, "
+                         "so add examples of another class")
     return out, names
 
 
@@ -337,9 +388,16 @@ def chat_problem(messages) -> str | None:
     return None
 
 
-def _few_shot(dataset, k: int, seed: int, per_class: bool, num_classes: int):
+def _few_shot(dataset, k: int, seed: int, per_class: bool, names: tuple[str, ...]):
     labels = _column(dataset, "label") if per_class else np.zeros(len(dataset), int)
     keyed = [{"label": int(label), "row": i} for i, label in enumerate(labels)]
-    chosen = few_shot(keyed, k, seed, key="label" if per_class else None,
-                      label_names=[str(c) for c in range(num_classes)] if per_class else None)
+    try:
+        chosen = few_shot(keyed, k, seed, key="label" if per_class else None,
+                          label_names=list(names) if per_class else None)
+    except ValueError as e:
+        raise ValueError(f"config.task.options.k_shot={k}: {e}; lower k_shot or add training examples") from None
     return dataset.select([e["row"] for e in chosen])
+
+
+# Last: tasks imports this module at its end to register 'files', so either may be imported first.
+from ptune.data import tasks  # noqa: E402
