@@ -33,7 +33,8 @@ def encode(examples, kind: str, template: Template, tokenizer, family: str, max_
     Truncation: a classification text or generation input is cut from its end so that the template
     and the answer survive; an lm text or a chat is cut from its end."""
     if packed and kind not in KINDS_THAT_PACK:
-        raise ValueError(f"config.task.packing: a {kind} task cannot be packed (packing serves {KINDS_THAT_PACK})")
+        raise ValueError(f"config.task.packing: a {kind} task cannot be packed (packing serves {KINDS_THAT_PACK}); "
+                         "set config.task.packing=False")
 
     def arrays_of(records):
         rows = ROWS[kind](records, template, tokenizer, family, max_length)
@@ -117,12 +118,17 @@ def pad(rows: list[dict], length: int, pad_id: int) -> dict[str, np.ndarray]:
 
 def _encode_dataset(dataset, arrays_of, key: str) -> dict[str, np.ndarray]:
     """`arrays_of` over `dataset` in chunks of CHUNK examples, written once into
-    `<the data set's cache directory>/ptune-encoded-<key>/` and memory-mapped from there (an
-    in-memory data set, with no cache files, is encoded in memory)."""
+    `<the data set's cache directory>/ptune-encoded-<key>/` (`<ptune cache>/encoded/` when that
+    directory is read-only) and memory-mapped from there (an in-memory data set, with no cache
+    files, is encoded in memory)."""
     cache = dataset.cache_files
     if not cache:
         return _concat([arrays_of(chunk) for chunk in _chunks(dataset)])
     directory = pathlib.Path(cache[0]["filename"]).parent / f"ptune-encoded-{key}"
+    if not (directory / "meta.json").exists() and not os.access(directory.parent, os.W_OK):
+        from ptune import assets   # a read-only data set (e.g. a shared save_to_disk copy): ptune's own cache
+        directory = assets.cache_root() / "encoded" / directory.name
+        directory.parent.mkdir(parents=True, exist_ok=True)
     if not (directory / "meta.json").exists():
         staging = pathlib.Path(tempfile.mkdtemp(prefix=".ptune-encoding-", dir=directory.parent))
         try:

@@ -108,6 +108,8 @@ def from_splits(splits: dict, kind: str, where: dict[str, str], text_column: str
     if "validation" not in splits:
         splits["train"], splits["validation"] = carve(splits["train"], validation_fraction, split_seed, where["train"])
         where["validation"] = f"validation carved from {where['train']}"
+    if kind == "classify":
+        _check_classes(splits["train"], names, where["train"])
     if k_shot is not None:
         splits["train"] = _few_shot(splits["train"], k_shot, shot_seed, kind == "classify", names)
     template = Template(DEFAULT_TEMPLATES.get(kind, "{text}"), tuple(f" {n}" for n in names), single_token=True)
@@ -334,15 +336,19 @@ def _encode_labels(splits: dict, declared: tuple[str, ...], where: dict[str, str
         ds = splits[split].remove_columns("label")
         out[split] = ds.add_column("label", labels.astype(np.int32).tolist(),
                                    feature=datasets.Value("int32"))
-    counts = np.bincount(np.asarray(out["train"]["label"]), minlength=len(names))
-    empty = [names[c] for c in np.flatnonzero(counts == 0)]
-    if empty:
-        raise ValueError(f"{where['train']}: class(es) {empty} have no training example; add some, or drop them from "
-                         "config.task.options.label_names")
     if len(names) < 2:
         raise ValueError(f"{where['train']}: only one class {list(names)}; classification needs two or more, "
                          "so add examples of another class")
     return out, names
+
+
+def _check_classes(train, names: tuple[str, ...], where: str):
+    """Every class has a training example (checked after carving, which may take a class's only one)."""
+    counts = np.bincount(_column(train, "label").astype(np.int64), minlength=len(names))
+    empty = [names[c] for c in np.flatnonzero(counts == 0)]
+    if empty:
+        raise ValueError(f"{where}: class(es) {empty} have no training example (after holding out validation "
+                         "records); add some, or drop them from config.task.options.label_names")
 
 
 def _column(dataset, name: str) -> np.ndarray:
