@@ -12,6 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from ptune import models
+from ptune.models.layers import segment_positions
 
 
 def left_pad(prompts: list[list[int]], pad_id: int):
@@ -49,7 +50,7 @@ def decode(model, params, ids, mask, rng, eos_id, pad_id, *, max_new_tokens, tem
     jit or vmap it (the adapter bank vmaps it over examples that each carry their own adapter)."""
     B, T = ids.shape
     full_mask = jnp.concatenate([mask, jnp.ones((B, max_new_tokens), mask.dtype)], 1)
-    positions = jnp.maximum(jnp.cumsum(full_mask, 1) - 1, 0)
+    positions = segment_positions(full_mask)
     cache = models.init_cache(model, B, T + max_new_tokens)
     logits, state = model.apply({"params": params, "cache": cache}, ids, full_mask, positions[:, :T],
                                 output="logits", decode=True, with_prompt=True, mutable=["cache"])

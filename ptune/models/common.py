@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 
 from ptune.models.config import ModelConfig
-from ptune.models.layers import Linear, PrefixKV, SoftPrompt, contract, param, visible_mask
+from ptune.models.layers import Linear, PrefixKV, SoftPrompt, contract, param, segment_positions, visible_mask
 from ptune.models.sites import Sites
 
 OUTPUTS = ("hidden", "logits", "last_logits", "class", "nll_sum")
@@ -23,7 +23,7 @@ OUTPUTS = ("hidden", "logits", "last_logits", "class", "nll_sum")
 class Prepared(NamedTuple):
     x: jnp.ndarray               # (B, P+T, d) token embeddings, soft prompt first
     positions: jnp.ndarray       # (B, P+T) position ids
-    mask: jnp.ndarray            # (B, P+T) 1 for real tokens (this call's)
+    mask: jnp.ndarray            # (B, P+T) this call's segment ids: 0 padding, >= 1 real (the prompt's 1)
     visible: jnp.ndarray         # (B, 1, P+T, prefix+S) which keys each query sees
     prefix: jnp.ndarray | None   # (layers, 2, prefix, kv_heads, head_dim)
     cache_index: jnp.ndarray | None
@@ -34,8 +34,10 @@ def prepare(model: nn.Module, tok, attention_mask, positions, *, decode: bool, w
             causal: bool) -> Prepared:
     """Prepend the soft prompt and build positions and attention visibility.
 
-    Positions count real tokens from 0 and are shifted past the prompt and
-    prefix (which sit before the text, as in HF PEFT). In decode mode
+    `attention_mask` holds segment ids: 0 padding, k >= 1 the k-th example packed in the row
+    (0/1 unpacked). Positions count each segment's tokens from 0 and are shifted past the prompt
+    and prefix (which sit before the text, as in HF PEFT); a token sees only its own segment, the
+    prompt and the prefix, so each packed example is computed as if it were alone. In decode mode
     `attention_mask` covers every cache slot of the text (B, max_len), `positions`
     must be given, and the prompt is prepended only when `with_prompt` (prefill).
     """
@@ -47,7 +49,7 @@ def prepare(model: nn.Module, tok, attention_mask, positions, *, decode: bool, w
     if positions is None:
         if decode and not model.is_initializing():
             raise ValueError("decode mode needs explicit positions (see ptune.generate)")
-        positions = jnp.maximum(jnp.cumsum(attention_mask[:, :T], axis=1) - 1, 0)
+        positions = segment_positions(attention_mask[:, :T])
     positions = positions + n_prompt + n_prefix
     kv_mask = jnp.concatenate([jnp.ones((B, n_prompt), attention_mask.dtype), attention_mask], 1)
     this_mask = attention_mask[:, :T]
@@ -74,7 +76,8 @@ def prepare(model: nn.Module, tok, attention_mask, positions, *, decode: bool, w
     if sites.prefix:
         prefix = PrefixKV(sites.prefix, cfg.num_layers, cfg.num_kv_heads, cfg.head_dim,
                           cfg.hidden_size, name="prefix")()
-    visible = visible_mask(kv_mask, q_slots, causal, n_prefix)
+    shared = kv_mask.shape[1] - attention_mask.shape[1]   # the soft prompt's slots lead kv_mask
+    visible = visible_mask(kv_mask, q_slots, causal, n_prefix, shared)
     prepended = n_prompt if (sites.prompt and with_prompt) else 0
     return Prepared(tok, positions, this_mask, visible, prefix, cache_index, prepended)
 

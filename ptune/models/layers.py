@@ -190,9 +190,34 @@ def rope(x, positions, theta: float):
     return (x * jnp.cos(angles) + rotated * jnp.sin(angles)).astype(x.dtype)
 
 
-def visible_mask(kv_mask, q_slots, causal: bool, prefix_len: int = 0):
-    """(B,1,T,P+S) bool: which keys each query sees. kv_mask: (B,S); q_slots: (B,T)."""
-    visible = kv_mask[:, None, :].astype(bool)
+def segment_positions(mask):
+    """(B,T) position ids counting each segment's tokens from 0. mask: (B,T) segment ids: 0 = padding,
+    k >= 1 = the k-th example packed in the row (0/1 for an unpacked row, left or right padded).
+
+    count = cumsum(mask > 0); a segment starts at a real token whose id exceeds every id before it;
+    positions = max(count - 1 - (count - 1 at the latest start), 0). A 0/1 mask has one start, where
+    count - 1 = 0, so this is exactly max(cumsum(mask) - 1, 0); padding repeats the position before it.
+    """
+    real = mask > 0
+    count = jnp.cumsum(real, axis=1)
+    earlier_max = jnp.pad(jax.lax.cummax(mask.astype(jnp.int32), axis=1)[:, :-1], [(0, 0), (1, 0)])
+    starts = real & (mask > earlier_max)
+    base = jax.lax.cummax(jnp.where(starts, count - 1, 0), axis=1)
+    return jnp.maximum(count - 1 - base, 0)
+
+
+def visible_mask(kv_mask, q_slots, causal: bool, prefix_len: int = 0, shared: int = 0):
+    """(B,1,T,prefix_len+S) bool: which keys each query sees. kv_mask: (B,S) segment ids (see
+    `segment_positions`); q_slots: (B,T) each query's slot in kv_mask.
+
+    A real query sees the real keys of its own segment, the first `shared` slots (the soft prompt)
+    and the prefix, which every example of a packed row shares; a padding query sees every real key.
+    With 0/1 masks that is every real key for every query, as before packing.
+    """
+    keys = kv_mask[:, None, :]
+    q_segment = jnp.take_along_axis(kv_mask, q_slots, axis=1)[:, :, None]
+    is_shared = jnp.arange(kv_mask.shape[1]) < shared
+    visible = (keys > 0) & ((keys == q_segment) | (q_segment == 0) | is_shared)
     if causal:
         visible = visible & (jnp.arange(kv_mask.shape[1])[None, None, :] <= q_slots[:, :, None])
     if prefix_len:
