@@ -69,14 +69,19 @@ def _assert_same(ours, theirs, texts):
 
 @functools.lru_cache
 def _smollm2():
+    """(file, ptune's tokenizer, transformers' conversion as ptune called it before issue 19)."""
     path = assets.ensure("smollm2")
-    return path, gguf_tokenizer.from_gguf(path), _reference(path)
+    pytest.importorskip("torch")
+    from transformers import AutoTokenizer
+    return path, gguf_tokenizer.from_gguf(path), AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
 
 
-def _brown(n_docs=25):
-    """Whole Brown documents (~12k characters each), from several genres."""
+def _brown(per_genre=2):
+    """The first whole documents (~12k characters each) of every genre of the Brown corpus."""
     with open(assets.ensure("brown_lm") / "train.jsonl") as f:
-        return [json.loads(line)["text"] for line in itertools.islice(f, n_docs)]
+        docs = sorted((json.loads(line) for line in f), key=lambda doc: doc["genre"])
+    return [doc["text"] for _, group in itertools.groupby(docs, lambda doc: doc["genre"])
+            for doc in itertools.islice(group, per_genre)]
 
 
 def test_smollm2_tokenizer_matches_transformers():
