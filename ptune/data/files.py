@@ -190,9 +190,11 @@ def _unreadable(builder: str, data_files: dict, error: Exception) -> str:
         return f"{empty} has {what}; give it records (or leave the file out)"
     if builder == "json":
         for path in files:
-            line = _bad_json_line(path)
-            if line:
-                return f"{path}:{line[0]}: {line[1]}; fix or delete that line"
+            try:
+                for _ in tasks.iter_jsonl(path):   # streamed: finds the bad line without holding the file
+                    pass
+            except ValueError as e:
+                return str(e)
     text = " ".join(str(error).split())
     fields = re.search(r"Expected (\d+) fields in line (\d+), saw (\d+)", text)
     if builder == "csv" and fields:
@@ -222,21 +224,6 @@ def _no_records(path: str, builder: str) -> bool:
 
 def _file_of_error(files: list[str], text: str) -> str:
     return next((f for f in files if f in text), files[0] if len(files) == 1 else ", ".join(files))
-
-
-def _bad_json_line(path: str) -> tuple[int, str] | None:
-    """(line number, problem) of the first line of a JSON Lines file that is not a JSON object."""
-    with open(path, encoding="utf-8", errors="replace") as f:
-        for number, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except ValueError as e:
-                return number, f"not valid JSON ({e})"
-            if not isinstance(record, dict):
-                return number, f"a JSON {type(record).__name__}, not an object"
-    return None
 
 
 def _load_dataset(name: str, config: str):

@@ -192,7 +192,11 @@ CHAT_TEMPLATES = (
 
 def read_jsonl(path: str | pathlib.Path) -> list[dict]:
     """One JSON object per line (blank lines skipped); a bad line is an error naming file and line."""
-    records = []
+    return list(iter_jsonl(path))
+
+
+def iter_jsonl(path: str | pathlib.Path):
+    """The records of `read_jsonl`, one at a time."""
     with open(path, encoding="utf-8") as f:
         for number, line in enumerate(f, 1):
             if not line.strip():
@@ -202,9 +206,8 @@ def read_jsonl(path: str | pathlib.Path) -> list[dict]:
             except ValueError as e:
                 raise ValueError(f"{path}:{number}: not valid JSON ({e}); fix or delete that line") from None
             if not isinstance(record, dict):
-                raise ValueError(f"{path}:{number}: a JSON {type(record).__name__}, not an object; fix that line")
-            records.append(record)
-    return records
+                raise ValueError(f"{path}:{number}: a JSON {type(record).__name__}, not an object; fix or delete that line")
+            yield record
 
 
 def load_dataset(dataset: str) -> tuple[dict[str, list[dict]], dict]:
