@@ -150,7 +150,7 @@ def test_vmapped_points_equal_separate_runs(make_config, tmp_path, monkeypatch):
     vmapped = multi.train_and_evaluate(configs, [str(tmp_path / f"v{i}") for i in range(3)])
     separate = [train.train_and_evaluate(c, str(tmp_path / f"s{i}")) for i, c in enumerate(configs)]
     files = lambda d: sorted(f.split(".")[0] for f in os.listdir(d))   # event files carry a timestamp
-    assert files(tmp_path / "v0") == ["config", "events", "final_metrics", "metrics"]
+    assert files(tmp_path / "v0") == ["config", "events", "final_metrics", "metrics", "task"]
     assert files(tmp_path / "s0") == ["checkpoints"] + files(tmp_path / "v0")   # vmapped points save none
     for i in range(3):
         logged = [[(m["step"], m["split"], m["loss"]) for m in map(json.loads, open(tmp_path / f"{d}{i}" / "metrics.jsonl"))]
