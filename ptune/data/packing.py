@@ -30,7 +30,8 @@ def pack(rows: list[dict], max_length: int, pad_id: int) -> dict[str, np.ndarray
             raise ValueError(f"pack: example {i} has {lengths[i]} tokens; each must have 1..{max_length} "
                              f"(truncate to max_length before packing)")
         if len(row["loss_mask"]) != lengths[i]:
-            raise ValueError(f"pack: example {i} has {lengths[i]} input_ids but {len(row['loss_mask'])} loss_mask values")
+            raise ValueError(f"pack: example {i} has {lengths[i]} input_ids but {len(row['loss_mask'])} "
+                             "loss_mask values")
     room = np.zeros(len(rows), np.int64)   # free slots of each packed row; at most one row per example
     members: list[list[int]] = []
     for i in sorted(range(len(rows)), key=lambda i: -lengths[i]):   # stable: ties keep the given order

@@ -206,7 +206,8 @@ def iter_jsonl(path: str | pathlib.Path):
             except ValueError as e:
                 raise ValueError(f"{path}:{number}: not valid JSON ({e}); fix or delete that line") from None
             if not isinstance(record, dict):
-                raise ValueError(f"{path}:{number}: a JSON {type(record).__name__}, not an object; fix or delete that line")
+                raise ValueError(f"{path}:{number}: a JSON {type(record).__name__}, not an object; "
+                                 "fix or delete that line")
             yield record
 
 
