@@ -137,7 +137,7 @@ def run_template(config, task: tasks.Task, method: methods.Method) -> Template:
                          f"{len(task.templates)} templates (0..{len(task.templates) - 1})")
     template = task.templates[task_cfg.template_index]
     text = task_cfg.template or method.template or template.text   # a custom text keeps the verbalizer
-    if "{text}" not in text or text.count("{text}") > 1:
+    if text.count("{text}") != 1:
         raise ValueError(f"config.task.template={text!r} must contain the '{{text}}' field exactly once "
                          "(where each example's text goes)")
     if task_cfg.verbalizer:   # the user's words: each must be one token (Template.single_token)
