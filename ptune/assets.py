@@ -826,6 +826,23 @@ def verify(name: str, cache_dir=None) -> pathlib.Path:
     return _entry(asset, root)
 
 
+def export_hf(name: str, out_dir, cache_dir=None) -> pathlib.Path:
+    """Write model asset `name` as a transformers directory `out_dir` (new or empty) that
+    `AutoModelForCausalLM`/`AutoModel` and `AutoTokenizer.from_pretrained` load offline: smollm2's
+    GGUF dequantized to f32 (config.json, model.safetensors, tokenizer files), or a copy of an asset
+    that already is one (minilm, without ptune's MANIFEST.json). Fetches the asset if needed."""
+    from ptune import hf_peft
+    models = sorted(a.name for a in ASSETS.values() if a.kind == "model")
+    if name not in models:
+        raise AssetError(f"export-hf: {name!r} is not a model asset; choose one of {models}")
+    source = ensure(name, cache_dir)
+    if source.suffix == ".gguf":
+        return hf_peft.export_base(source, out_dir)
+    with hf_peft.new_dir(out_dir) as tmp:
+        shutil.copytree(source, tmp, dirs_exist_ok=True, ignore=shutil.ignore_patterns("MANIFEST.json"))
+    return pathlib.Path(out_dir)
+
+
 def resolve(names: Iterable[str]) -> list[str]:
     """Asset names from names given on the command line: asset names, source names (all the
     assets made from that source) or 'all'."""

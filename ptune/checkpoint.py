@@ -369,7 +369,16 @@ def load_adapter(workdir: str, which: str | int = "latest"):
     if not os.path.isdir(directory):
         raise ValueError(f"{workdir!r} has no checkpoints (no {DIRECTORY}/ directory); train there first")
     read_only = ocp.CheckpointManagerOptions(read_only=True, create=False, save_interval_steps=0)
-    manager = _orbax_manager(directory, read_only)
+    # Orbax logs "Given directory is read only" as a WARNING whenever a read_only manager opens, though
+    # nothing is wrong: read_only is what serving asks for (it guarantees loading never writes, even
+    # beside a training run), so keep it and drop exactly that record from Orbax's (absl's) logger.
+    from absl import logging as absl_logging
+    quiet = lambda record: not record.getMessage().startswith("Given directory is read only")
+    absl_logging.get_absl_logger().addFilter(quiet)
+    try:
+        manager = _orbax_manager(directory, read_only)
+    finally:
+        absl_logging.get_absl_logger().removeFilter(quiet)
     steps = manager.all_steps()
     if not steps:
         raise ValueError(f"{directory!r} holds no complete checkpoint; train there first")

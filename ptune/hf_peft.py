@@ -4,6 +4,7 @@
     method, trainable = load("out/adapter", model_config)   # then partition.merge(trainable, frozen base)
     save_pretrained_merged("out/merged", params, model)     # config.json + model.safetensors, LoRA/IA3 folded in
     export_workdir("/tmp/run", "/tmp/run/peft")             # a trained run's checkpoint (scripts/export.py)
+    export_base("model.gguf", "out/base")                   # a GGUF as a transformers directory
 
 An adapter directory is what `peft.PeftModel.from_pretrained(hf_model, dir)` reads, for the
 `*ForCausalLM` / `*ForSequenceClassification` model of the same base. Supported: LoRA
@@ -12,10 +13,15 @@ does, in the direct form: one (num_virtual_tokens, num_layers * 2 * kv_dim) tabl
 trained task head as `modules_to_save`. PEFT applies prefixes through `past_key_values`,
 which transformers' BERT does not take, so BERT prefix adapters are refused both ways.
 Every write goes to a temporary directory renamed into place: a failure leaves nothing.
+
+`base_model_name_or_path` names a directory `AutoModelForCausalLM.from_pretrained` loads: the
+run's HF checkpoint directory, or for a GGUF checkpoint its dequantized transformers form,
+written once beside the file (`<file>.hf/`, like the tokenizer's `<file>.tokenizer/`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -27,7 +33,7 @@ import tempfile
 import flax.linen as nn
 import numpy as np
 
-from ptune import methods, models, partition
+from ptune import assets, methods, models, partition
 from ptune.methods import head
 from ptune.models import checkpoints, hf
 from ptune.models.config import ModelConfig
@@ -120,20 +126,97 @@ def export(out_dir, params, method: methods.Method, model_config: ModelConfig, b
     return _write_dir(out_dir, {ADAPTER_CONFIG: config}, ADAPTER_WEIGHTS, tensors)
 
 
-def export_workdir(workdir, out_dir, which: str | int = "latest", merge: bool = False):
+def export_workdir(workdir, out_dir, which: str | int = "latest", merge: bool = False, base=None):
     """A trained run's adapter checkpoint (`ptune.checkpoint`) as a PEFT adapter directory, or with
-    `merge` as a transformers checkpoint with LoRA/IA3 merged in. The frozen base is rebuilt from
-    the run's config, as training built it. Returns the directory path."""
+    `merge` as a transformers checkpoint with LoRA/IA3 merged in (plus the run's tokenizer files).
+    The frozen base is rebuilt from the run's config, as training built it. The adapter's
+    `base_model_name_or_path` is `base` (an HF directory, written as given), else `base_dir` of the
+    run's checkpoint; a random-init preset has no loadable base, so its name is written and
+    `how_to_load` says so (refusing would also refuse ptune's own `load` of the adapter).
+    Returns the directory path."""
     from ptune import checkpoint, train
     _require_new_dir(pathlib.Path(out_dir))   # before minutes of loading, not after
+    if base is not None:
+        if merge:
+            raise ValueError(f"base={base!r} names an adapter's base, but a merged checkpoint holds its own; "
+                             "drop base or merge")
+        if not (pathlib.Path(base) / "config.json").is_file():
+            raise ValueError(f"base {base!r} has no config.json; pass a transformers model directory, e.g. one "
+                             "written by `python scripts/assets.py export-hf smollm2 DIR`")
     config, trainable, _ = checkpoint.load_adapter(workdir, which)
     run = train.setup(config)
     _, frozen = partition.split(run.params, run.labels)
     params = partition.merge(trainable, frozen)
     if merge:
-        return save_pretrained_merged(out_dir, params, run.model)
-    return export(out_dir, params, run.method, run.model.config,
-                  base_name=config.model.checkpoint or config.model.preset)
+        return save_pretrained_merged(out_dir, params, run.model, tokenizer=getattr(run.tokenizer, "tokenizer", None))
+    source = config.model.checkpoint
+    base = base if base is not None else base_dir(source) if source else config.model.preset
+    return export(out_dir, params, run.method, run.model.config, base_name=str(base))
+
+
+def base_dir(source) -> pathlib.Path:
+    """The absolute transformers directory of a checkpoint source (an asset name, an HF directory or
+    a .gguf file, as in config.model.checkpoint). A GGUF's is written once beside it, `<file>.hf/`,
+    by `export_base`, and reused: it is renamed into place whole, so one that is there is complete."""
+    source = assets.ensure(source) if source in assets.ASSETS else source
+    path = pathlib.Path(os.path.abspath(source))
+    if path.suffix != ".gguf":
+        return path
+    out = path.with_name(path.name + ".hf")
+    complete = lambda: (out / "config.json").is_file() and (out / "model.safetensors").is_file()
+    if not complete():
+        try:
+            export_base(path, out)
+        except OSError:
+            if not complete():   # else another process renamed its copy into place first
+                raise
+    return out
+
+
+def export_base(source, out_dir) -> pathlib.Path:
+    """A checkpoint ptune loads (a .gguf file, dequantized to f32, or an HF directory) as a transformers
+    directory: config.json, model.safetensors and the tokenizer's files, which
+    `AutoModelForCausalLM.from_pretrained` and `AutoTokenizer.from_pretrained` load offline."""
+    cfg, params = checkpoints.load(source)
+    tokenizer = checkpoints.load_tokenizer(source).tokenizer
+    return save_pretrained_merged(out_dir, params, models.build(cfg), tokenizer=tokenizer)
+
+
+AUTO_CLASSES = {"CAUSAL_LM": "AutoModelForCausalLM", "SEQ_CLS": "AutoModelForSequenceClassification",
+                "FEATURE_EXTRACTION": "AutoModel"}
+
+
+def how_to_load(out_dir) -> str:
+    """The Python lines that load an exported directory (adapter or merged) with transformers / PEFT,
+    or a note saying why transformers cannot (an adapter of a random-init preset)."""
+    out = str(pathlib.Path(os.path.abspath(out_dir)))
+    if not os.path.exists(os.path.join(out, ADAPTER_CONFIG)):   # a merged checkpoint
+        architecture = json.loads(pathlib.Path(out, "config.json").read_text())["architectures"][0]
+        auto = AUTO_CLASSES["SEQ_CLS" if architecture.endswith("ForSequenceClassification") else
+                            "CAUSAL_LM" if architecture.endswith(("ForCausalLM", "LMHeadModel")) else
+                            "FEATURE_EXTRACTION"]
+        tokenizer = os.path.exists(os.path.join(out, "tokenizer_config.json"))   # none for a preset's bytes
+        return "\n".join([f"from transformers import {auto}" + (", AutoTokenizer" if tokenizer else ""),
+                          *([f"tokenizer = AutoTokenizer.from_pretrained({out!r})"] if tokenizer else []),
+                          f"model = {auto}.from_pretrained({out!r})"])
+    config = json.loads(pathlib.Path(out, ADAPTER_CONFIG).read_text())
+    base, auto = config["base_model_name_or_path"], AUTO_CLASSES[config["task_type"]]
+    if not (pathlib.Path(base) / "config.json").is_file():
+        return (f"note: the adapter's base {base!r} is no transformers directory (a random-init preset has none), "
+                "so transformers cannot load it; ptune's hf_peft.load reads the adapter, and --base DIR names a base")
+    classes = _head_rows(pathlib.Path(out, ADAPTER_WEIGHTS)) if config["task_type"] == "SEQ_CLS" else None
+    return "\n".join([f"from transformers import {auto}, AutoTokenizer; from peft import PeftModel",
+                      f"tokenizer = AutoTokenizer.from_pretrained({base!r})",
+                      f"model = PeftModel.from_pretrained({auto}.from_pretrained({base!r}"
+                      f"{f', num_labels={classes}' if classes else ''}), {out!r})"])
+
+
+def _head_rows(weights: pathlib.Path) -> int | None:
+    """The class count of the task head an adapter file carries (modules_to_save), if any."""
+    from safetensors import safe_open
+    with safe_open(str(weights), "np") as f:
+        return next((f.get_slice(k).get_shape()[0] for k in f.keys() if k.endswith("weight")
+                     and HEAD_KEY.fullmatch(k.removeprefix(TUNER_PREFIX).removeprefix(PROMPT_PREFIX))), None)
 
 
 def _one_peft_kind(name: str, sites: Sites, family: str) -> str:
@@ -205,8 +288,10 @@ def merge(params, model):
     return partition.unflatten(out), dataclasses.replace(sites, lora=None, ia3=None)
 
 
-def save_pretrained_merged(out_dir, params, model):
-    """Write `params` (LoRA/IA3 merged in) as a transformers checkpoint: config.json + model.safetensors."""
+def save_pretrained_merged(out_dir, params, model, tokenizer=None):
+    """Write `params` (LoRA/IA3 merged in) as a transformers checkpoint: config.json + model.safetensors,
+    plus a transformers `tokenizer`'s files when given (its special token ids go in config.json too,
+    so that transformers' `generate` stops at its end token)."""
     params, sites = merge(params, model)
     left = [f.name for f in dataclasses.fields(sites) if getattr(sites, f.name) is not None]
     if left:
@@ -214,8 +299,10 @@ def save_pretrained_merged(out_dir, params, model):
                          "export those as a PEFT adapter (hf_peft.export) instead")
     cfg = model.config
     tensors = {k: np.ascontiguousarray(v) for k, v in hf.to_hf(cfg.family, params).items()}
-    config = {**checkpoints.config_to_hf(cfg), "dtype": str(next(iter(tensors.values())).dtype)}
-    return _write_dir(out_dir, {"config.json": config}, "model.safetensors", tensors)
+    ids = {f"{k}_token_id": getattr(tokenizer, f"{k}_token_id", None) for k in ("bos", "eos", "pad")}
+    config = {**checkpoints.config_to_hf(cfg), **{k: v for k, v in ids.items() if v is not None},
+              "dtype": str(next(iter(tensors.values())).dtype)}
+    return _write_dir(out_dir, {"config.json": config}, "model.safetensors", tensors, tokenizer)
 
 
 def _require_new_dir(out: pathlib.Path) -> pathlib.Path:
@@ -225,21 +312,31 @@ def _require_new_dir(out: pathlib.Path) -> pathlib.Path:
     return out
 
 
-def _write_dir(out_dir, jsons: dict[str, dict], weights_name: str, tensors: dict[str, np.ndarray]) -> pathlib.Path:
-    """Write the files into a fresh temporary directory beside `out_dir`, then rename it into place."""
-    from safetensors.numpy import save_file
+@contextlib.contextmanager
+def new_dir(out_dir):
+    """A fresh temporary directory beside `out_dir` (which must be new or empty), renamed to `out_dir`
+    when the block succeeds and removed when it fails: a failure leaves nothing."""
     out = _require_new_dir(pathlib.Path(out_dir))
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = pathlib.Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
-        for name, content in jsons.items():
-            (tmp / name).write_text(json.dumps(content, indent=2, sort_keys=True) + "\n")
-        save_file(tensors, str(tmp / weights_name), metadata={"format": "pt"})   # transformers wants "pt"
+        yield tmp
         os.replace(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    return out
+
+
+def _write_dir(out_dir, jsons: dict[str, dict], weights_name: str, tensors: dict[str, np.ndarray],
+               tokenizer=None) -> pathlib.Path:
+    from safetensors.numpy import save_file
+    with new_dir(out_dir) as tmp:
+        for name, content in jsons.items():
+            (tmp / name).write_text(json.dumps(content, indent=2, sort_keys=True) + "\n")
+        save_file(tensors, str(tmp / weights_name), metadata={"format": "pt"})   # transformers wants "pt"
+        if tokenizer is not None:
+            tokenizer.save_pretrained(str(tmp))
+    return pathlib.Path(out_dir)
 
 
 # ---------------------------------------------------------------------------------------------- load

@@ -4,6 +4,7 @@
     python scripts/assets.py fetch --force spam   # re-download and reconvert
     python scripts/assets.py status               # what is present and verified, with sizes
     python scripts/assets.py verify [names]       # re-hash; exit 1 on any difference
+    python scripts/assets.py export-hf smollm2 DIR  # a model as a transformers directory (f32, tokenizer)
 
 The cache is --cache_dir, else $PTUNE_CACHE, else ~/.cache/ptune."""
 
@@ -28,6 +29,9 @@ def main(argv=None) -> int:
     commands.add_parser("status", help="table of assets: state, size, path")
     check = commands.add_parser("verify", help="re-hash installed assets")
     check.add_argument("names", nargs="*", default=["all"])
+    export = commands.add_parser("export-hf", help="write a model asset as a transformers directory")
+    export.add_argument("name", help="model asset (smollm2, minilm)")
+    export.add_argument("out", help="new directory to write; it must not exist or be empty")
     for sub in commands.choices.values():   # accept --cache_dir after the command too
         sub.add_argument("--cache_dir", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -49,6 +53,12 @@ def main(argv=None) -> int:
             for r in bad:
                 print(f"{r['name']}: {r['state']}", file=sys.stderr)
             return 1 if bad else 0
+        elif args.command == "export-hf":
+            out = assets.export_hf(args.name, args.out, args.cache_dir)
+            source = assets.path(args.name, args.cache_dir)
+            if source.is_dir():
+                print(f"{args.name} already is a transformers directory, {source}; copied to:")
+            print(out)
         else:
             failed = 0
             for name in assets.resolve(args.names):
@@ -58,7 +68,7 @@ def main(argv=None) -> int:
                     failed += 1
                     print(f"{name:18s} FAILED  {e}", file=sys.stderr)
             return 1 if failed else 0
-    except assets.AssetError as e:
+    except ValueError as e:   # AssetError, or export-hf's refusal of an occupied directory
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 0
