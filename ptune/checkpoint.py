@@ -44,10 +44,7 @@ TRASH = "deleted"
 
 def check_options(config, objective: str) -> None:
     """Value errors in `config.checkpoint`, found before a run writes anything."""
-    c = config.checkpoint
-    for key, minimum in (("every_steps", 0), ("keep", 1), ("keep_best", 0)):
-        if not isinstance(c[key], int) or c[key] < minimum:
-            raise ValueError(f"config.checkpoint.{key}={c[key]!r} must be an integer >= {minimum}")
+    c = config.checkpoint   # its integers are range-checked by config.check
     if c.best_mode not in ("min", "max"):
         raise ValueError(f"config.checkpoint.best_mode={c.best_mode!r}; choose 'min' or 'max'")
     metrics = ("loss", "perplexity") if objective == "lm" else ("loss", "accuracy")

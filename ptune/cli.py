@@ -1,17 +1,19 @@
 """The frame every launcher in scripts/ shares around its work."""
 
+import re
 import signal
 import sys
 
 from absl import app, flags, logging
+from ml_collections.config_flags import config_flags
 
 
 def run(main):
     """`app.run` a function of no arguments: a bad flag or stray argument is refused, Orbax's per-save INFO
     logs are hidden unless --verbosity is given, a ValueError (bad input) becomes one
-    `error:` line on stderr and exit status 2, and a training run stopped by SIGTERM
-    (`train.Preempted`, after saving) one `preempted:` line and exit status 143, the status of a
-    process that SIGTERM ends, so that schedulers and retry loops treat the run as unfinished."""
+    `error:` line on stderr and exit status 2, and a training run stopped by SIGTERM or Ctrl-C
+    (`train.Preempted`, after saving) one `preempted:` line and exit status 143 or 130, the status
+    of a process that signal ends, so that schedulers and retry loops treat the run as unfinished."""
     def absl_main(argv):
         if len(argv) > 1:
             raise app.UsageError(f"unexpected arguments {argv[1:]}")
@@ -25,7 +27,11 @@ def run(main):
             sys.exit(2)
         except Preempted as e:
             print(f"preempted: {e}", file=sys.stderr)
-            sys.exit(128 + signal.SIGTERM)
+            sys.exit(128 + e.signum)
+        except KeyboardInterrupt:   # Ctrl-C outside the training loop (which saves first: Preempted)
+            print("interrupted: stopped by Ctrl-C (SIGINT) before training or after its last save; rerun the "
+                  "same command to resume", file=sys.stderr)
+            sys.exit(128 + signal.SIGINT)
     app.run(absl_main, flags_parser=_parse_flags)
 
 
@@ -34,9 +40,48 @@ def _parse_flags(argv):
     `error:` line and exit status 2 (absl prints two lines and exits 1; ml_collections a traceback)."""
     try:
         return flags.FLAGS(argv)
+    except ConfigFileError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
     except (flags.Error, AttributeError, KeyError) as e:   # ml_collections: --config.<key> naming no key
         while e.args and isinstance(e.args[0], Exception):   # ml_collections wraps a KeyError
             e = e.args[0]
         text = e.args[0] if isinstance(e, KeyError) and e.args else str(e)
         print(f"error: {' '.join(str(text).split())}; see --helpshort", file=sys.stderr)
         sys.exit(2)
+
+
+class ConfigFileError(Exception):
+    """A config file that does not load (not a ValueError: absl would bury it in a longer message)."""
+
+
+class _ConfigFile(flags.ArgumentParser):
+    """--config=file.py[:arg] loaded by ptune.config.load (one line naming file:line on failure; the
+    file's folder importable; the user's modules it imports recorded), with an optimizer group
+    opened for each --config.optim.groups.<label>.* override so that the override finds its key."""
+
+    def __init__(self, lock_config: bool):
+        self.lock_config = lock_config
+
+    def flag_type(self):
+        return "config object"
+
+    def parse(self, spec):
+        from ptune import config as config_lib
+        try:
+            config = config_lib.load(spec)
+        except ValueError as e:
+            raise ConfigFileError(e) from None
+        config_lib.open_groups(config, re.findall(r"^--?config\.optim\.groups\.([^.=]+)\.", "\n".join(sys.argv),
+                                                  re.M))
+        if self.lock_config:
+            config.lock()
+        return config
+
+
+def define_config_flag(help_string: str, lock_config: bool = True):
+    """The --config flag (see `_ConfigFile`), with ml_collections' --config.<key>=value overrides."""
+    # ml_collections' DEFINE_config_file takes no parser, so its flag class is built directly.
+    flag = config_flags._ConfigFlag(parser=_ConfigFile(lock_config), serializer=flags.ArgumentSerializer(),
+                                    name="config", default=None, help_string=help_string)
+    return flags.DEFINE_flag(flag)

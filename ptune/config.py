@@ -1,21 +1,37 @@
 """The config schema: every knob with its default. Experiment files start from
-`base_config()` and change what they need; `check(config)` rejects keys that do not exist."""
+`base_config()` and change what they need; `check(config)` rejects keys that do not exist and
+values out of range. `load("file.py:arg")` loads an experiment file as every door (launchers,
+sweeps, the Python API) does; `override(config, {"dotted.key": value})` applies overrides."""
 
 from __future__ import annotations
 
+import copy
 import dataclasses
+import importlib.util
 import inspect
+import math
+import os
+import re
+import site
+import sys
+import sysconfig
+import traceback
 
 import ml_collections
 from ml_collections import config_dict
 
 from ptune import evals, methods, sharding
+from ptune.models.config import ModelConfig
 from ptune.optim import Group
 
 
 def base_config() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
     c.seed = 0
+    # The user's Python files the config file imported ("module=path", recorded by `load`): every
+    # place that rebuilds a run (setup, export, serve, sweeps) imports them first, so that a custom
+    # method or task they register exists there too.
+    c.imports = ()
     # model.checkpoint: an asset name, HF directory or .gguf file with pretrained weights; without
     # one, model.preset names a random-init shape in ptune.models.config.PRESETS. Any ModelConfig
     # field given beside them overrides the shape. The precision and memory knobs are listed so
@@ -37,7 +53,7 @@ def base_config() -> ml_collections.ConfigDict:
     ))
     c.optim = ml_collections.ConfigDict({f.name: f.default for f in dataclasses.fields(Group)})
     c.optim.clip_norm = 1.0
-    c.optim.groups = ml_collections.ConfigDict()  # label -> overrides of the fields above
+    c.optim.groups = ml_collections.ConfigDict()  # label -> overrides of the fields above (None: inherit)
     c.train = ml_collections.ConfigDict(dict(
         steps=100, batch_size=16, eval_batch_size=64, eval_every=50, log_every=10,
         eval_split="validation", progress=True,
@@ -103,7 +119,8 @@ def with_task(config: ml_collections.ConfigDict, name: str, **options) -> ml_col
 
 
 def check(config) -> None:
-    """Unknown keys outside the open sections (model, method, task.options, optim.groups, mesh.rules)."""
+    """Unknown keys outside the open sections (model, method, task.options, optim.groups, mesh.rules)
+    and numeric values out of range: one line naming the key, before anything is built or written."""
     base = base_config()
     for section in ("", "task", "optim", "train", "mesh", "checkpoint", "eval"):
         have = config.get(section) if section else config
@@ -118,3 +135,192 @@ def check(config) -> None:
         unknown = sorted(set(overrides.keys()) - fields)
         if unknown:
             raise ValueError(f"config.optim.groups.{label} has unknown key(s) {unknown}; valid: {sorted(fields)}")
+    for key, least in AT_LEAST.items():
+        value = _get(config, key)
+        if isinstance(value, bool) or not isinstance(value, int) or value < least:
+            raise ValueError(f"config.{key}={value!r} must be an integer >= {least}")
+    clip = config.optim.clip_norm
+    if clip is not None and (isinstance(clip, bool) or not isinstance(clip, (int, float)) or
+                             not (math.isfinite(clip) and clip >= 0)):
+        raise ValueError(f"config.optim.clip_norm={clip!r} must be a finite number >= 0 (0: no clipping)")
+    try:   # the default group; each label's group is checked by train.optimizer_group
+        Group(**{k: v for k, v in config.optim.items() if k not in ("groups", "clip_norm")})
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"config.optim.{e}") from None
+
+
+# Integer keys and their least value. Optimizer fields are checked by optim.Group, model fields by
+# ModelConfig, method options by the method, mesh sizes by sharding.make_mesh.
+AT_LEAST = {"seed": 0, "task.max_length": 1, "task.template_index": 0, "train.steps": 1, "train.batch_size": 1,
+            "train.eval_batch_size": 1, "train.eval_every": 1, "train.log_every": 1, "train.grad_accum": 1,
+            "checkpoint.every_steps": 0, "checkpoint.keep": 1, "checkpoint.keep_best": 0,
+            "eval.max_examples": 0, "eval.lm_max_length": 1, "eval.lm_max_examples": 0}
+
+
+def _get(config, key: str):
+    for part in key.split("."):
+        config = config[part]
+    return config
+
+
+def open_groups(config, labels) -> None:
+    """Give each label in `labels` a section in config.optim.groups with every optimizer field present
+    and None (= inherited from config.optim and the method's defaults), so that overrides such as
+    --config.optim.groups.<label>.learning_rate=0.3 find their key."""
+    groups = config.optim.groups
+    with groups.unlocked():
+        for label in labels:
+            if label not in groups:
+                groups[label] = ml_collections.ConfigDict(
+                    {f.name: config_dict.placeholder(type(f.default)) for f in dataclasses.fields(Group)})
+
+
+# ------------------------------------------------------------------------------------- overrides
+
+# Sections whose keys are open (checked later by the code that reads them): ModelConfig fields
+# beside model.preset, task options, and optimizer groups.
+_MODEL_FIELDS = {f.name for f in dataclasses.fields(ModelConfig)}
+
+
+def override(config, overrides, where: str = "override"):
+    """A copy of `config` with dotted `overrides` ({"method.rank": 8}) applied and checked; a key that
+    does not exist is an error. The key `method` sets config.method to that method with its options
+    at their defaults, before the other keys."""
+    config = copy.deepcopy(config)
+    if "method" in overrides:
+        config = with_method(config, overrides["method"])
+    for key, value in overrides.items():
+        if key == "method":
+            continue
+        *parents, leaf = key.split(".")
+        if parents[:2] == ["optim", "groups"] and len(parents) == 3:
+            open_groups(config, parents[2:])
+        node = config
+        for depth, part in enumerate(parents):
+            if not isinstance(node, ml_collections.ConfigDict) or part not in node:
+                _unknown(key, node, ".".join(parents[:depth]), where)
+            node = node[part]
+        section = ".".join(parents)
+        if not isinstance(node, ml_collections.ConfigDict):
+            _unknown(key, None, section, where)
+        if leaf not in node and not _open(section, leaf):
+            _unknown(key, node, section, where)
+        try:
+            with node.unlocked():
+                node[leaf] = value
+        except (TypeError, AttributeError) as e:
+            raise ValueError(f"{where}: cannot set config.{key}={value!r} ({e})") from None
+    try:
+        check(config)
+    except ValueError as e:
+        raise ValueError(f"{where}: {e}") from None
+    return config
+
+
+def _open(section: str, leaf: str) -> bool:
+    return (section == "model" and leaf in _MODEL_FIELDS) or section == "task.options"
+
+
+def _unknown(key, node, section, where):
+    if not isinstance(node, ml_collections.ConfigDict):
+        raise ValueError(f"{where}: config key {key!r} does not exist; config.{section} is a value, not a section")
+    valid = sorted(set(node.keys()) | (_MODEL_FIELDS if section == "model" else set()))
+    raise ValueError(f"{where}: config key {key!r} does not exist; valid keys under "
+                     f"config{'.' + section if section else ''}: {valid}")
+
+
+# ---------------------------------------------------------------------------------- config files
+
+_PTUNE = os.path.dirname(os.path.abspath(__file__))
+_INSTALLED = {os.path.abspath(p) for p in [*site.getsitepackages(), site.getusersitepackages(),
+                                           *sysconfig.get_paths().values()]}
+_IMPORTED: dict[str, list[str]] = {}   # config file -> the user modules its loads imported
+
+
+def _user_file(filename: str | None) -> bool:
+    """A Python file of the user's: not ptune's, not installed, not the standard library's."""
+    if not filename or filename.startswith("<"):
+        return False
+    path = os.path.abspath(filename)
+    return not any(path == d or path.startswith(d + os.sep) for d in (_PTUNE, *_INSTALLED))
+
+
+def _located(error: BaseException, doing: str) -> str:
+    """One line: the user's file:line where `error` arose (a syntax error's own line), and the error."""
+    if isinstance(error, SyntaxError) and error.filename:
+        return (f"{error.filename}:{error.lineno}: {error.msg}: {(error.text or '').strip()!r}; fix the syntax")
+    frames = [f for f in traceback.extract_tb(error.__traceback__) if _user_file(f.filename)]
+    where = f"{frames[-1].filename}:{frames[-1].lineno}: " if frames else ""
+    fix = (f"; install it, or put {error.name}.py beside the config file"
+           if isinstance(error, ModuleNotFoundError) and error.name else "")
+    return f"{where}{doing} raised {type(error).__name__}: {' '.join(str(error).split())}{fix}"
+
+
+def load_module(path: str, name: str | None = None):
+    """The Python file `path` as a module, its folder importable from it (as for a script): an error
+    while running it is one ValueError naming file:line."""
+    if not os.path.isfile(path):
+        raise ValueError(f"config file {path!r} does not exist; give the path of a Python file "
+                         "(see experiments/default.py)")
+    path = os.path.abspath(path)
+    if os.path.dirname(path) not in sys.path:
+        sys.path.insert(0, os.path.dirname(path))
+    name = name or "ptune_config_" + re.sub(r"\W", "_", os.path.splitext(os.path.basename(path))[0])
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module   # as an import does: what it defines can refer to its module
+    try:
+        spec.loader.exec_module(module)
+    except Exception as e:
+        del sys.modules[name]
+        raise ValueError(_located(e, f"loading {path}")) from None
+    return module
+
+
+def load(spec: str) -> ml_collections.ConfigDict:
+    """`file.py` or `file.py:argument` -> its `get_config(argument)`, as every launcher loads it: the
+    file's folder is importable from it, the user's modules it imports are recorded in
+    config.imports, and a missing file, syntax error, import error or raising get_config is one
+    ValueError naming file:line."""
+    path, *argument = spec.split(":", 1)
+    before = set(sys.modules)
+    module = load_module(path)
+    if not callable(getattr(module, "get_config", None)):
+        raise ValueError(f"config file {path!r} defines no get_config(); add one returning a ConfigDict "
+                         "(see experiments/default.py)")
+    call = f"get_config({', '.join(map(repr, argument))})"
+    try:
+        config = module.get_config(*argument)
+    except Exception as e:
+        raise ValueError(_located(e, call)) from None
+    if not isinstance(config, ml_collections.ConfigDict):
+        raise ValueError(f"{path}: {call} returned {type(config).__name__}, not a ConfigDict; return "
+                         "ptune.config.base_config() with your changes")
+    imported = _IMPORTED.setdefault(module.__file__, [])
+    for name in sys.modules.keys() - before - {module.__name__}:
+        if _user_file(getattr(sys.modules[name], "__file__", None)):
+            imported.append(f"{name}={sys.modules[name].__file__}")
+    with config.unlocked():
+        config.imports = (*dict.fromkeys(imported), f"{module.__name__}={module.__file__}")
+    return config
+
+
+def import_recorded(config) -> None:
+    """Import the user's files that the run's config file imported (config.imports), so that the
+    methods and tasks they register exist in this process too (export, serve, a sweep's points)."""
+    for entry in config.get("imports", ()):
+        name, _, path = entry.partition("=")
+        if name in sys.modules:
+            continue
+        if not os.path.isfile(path):
+            raise ValueError(f"the run's config file imported {path} (module {name!r}), which does not exist here; "
+                             "put it back, or remove it from config.imports in the run's config.json")
+        if "." in name:   # a package's module: import it by name from the folder above the package
+            root = os.path.dirname(path)
+            for _ in range(name.count(".") + (os.path.basename(path) == "__init__.py")):
+                root = os.path.dirname(root)
+            if root not in sys.path:
+                sys.path.insert(0, root)
+            importlib.import_module(name)
+        else:
+            load_module(path, name)

@@ -13,6 +13,7 @@ random-init base depends on the seed, so points with different seeds each keep t
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import re
 from typing import Any
@@ -21,7 +22,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ptune import partition, train
+from ptune import checkpoint, partition, train
+from ptune import workdir as workdir_lib
 from ptune.data import batching
 
 # Config keys whose values vmap can batch: they change only array values, not the computation.
@@ -157,9 +159,16 @@ def train_and_evaluate(configs, workdirs, chunk: int | None = None) -> list[dict
     points are not checkpointed (a sweep reruns an unfinished group). Returns the final metrics.
     `chunk`: see make_train_step."""
     multi = setup(configs)
+    with contextlib.ExitStack() as owned:
+        for workdir in workdirs:
+            workdir_lib.prepare(workdir)
+            owned.enter_context(workdir_lib.owned(workdir))
+            checkpoint.truncate_metrics(workdir, -1)   # the points start afresh (no checkpoints)
+        return _train_and_evaluate(multi, workdirs, chunk)
+
+
+def _train_and_evaluate(multi: Multi, workdirs, chunk: int | None) -> list[dict]:
     runs, tc = multi.runs, multi.runs[0].config.train
-    for workdir in workdirs:
-        train.prepare_workdir(workdir)
     started = [train.start(run, workdir) for run, workdir in zip(runs, workdirs)]
     if runs[0].config.checkpoint.every_steps:
         print(f"note: the {len(runs)} vmapped points write no checkpoints (config.checkpoint is not used)", flush=True)

@@ -37,11 +37,25 @@ class Group:
         if not (math.isfinite(lr) and lr > 0):
             raise ValueError(f"learning_rate={self.learning_rate} x lr_scale={self.lr_scale} must be a "
                              "finite number > 0")
+        for key, (ok, wanted) in _RANGES.items():
+            value = getattr(self, key)
+            number = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+            if not (number and ok(value)):
+                raise ValueError(f"{key}={value!r} must be {wanted}")
         if self.optimizer not in _OPTIMIZERS:
             raise ValueError(f"optimizer={self.optimizer!r} is unknown; choose one of {sorted(_OPTIMIZERS)}")
         if self.schedule not in _SCHEDULES:
             raise ValueError(f"schedule={self.schedule!r} is unknown; choose one of {sorted(_SCHEDULES)}")
 
+
+_RANGES = {   # field -> (test of a finite number, what it must be)
+    "warmup_steps": (lambda v: isinstance(v, int) and v >= 0, "an integer >= 0"),
+    "weight_decay": (lambda v: v >= 0, "a finite number >= 0"),
+    "b1": (lambda v: 0 <= v < 1, "a number in [0, 1)"),
+    "b2": (lambda v: 0 <= v < 1, "a number in [0, 1)"),
+    "eps": (lambda v: v > 0, "a finite number > 0"),
+    "momentum": (lambda v: v >= 0, "a finite number >= 0"),
+}
 
 _SCHEDULES = {
     "constant": lambda lr, steps: optax.constant_schedule(lr),

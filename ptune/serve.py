@@ -20,6 +20,7 @@ import jax
 import numpy as np
 
 from ptune import bank as bank_lib
+from ptune import config as config_lib
 from ptune import checkpoint, models, partition, train
 from ptune.data import batching, tasks
 from ptune.data.templates import Template
@@ -72,18 +73,21 @@ class Server:
                 for r, k in zip(requests, labels)]
 
     def _generate(self, requests):
-        head, _ = self.tokenizer.specials(self.bank.config.family)
         room = self.bank.config.max_positions - self.max_new_tokens - self.bank.sites.extra_positions
-        encode, prompts = self.tokenizer.encode, []
+        prompts = []
         for r in requests:
-            # Pieces encoded apart, as batching.generate_rows does in training (BPE merges differ otherwise).
-            before, after = self.served[r["task"]].template.parts()
-            prompt = head + encode(before) + encode(r["text"]) + encode(after)
+            prompt = batching.prompt(self.tokenizer, self.served[r["task"]].template, r["text"])
             prompts.append(prompt[-room:])   # too long: keep the end, next to the answer
         eos = self.tokenizer.eos_id
         tokens = self.bank.generate(prompts, [r["task"] for r in requests], self.max_new_tokens, eos_id=eos,
                                     pad_id=self.tokenizer.pad_id)
         return [{"prediction": self.tokenizer.decode(row[:_until(row, eos)].tolist())} for row in tokens]
+
+
+def class_names(task: tasks.Task, template: Template) -> tuple[str, ...]:
+    """What a predicted class index means: the task's label names, else the verbalizer's words."""
+    return task.label_names or tuple(w.strip() for w in template.verbalizer) or tuple(
+        str(k) for k in range(task.num_classes))
 
 
 def _until(row, eos: int) -> int:
@@ -97,6 +101,8 @@ def load(workdirs: dict[str, str], which: str | int = "latest", capacity: int | 
     if not workdirs:
         raise ValueError("serve: give at least one task=workdir")
     loaded = {name: checkpoint.load_adapter(workdir, which) for name, workdir in workdirs.items()}
+    for config, _, _ in loaded.values():   # custom methods and tasks the runs' config files registered
+        config_lib.import_recorded(config)
     identities = {name: {k: v for k, v in record["base"].items() if k != "sha256"}
                   for name, (_, _, record) in loaded.items()}
     if len({repr(sorted(i.items())) for i in identities.values()}) > 1:
@@ -121,8 +127,6 @@ def load(workdirs: dict[str, str], which: str | int = "latest", capacity: int | 
         adapters[name] = bank_lib.TaskAdapter.from_trained(method, models.build(task_cfg, method.sites), trainable,
                                                            label_ids)
         kind = "classify" if task.kind == "classify" else "generate"
-        names = task.label_names or tuple(w.strip() for w in template.verbalizer) or tuple(
-            str(k) for k in range(task.num_classes))
-        served[name] = ServedTask(kind, template, config.task.max_length, names)
+        served[name] = ServedTask(kind, template, config.task.max_length, class_names(task, template))
     bank = bank_lib.Bank(model_cfg, base, adapters, capacity)
     return Server(bank, tokenizer, served, batch_size, max_new_tokens)

@@ -13,7 +13,6 @@ reordered; a point whose workdir holds final_metrics.json is finished and is ski
 
 from __future__ import annotations
 
-import copy
 import csv
 import dataclasses
 import hashlib
@@ -24,16 +23,10 @@ import os
 import re
 from collections.abc import Mapping, Sequence
 
-import ml_collections
-
 from ptune import config as config_lib
 from ptune import multi
-from ptune.models.config import ModelConfig
 
 FINAL = "final_metrics.json"
-# Sections whose keys are open (checked later by the code that reads them): ModelConfig fields
-# beside model.preset, task options, and optimizer groups.
-_MODEL_FIELDS = {f.name for f in dataclasses.fields(ModelConfig)}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -47,63 +40,6 @@ def product(axes: Mapping[str, Sequence]) -> list[dict]:
     """Every combination of the values of `axes` ({key: [values]}), the last key varying fastest."""
     keys = list(axes)
     return [dict(zip(keys, values)) for values in itertools.product(*(axes[k] for k in keys))]
-
-
-def load_module(path: str):
-    """A Python file (an experiment config) as a module, without making its folder a package."""
-    import importlib.util
-    spec = importlib.util.spec_from_file_location(os.path.splitext(os.path.basename(path))[0], path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-def override(config, overrides: Mapping, where: str = "override"):
-    """A copy of `config` with dotted `overrides` applied; a key that does not exist is an error."""
-    config = copy.deepcopy(config)
-    if "method" in overrides:   # a method name: its options at their defaults, then the other keys
-        config = config_lib.with_method(config, overrides["method"])
-    for key, value in overrides.items():
-        if key == "method":
-            continue
-        *parents, leaf = key.split(".")
-        node = config
-        for depth, part in enumerate(parents):
-            if not isinstance(node, ml_collections.ConfigDict):
-                _unknown(key, None, ".".join(parents[:depth]), where)
-            if part not in node:
-                section = ".".join(parents[:depth])
-                if section != "optim.groups":   # a new optimizer group is the one open parent
-                    _unknown(key, node, section, where)
-                node[part] = ml_collections.ConfigDict()
-            node = node[part]
-        section = ".".join(parents)
-        if not isinstance(node, ml_collections.ConfigDict):
-            _unknown(key, None, section, where)
-        if leaf not in node and not _open(section, leaf):
-            _unknown(key, node, section, where)
-        try:
-            node[leaf] = value
-        except (TypeError, AttributeError) as e:
-            raise ValueError(f"{where}: cannot set config.{key}={value!r} ({e})") from None
-    try:
-        config_lib.check(config)
-    except ValueError as e:
-        raise ValueError(f"{where}: {e}") from None
-    return config
-
-
-def _open(section: str, leaf: str) -> bool:
-    return (section == "model" and leaf in _MODEL_FIELDS) or section == "task.options" or \
-        section.startswith("optim.groups")
-
-
-def _unknown(key, node, section, where):
-    if node is None:
-        raise ValueError(f"{where}: config key {key!r} does not exist; config.{section} is a value, not a section")
-    valid = sorted(set(node.keys()) | (_MODEL_FIELDS if section == "model" else set()))
-    raise ValueError(f"{where}: config key {key!r} does not exist; valid keys under "
-                     f"config{'.' + section if section else ''}: {valid}")
 
 
 def point_name(overrides: Mapping) -> str:
@@ -128,7 +64,7 @@ def points(config, sweep: Sequence[Mapping]) -> list[Point]:
         if name in seen:
             raise ValueError(f"sweep points {seen[name]} and {i} are the same ({name}); remove one")
         seen[name] = i
-        out.append(Point(name, dict(overrides), override(config, overrides, f"sweep point {i} ({name})")))
+        out.append(Point(name, dict(overrides), config_lib.override(config, overrides, f"sweep point {i} ({name})")))
     return out
 
 

@@ -7,11 +7,11 @@ is touched, so a bad run writes nothing.
 from __future__ import annotations
 
 import contextlib
+import copy
 import dataclasses
 import functools
 import json
 import os
-import shutil
 import signal
 import time
 from typing import Any
@@ -23,6 +23,7 @@ import optax
 
 from ptune import config as config_lib
 from ptune import checkpoint, evals, methods, models, objectives, optim, partition, sharding
+from ptune import workdir as workdir_lib
 from ptune.data import batching, tasks
 from ptune.data.templates import Template
 from ptune.data.tokenizers import ByteTokenizer
@@ -150,7 +151,9 @@ def run_template(config, task: tasks.Task, method: methods.Method) -> Template:
 
 
 def setup(config) -> Run:
-    """Validate the config and build model, method, labels, data and optimizer. Writes nothing."""
+    """Validate the config and build model, method, labels, data and optimizer. Writes nothing.
+    The run's config is a copy of `config` whose optim.groups holds every trainable label's group."""
+    config_lib.import_recorded(config)   # a custom method or task the config file registered
     config_lib.check(config)
     task_cfg = config.task
     task = tasks.get(task_cfg.name, **task_cfg.options.to_dict())
@@ -190,6 +193,7 @@ def setup(config) -> Run:
     ctx = methods.InitContext(jax.random.fold_in(rng, 1), family, tokenizer.encode, template.verbalizer)
     params = method.initialize(params, ctx)
     labels = method.labels(params)
+    config = with_groups(config, method, labels)
     # Frozen leaves are never updated, so bfloat16 storage only rounds them once and halves their
     # memory; trainable leaves (and so their gradients and optimizer state) stay float32.
     params = partition.cast(params, labels, model_cfg.frozen_dtype)
@@ -221,11 +225,22 @@ def check_batch_sizes(train_cfg, data_parallel: int):
 def optimizer_group(config, method: methods.Method, label: str) -> optim.Group:
     """The group of `label`: the config's default optimizer < the method's defaults < optim.groups.<label>."""
     base = {k: v for k, v in config.optim.to_dict().items() if k not in ("groups", "clip_norm")}
+    own = {k: v for k, v in config.optim.groups.get(label, {}).items() if v is not None}   # None: inherited
     try:
-        return optim.Group(**{**base, **method.optim.get(label, {}), **config.optim.groups.get(label, {})})
+        return optim.Group(**{**base, **method.optim.get(label, {}), **own})
     except ValueError as e:
         raise ValueError(f"optimizer group {label!r}: {e}; set config.optim.<key> or "
                          f"config.optim.groups.{label}.<key>") from None
+
+
+def with_groups(config, method: methods.Method, labels):
+    """A copy of `config` whose optim.groups holds each trainable label's group as it trains, every
+    field filled in (so config.json shows each group's learning rate and schedule)."""
+    config = copy.deepcopy(config)
+    with config.unlocked():
+        for label in partition.groups(labels):
+            config.optim.groups[label] = dataclasses.asdict(optimizer_group(config, method, label))
+    return config
 
 
 def known_labels(method: methods.Method) -> list[str]:
@@ -312,9 +327,14 @@ def make_eval_step(run: Run, where: Layout | None = None):
 
 
 def evaluate(run: Run, params, split: str, eval_step=None, where: Layout | None = None) -> dict:
+    """Mean metrics of `params` on `split` (and its `count`), with a progress bar of its own while it runs."""
+    from tqdm import tqdm
     eval_step = eval_step or make_eval_step(run, where)
     sums: dict = {}
-    for batch in batching.eval_batches(run.data[split], run.config.train.eval_batch_size):
+    size, rows = run.config.train.eval_batch_size, len(next(iter(run.data[split].values())))
+    show = run.config.train.progress and jax.process_index() == 0
+    for batch in tqdm(batching.eval_batches(run.data[split], size), desc=f"evaluating {split}", unit="batch",
+                      total=-(-rows // size), leave=False, disable=not show, dynamic_ncols=True):
         if where is not None:
             batch = sharding.put_batch(batch, where.batch)
         sums = objectives.accumulate(sums, eval_step(params, batch))
@@ -346,28 +366,6 @@ class MetricWriter:
             self.tb.close()
 
 
-def prepare_workdir(workdir: str, needed_bytes: int = 0):
-    """Prove, before any training time is spent, that the workdir's disk has `needed_bytes` free
-    (what the run's checkpoints will take: a full disk would otherwise surface hours later,
-    inside a save) and that the workdir can be created and written."""
-    existing = os.path.abspath(workdir)
-    while not os.path.exists(existing):   # checked first, so a refusal creates nothing
-        existing = os.path.dirname(existing)
-    try:
-        free = shutil.disk_usage(existing).free
-        if free < needed_bytes:
-            raise ValueError(f"workdir {workdir!r} has {partition.human_bytes(free)} free but the run's checkpoints "
-                             f"need about {partition.human_bytes(needed_bytes)}; free some space, lower "
-                             "config.checkpoint.keep, or choose another --workdir")
-        os.makedirs(workdir, exist_ok=True)
-        probe = os.path.join(workdir, f".write_test.{jax.process_index()}")
-        with open(probe, "w") as f:
-            f.write("ok")
-        os.remove(probe)
-    except OSError as e:
-        raise ValueError(f"workdir {workdir!r} is not writable ({e.strerror}); choose another --workdir") from None
-
-
 def dropout_key(seed: int):
     """The key that `fold_in(key, step)` turns into a training step's dropout key."""
     return jax.random.fold_in(jax.random.key(seed), 2)
@@ -375,7 +373,7 @@ def dropout_key(seed: int):
 
 def start(run: Run, workdir: str) -> tuple[MetricWriter, dict]:
     """Print the summary and write config.json (process 0); returns the metric writer and the
-    final metrics known before training. The workdir must have passed `prepare_workdir`."""
+    final metrics known before training. The workdir must have passed `workdir.prepare`."""
     summary = run.summary
     if jax.process_index() == 0:
         print(f"method {run.method.name} on {run.config.model.checkpoint or run.config.model.preset} "
@@ -386,37 +384,56 @@ def start(run: Run, workdir: str) -> tuple[MetricWriter, dict]:
             json.dump({"name": run.task.name, "kind": run.task.kind, "label_names": list(run.task.label_names),
                        "template": run.template.text, "verbalizer": list(run.template.verbalizer),
                        "files": run.task.files}, f, indent=2)
-    return MetricWriter(workdir), {"method": run.method.name, "trainable_params": summary.trainable,
-                                   "trainable_fraction": summary.trainable_fraction}
+    return MetricWriter(workdir), {"method": run.method.name, "steps": run.config.train.steps,
+                                   "trainable_params": summary.trainable,
+                                   "trainable_percent": 100 * summary.trainable_fraction}
 
 
 def finish(run: Run, writer: MetricWriter, final: dict, workdir: str, metrics: dict, params,
            where: Layout | None = None) -> dict:
     """Add the final evaluation's `metrics` and the evaluation suite's (config.eval, on the final
-    `params`) and write final_metrics.json (the mark of a finished run)."""
+    `params`) and write final_metrics.json (the mark of a finished run); print them and what the
+    workdir holds."""
     final.update({f"{run.config.train.eval_split}_{k}": v for k, v in metrics.items()})
     final.update(evals.run_suite(run, params, workdir, where))
     writer.close()
     if jax.process_index() == 0:
-        with open(os.path.join(workdir, "final_metrics.json"), "w") as f:
+        with open(os.path.join(workdir, workdir_lib.FINAL), "w") as f:
             json.dump(final, f, indent=2)
-        print(" ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in final.items()),
-              flush=True)
+        print(" ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in final.items()), flush=True)
+        print(f"wrote {workdir}: {workdir_lib.contents(workdir)}", flush=True)
     return final
 
 
 def train_and_evaluate(config, workdir: str) -> dict:
-    """Train `config` in `workdir`, resuming from its newest checkpoint if it has one;
-    returns the final metrics (also in final_metrics.json)."""
+    """Train `config` in `workdir`, resuming from its newest checkpoint if it has one; returns the
+    final metrics (also in final_metrics.json). The run owns the workdir while it runs (a second
+    run on it is refused, see ptune.workdir); a finished run's workdir is left as it is, unless
+    more steps are asked for, which resume from its last checkpoint."""
     run = setup(config)
-    prepare_workdir(workdir, checkpoint.space_needed(run))
-    # Opening validates and reads the newest checkpoint: a run that cannot resume stops here,
-    # before anything in the workdir changes.
-    checkpoints = checkpoint.Checkpoints(workdir, run, dropout_key(config.seed)) if run.method.trains else None
-    if checkpoints and checkpoints.manager:
-        # A killed run logged past its checkpoint. Before the writer opens metrics.jsonl: the file
-        # is replaced, and records written to the old one would be lost.
-        checkpoint.truncate_metrics(workdir, checkpoints.start_step)
+    workdir_lib.prepare(workdir, checkpoint.space_needed(run))
+    with workdir_lib.owned(workdir):
+        done = workdir_lib.finished(workdir)
+        if done is not None and not (run.method.trains and config.train.steps > done["steps"]):
+            if jax.process_index() == 0:
+                print(f"{workdir} already holds a finished run of {done['steps']} steps ({workdir_lib.FINAL}): "
+                      "nothing to do; raise config.train.steps to train further, or choose another --workdir",
+                      flush=True)
+            return done
+        # Opening validates and reads the newest checkpoint: a run that cannot resume stops here,
+        # before anything in the workdir changes.
+        checkpoints = checkpoint.Checkpoints(workdir, run, dropout_key(config.seed)) if run.method.trains else None
+        start_step = checkpoints.start_step if checkpoints and checkpoints.manager else 0
+        if done is not None and not start_step:
+            raise ValueError(f"{workdir} holds a finished run of {done['steps']} steps but no checkpoint to train "
+                             "further from (config.checkpoint.every_steps=0); choose another --workdir")
+        # Records a killed run logged past its checkpoint (all, when it starts afresh) go before the
+        # writer opens metrics.jsonl: the file is replaced, and records written to the old one would be lost.
+        checkpoint.truncate_metrics(workdir, start_step if start_step else -1)
+        return _run(run, workdir, checkpoints)
+
+
+def _run(run: Run, workdir: str, checkpoints: checkpoint.Checkpoints | None) -> dict:
     writer, final = start(run, workdir)
     if checkpoints and checkpoints.manager and writer.active:
         print(f"base sha256 {checkpoints.base['sha256'][:16]} ({checkpoints.base_hash_seconds:.2f} s)", flush=True)
@@ -427,13 +444,13 @@ def train_and_evaluate(config, workdir: str) -> dict:
     trainable, frozen = sharding.put(trainable, where.trainable), sharding.put(frozen, where.frozen)
     eval_step = make_eval_step(run, where)
     if run.method.trains:
-        with stop_on_sigterm() as stop_requested:
+        with stop_on_signals() as stop_requested:
             metrics, trainable = _train(run, trainable, frozen, where, eval_step, writer, final, checkpoints,
                                         stop_requested)
         checkpoints.close()
     else:
-        metrics = evaluate(run, partition.merge(trainable, frozen), config.train.eval_split, eval_step, where)
-        writer.write(0, config.train.eval_split, metrics)
+        metrics = evaluate(run, partition.merge(trainable, frozen), run.config.train.eval_split, eval_step, where)
+        writer.write(0, run.config.train.eval_split, metrics)
     return finish(run, writer, final, workdir, metrics, partition.merge(trainable, frozen), where)
 
 
@@ -479,31 +496,42 @@ def train_steps(tc, step_fn, state, start_step: int, desc: str, show: bool):
 
 
 class Preempted(Exception):
-    """Training stopped on SIGTERM after saving a checkpoint of the step it had reached."""
+    """Training stopped on SIGTERM or SIGINT (Ctrl-C) after saving a checkpoint of the step it had reached."""
 
-    def __init__(self, step: int, directory: str | None):
+    def __init__(self, step: int, directory: str | None, signum: int = signal.SIGTERM):
         where = f"saved checkpoint step {step} in {directory}" if directory else \
             f"at step {step} with no checkpoint (config.checkpoint.every_steps=0)"
-        super().__init__(f"stopped by SIGTERM {where}; rerun the same command to resume")
-        self.step = step
+        super().__init__(f"stopped by {signal.Signals(signum).name} {where}; rerun the same command to resume")
+        self.step, self.signum = step, signum
 
 
 @contextlib.contextmanager
-def stop_on_sigterm():
-    """While training, SIGTERM (a scheduler's preemption notice) asks the step loop to save and
-    stop after the current step; yields the function that says whether it was asked. A job of
-    several processes keeps the default (immediate exit): they could see the signal at different
-    steps and would then wait for each other's saves forever; they resume from the last
-    periodic checkpoint."""
+def stop_on_signals():
+    """While training, SIGTERM (a scheduler's preemption notice) or SIGINT (Ctrl-C) asks the step loop
+    to save and stop after the current step; yields the function that returns that signal's number
+    (None until one came). A second signal exits at once, as SIGKILL would: the checkpoints on disk
+    stay loadable, and a save it cuts short is never read and is cleaned up by the next run. A job of
+    several processes keeps the defaults (immediate exit): they could see the signal at different
+    steps and would then wait for each other's saves forever; they resume from the last periodic
+    checkpoint."""
     requested = []
     if jax.process_count() > 1:
-        yield lambda: False
+        yield lambda: None
         return
-    previous = signal.signal(signal.SIGTERM, lambda *_: requested.append(True))
+
+    def handle(signum, _):   # os.write: the signal may arrive inside a print to the same stream
+        name = signal.Signals(signum).name
+        if requested:
+            os.write(2, f"\n{name} again: exiting at once; the checkpoints on disk are kept\n".encode())
+            os._exit(128 + signum)
+        requested.append(signum)
+        os.write(2, f"\n{name}: saving after this step, then stopping (again: exit at once)\n".encode())
+    previous = {s: signal.signal(s, handle) for s in (signal.SIGTERM, signal.SIGINT)}
     try:
-        yield lambda: bool(requested)
+        yield lambda: requested[0] if requested else None
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for s, handler in previous.items():
+            signal.signal(s, handler)
 
 
 def check_finite(pending: list, mode: str, checkpoints: checkpoint.Checkpoints):
@@ -523,12 +551,12 @@ def check_finite(pending: list, mode: str, checkpoints: checkpoint.Checkpoints):
 
 
 def _train(run: Run, trainable, frozen, where: Layout, eval_step, writer: MetricWriter, final: dict,
-           checkpoints: checkpoint.Checkpoints, stop_requested=lambda: False) -> dict:
+           checkpoints: checkpoint.Checkpoints, stop_requested=lambda: None) -> dict:
     """Steps from the newest checkpoint (or 0) to train.steps, evaluating every `eval_every` steps and
     after the last, saving when due; returns the last evaluation's metrics and the trained subtree.
     A non-finite step stops the run before anything later is saved (config.train.nonfinite='stop')
-    or is skipped and counted in the train records' `skipped_steps` ('skip'); `stop_requested()` (SIGTERM) saves the step reached and
-    raises `Preempted`."""
+    or is skipped and counted in the train records' `skipped_steps` ('skip'); `stop_requested()` (the number of
+    a signal, see stop_on_signals) saves the step reached and raises `Preempted`."""
     from tqdm import tqdm
     tc, seed = run.config.train, run.config.seed
     opt_state = jax.jit(run.tx.init, out_shardings=where.opt_state)(trainable)
@@ -545,7 +573,7 @@ def _train(run: Run, trainable, frozen, where: Layout, eval_step, writer: Metric
     evaluated = None
     for done, (trainable, opt_state), logged in train_steps(tc, step_fn, (trainable, opt_state), first,
                                                             run.method.name, writer.active):
-        preempted = stop_requested() and done < tc.steps
+        preempted = stop_requested()
         if logged or checkpoints.due(done) or preempted:
             check_finite(pending, tc.nonfinite, checkpoints)
         if logged:
@@ -555,11 +583,11 @@ def _train(run: Run, trainable, frozen, where: Layout, eval_step, writer: Metric
         if done % tc.eval_every == 0 or done == tc.steps or checkpoints.needs_metrics(done):
             evaluated = evaluate(run, partition.merge(trainable, frozen), tc.eval_split, eval_step, where)
             writer.write(done, tc.eval_split, evaluated)
-        saved = checkpoints.save(done, trainable, opt_state, evaluated, force=preempted)
+        saved = checkpoints.save(done, trainable, opt_state, evaluated, force=preempted is not None)
         if saved:
             tqdm.write(checkpoint.describe(saved))
         if preempted:
-            raise Preempted(done, checkpoints.directory if checkpoints.manager else None)
-    if evaluated is None:   # a finished run restarted: nothing was left to train
+            raise Preempted(done, checkpoints.directory if checkpoints.manager else None, preempted)
+    if evaluated is None:   # training ended in a run stopped before its final evaluation
         evaluated = evaluate(run, partition.merge(trainable, frozen), tc.eval_split, eval_step, where)
     return evaluated, trainable

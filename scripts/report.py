@@ -18,14 +18,14 @@ os.environ.setdefault("MPLBACKEND", "Agg")
 
 from absl import flags
 
-from ptune import cli, sweep
+from ptune import cli, config, sweep
 
 flags.DEFINE_string("workdir", None, "The study's directory (scripts/study.py --workdir).")
 flags.DEFINE_string("docs", "docs", "Where RESULTS.md and results/*.png go.")
 flags.mark_flags_as_required(["workdir"])
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-STUDY = sweep.load_module(os.path.join(ROOT, "experiments", "study.py"))
+STUDY = config.load_module(os.path.join(ROOT, "experiments", "study.py"))
 PARTS = STUDY.PARTS
 ORDER = ["full", "bitfit", "lora", "adapter", "prefix", "prompt", "ptuning_v2", "ia3", "lora+prompt", "manual"]
 ENCODER_TASKS = list(STUDY.ENCODER_TASKS)

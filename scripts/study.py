@@ -49,8 +49,8 @@ flags.mark_flags_as_required(["workdir"])
 @functools.cache
 def study():
     """experiments/study.py as a module (its METHODS, tasks and get_config), loaded once."""
-    from ptune import sweep
-    return sweep.load_module(os.path.join(ROOT, "experiments", "study.py"))
+    from ptune import config
+    return config.load_module(os.path.join(ROOT, "experiments", "study.py"))
 
 
 def run_sweep(part: str, workdir: str):
@@ -64,14 +64,14 @@ def measure(spec: str, workdir: str):
     """Child process of the cost stage: one method trained COST_STEPS[part] steps (the recipe's
     when None), logging every step, with the adapter saved and the validation split evaluated once
     at the end."""
-    from ptune import sweep, train
+    from ptune import config, train
     part, method = spec.split(":")
     s = study()
     steps = COST_STEPS[part] or s.get_config(part).train.steps
     overrides = {"method": method, **s.METHODS[method], "train.steps": steps, "train.log_every": 1,
                  "train.eval_every": steps, "checkpoint.every_steps": steps, "eval.splits": "",
                  "eval.templates": False, "eval.predictions": False, "eval.lm_task": ""}
-    train.train_and_evaluate(sweep.override(s.get_config(part), overrides, f"cost {spec}"), workdir)
+    train.train_and_evaluate(config.override(s.get_config(part), overrides, f"cost {spec}"), workdir)
 
 
 def cost(workdir: str):
@@ -116,9 +116,9 @@ def multitask(workdir: str):
     import numpy as np
     from safetensors.numpy import load_file, save_file
 
-    from ptune import bank, partition, sweep, train
+    from ptune import bank, config, partition, train
     s = study()
-    runs = {task: train.setup(sweep.override(s.get_config("encoder"), {
+    runs = {task: train.setup(config.override(s.get_config("encoder"), {
         "method": "lora", "task.name": task, "task.options": options, "task.max_length": 64}, task))
         for task, (options, *_) in s.ENCODER_TASKS.items()}
     rng = np.random.default_rng(0)

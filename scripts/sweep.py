@@ -22,9 +22,9 @@ from absl import flags
 from ml_collections import config_flags
 
 from ptune import cli, multi, sweep, train
+from ptune import config as config_lib
 
-config_flags.DEFINE_config_file("config", None, "Experiment config file with get_config and get_sweep.",
-                                lock_config=False)
+cli.define_config_flag("Experiment config file with get_config and get_sweep.", lock_config=False)
 flags.DEFINE_string("workdir", None, "Sweep directory: one sub-directory per point, plus the results table.")
 flags.DEFINE_integer("host_index", 0, "This host's index among --num_hosts.")
 flags.DEFINE_integer("num_hosts", 1, "Hosts (or slices) the points are split across.")
@@ -40,7 +40,7 @@ _HOST_FLAGS = ("--host_index", "--num_hosts", "--print_commands", "--noprint_com
 def get_sweep():
     """The config file's get_sweep(), given the same ':argument' as its get_config."""
     path, *argument = config_flags.get_config_filename(flags.FLAGS["config"]).split(":", 1)
-    module = sweep.load_module(path)
+    module = config_lib.load_module(path)
     if not hasattr(module, "get_sweep"):
         raise ValueError(f"{path} defines no get_sweep(); add one returning a list of "
                          "{config key: value} overrides (ptune.sweep.product builds one)")

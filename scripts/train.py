@@ -9,11 +9,10 @@ import os
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from absl import flags
-from ml_collections import config_flags
 
 from ptune import cli, sharding, train
 
-config_flags.DEFINE_config_file("config", None, "Experiment config file (get_config).", lock_config=True)
+cli.define_config_flag("Experiment config file (get_config).")
 flags.DEFINE_string("workdir", None, "Where metrics (and later checkpoints) go.")
 flags.DEFINE_string("coordinator_address", None, "host:port of process 0 (else $JAX_COORDINATOR_ADDRESS).")
 flags.DEFINE_integer("num_processes", None, "Processes in the job (else $JAX_NUM_PROCESSES).")

@@ -20,6 +20,7 @@ from typing import Callable, NamedTuple
 import pytest
 
 from ptune import assets, checkpoint, train
+from ptune import workdir as workdir_lib
 from ptune.config import base_config, with_method
 from test_checkpoint import setup_once, snapshot   # setup_once: runs of one config share one train.setup
 
@@ -111,7 +112,7 @@ def full_disk(bench):
     """4 kB free: less than the tiny run's checkpoints need."""
     bench.monkeypatch.setattr(shutil, "disk_usage", lambda path: shutil._ntuple_diskusage(10**12, 10**12 - 4096, 4096))
     run = train.setup(tiny_config())
-    return lambda: train.prepare_workdir(str(bench.workdir / "run"), checkpoint.space_needed(run))
+    return lambda: workdir_lib.prepare(str(bench.workdir / "run"), checkpoint.space_needed(run))
 
 
 class Row(NamedTuple):
@@ -241,7 +242,7 @@ ROWS = [
     resume_row("checkpoint past the last step", r"checkpoint .*/checkpoints/4 is past config.train.steps=3",
                r"set train.steps >= 4", **{"train.steps": 3}),
     # the workdir
-    Row("workdir under a file", lambda bench: lambda: train.prepare_workdir(str(bench.workdir / "notes.txt" / "run")),
+    Row("workdir under a file", lambda bench: lambda: workdir_lib.prepare(str(bench.workdir / "notes.txt" / "run")),
         r"workdir '.*/notes.txt/run' is not writable \(Not a directory\)", r"choose another --workdir"),
     Row("full disk", full_disk, r"workdir '.*' has 4.10 kB free but the run's checkpoints need about",
         r"free some space, lower config.checkpoint.keep, or choose another --workdir"),

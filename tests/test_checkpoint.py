@@ -20,6 +20,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # Runs scripts/train.py in this process after arranging a fault at the moment $KILL_AT names:
 #   step:K    SIGKILL at the start of training step index K (batch_at is called once per step)
 #   term:K    SIGTERM there instead (a preemption notice: the run saves and exits)
+#   int:K     SIGINT there instead (Ctrl-C: the same)
+#   int2:S    SIGINT at the start of the step that completes S, and again inside Orbax's commit of
+#             checkpoint S (a second Ctrl-C: the run exits at once)
 #   save:S    SIGKILL inside Orbax's commit of checkpoint S, after every byte is written to its
 #             temporary directory and before the rename
 #   delete:S  SIGKILL half way through removing dropped checkpoint S (one file already gone)
@@ -30,13 +33,14 @@ kind, _, at = os.environ.get("KILL_AT", "none:").partition(":")
 from ptune.data import batching
 from orbax.checkpoint._src.path import atomicity
 batch_at, finalize, rmtree = batching.batch_at, atomicity.AtomicRenameTemporaryPath.finalize, shutil.rmtree
+SIGNALS = {"step": signal.SIGKILL, "term": signal.SIGTERM, "int": signal.SIGINT}
 def killing_batch_at(arrays, step, *args):
-    if kind in ("step", "term") and step == int(at):
-        os.kill(os.getpid(), signal.SIGKILL if kind == "step" else signal.SIGTERM)
+    if (kind in SIGNALS and step == int(at)) or (kind == "int2" and step == int(at) - 1):
+        os.kill(os.getpid(), SIGNALS.get(kind, signal.SIGINT))
     return batch_at(arrays, step, *args)
 async def killing_finalize(self):
-    if kind == "save" and self._final_path.name == at:
-        os.kill(os.getpid(), signal.SIGKILL)
+    if kind in ("save", "int2") and self._final_path.name == at:
+        os.kill(os.getpid(), signal.SIGKILL if kind == "save" else signal.SIGINT)
     await finalize(self)
 def killing_rmtree(path, *args, **kwargs):
     victim = os.path.join(str(path), at)
@@ -313,17 +317,36 @@ def test_sigkill_at_random_moments_loses_nothing(uninterrupted, tmp_path):
     assert_same_as(tmp_path, uninterrupted)
 
 
-@pytest.mark.slow
-def test_sigterm_saves_the_step_reached_and_resumes_exactly(uninterrupted, tmp_path):
-    stopped = launch(tmp_path, kill_at="term:4", overrides=HARNESS)   # during step index 4: step 5 completes
-    assert stopped.returncode == 143, stopped.stderr[-2000:]
-    assert stopped.stderr.strip().splitlines()[-1] == (f"preempted: stopped by SIGTERM saved checkpoint step 5 in "
+@pytest.mark.parametrize("kind,status,name", [pytest.param("term", 143, "SIGTERM", marks=pytest.mark.slow),
+                                              ("int", 130, "SIGINT")])
+def test_a_signal_saves_the_step_reached_and_resumes_exactly(uninterrupted, tmp_path, kind, status, name):
+    """SIGTERM (a preemption notice) and SIGINT (Ctrl-C): the step finishes, is saved, one line, no
+    temporary directory, and the rerun equals an uninterrupted run."""
+    stopped = launch(tmp_path, kill_at=f"{kind}:4", overrides=HARNESS)   # during step index 4: step 5 completes
+    assert stopped.returncode == status, stopped.stderr[-2000:]
+    assert "Traceback" not in stopped.stderr
+    assert stopped.stderr.strip().splitlines()[-1] == (f"preempted: stopped by {name} saved checkpoint step 5 in "
                                                         f"{tmp_path}/checkpoints; rerun the same command to resume")
-    assert steps_on_disk(tmp_path) == [4, 5]
+    assert sorted(os.listdir(tmp_path / "checkpoints")) == ["4", "5"]   # no temporary directory
     assert not os.path.exists(tmp_path / "final_metrics.json")
     resumed = launch(tmp_path, overrides=HARNESS)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert "resuming from step 5" in resumed.stdout
+    assert_same_as(tmp_path, uninterrupted)
+
+
+@pytest.mark.slow
+def test_a_second_ctrl_c_exits_at_once_and_loses_nothing(uninterrupted, tmp_path):
+    """The second SIGINT lands inside the save the first one asked for: the process exits there,
+    every checkpoint on disk restores, and the rerun equals an uninterrupted run."""
+    stopped = launch(tmp_path, kill_at="int2:6", overrides=HARNESS)
+    assert stopped.returncode == 130, stopped.stderr[-2000:]
+    assert stopped.stderr.strip().splitlines()[-1] == "SIGINT again: exiting at once; the checkpoints on disk are kept"
+    assert_every_checkpoint_restores(tmp_path)
+    assert steps_on_disk(tmp_path) == [2, 4]
+    resumed = launch(tmp_path, overrides=HARNESS)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert "resuming from step 4" in resumed.stdout
     assert_same_as(tmp_path, uninterrupted)
 
 

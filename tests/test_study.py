@@ -8,13 +8,13 @@ import sys
 
 import pytest
 
-from ptune import sweep
+from ptune import config, sweep
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def load(path):
-    return sweep.load_module(os.path.join(ROOT, path))
+    return config.load_module(os.path.join(ROOT, path))
 
 
 @pytest.mark.parametrize("part, n_points, n_jobs", [("encoder", 72, 24), ("decoder", 25, 9), ("data", 27, 3),

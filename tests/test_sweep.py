@@ -48,7 +48,7 @@ def test_product_expands_every_combination_with_stable_names(make_config):
 @pytest.mark.parametrize("overrides,message", [
     ({"method.rnk": 2}, r"sweep point 0 \(method.rnk=2\): config key 'method.rnk' does not exist; "
                         r"valid keys under config.method: \['alpha', 'dropout'"),
-    ({"trian.steps": 2}, r"config key 'trian.steps' does not exist; valid keys under config: \['checkpoint', 'eval', 'mesh', 'method'"),
+    ({"trian.steps": 2}, r"config key 'trian.steps' does not exist; valid keys under config: \['checkpoint', 'eval', 'imports', 'mesh'"),
     ({"model.num_layrs": 1}, r"config key 'model.num_layrs' does not exist"),
     ({"seed.x": 1}, r"config key 'seed.x' does not exist; config.seed is a value, not a section"),
 ])

@@ -45,6 +45,16 @@ class ModelConfig:
             raise ValueError(f"model.remat={self.remat!r}; choose one of {REMAT}")
         if self.num_kv_heads is None:
             object.__setattr__(self, "num_kv_heads", self.num_heads)
+        for key in ("vocab_size", "hidden_size", "num_layers", "num_heads", "num_kv_heads", "intermediate_size",
+                    "max_positions", "type_vocab_size", "num_labels"):
+            value, least = getattr(self, key), 0 if key == "num_labels" else 1
+            if isinstance(value, bool) or not isinstance(value, int) or value < least:
+                raise ValueError(f"model.{key}={value!r} must be an integer >= {least}")
+        for key, ok, wanted in (("dropout", lambda v: 0 <= v < 1, "in [0, 1)"), ("norm_eps", lambda v: v > 0, "> 0"),
+                                ("rope_theta", lambda v: v > 0, "> 0")):
+            value = getattr(self, key)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not ok(value):
+                raise ValueError(f"model.{key}={value!r} must be a number {wanted}")
         if self.hidden_size % self.num_heads or self.num_heads % self.num_kv_heads:
             raise ValueError(f"model: hidden_size {self.hidden_size}, num_heads {self.num_heads} and "
                              f"num_kv_heads {self.num_kv_heads} must divide evenly")
