@@ -46,8 +46,11 @@ def _parse_flags(argv):
     except (flags.Error, AttributeError, KeyError) as e:   # ml_collections: --config.<key> naming no key
         while e.args and isinstance(e.args[0], Exception):   # ml_collections wraps a KeyError
             e = e.args[0]
-        text = e.args[0] if isinstance(e, KeyError) and e.args else str(e)
-        print(f"error: {' '.join(str(text).split())}; see --helpshort", file=sys.stderr)
+        text = " ".join(str(e.args[0] if isinstance(e, KeyError) and e.args else e).split())
+        key = re.match(r"'([^']+)'", text) if isinstance(e, KeyError) else None
+        flag = key and next((a.split("=")[0] for a in argv[1:]
+                             if re.match(rf"--?config\.(\S+\.)?{re.escape(key[1])}([.=]|$)", a)), None)
+        print(f"error: {flag + ' names no config key: ' if flag else ''}{text}; see --helpshort", file=sys.stderr)
         sys.exit(2)
 
 
@@ -57,8 +60,9 @@ class ConfigFileError(Exception):
 
 class _ConfigFile(flags.ArgumentParser):
     """--config=file.py[:arg] loaded by ptune.config.load (one line naming file:line on failure; the
-    file's folder importable; the user's modules it imports recorded), with an optimizer group
-    opened for each --config.optim.groups.<label>.* override so that the override finds its key."""
+    file's folder importable; the user's modules it imports recorded). So that every override finds
+    its key, a method or task named by --config.method.name / --config.task.name comes with its
+    options at their defaults, and each --config.optim.groups.<label>.* override opens that group."""
 
     def __init__(self, lock_config: bool):
         self.lock_config = lock_config
@@ -68,12 +72,17 @@ class _ConfigFile(flags.ArgumentParser):
 
     def parse(self, spec):
         from ptune import config as config_lib
+        argv = "\n".join(sys.argv)
+        chosen = dict(re.findall(r"^--?config\.(method|task)\.name=(.*)$", argv, re.M))
         try:
             config = config_lib.load(spec)
+            if chosen.get("method", config.method.name) != config.method.name:
+                config = config_lib.with_method(config, chosen["method"])
+            if chosen.get("task", config.task.name) != config.task.name:
+                config = config_lib.with_task(config, chosen["task"])
         except ValueError as e:
             raise ConfigFileError(e) from None
-        config_lib.open_groups(config, re.findall(r"^--?config\.optim\.groups\.([^.=]+)\.", "\n".join(sys.argv),
-                                                  re.M))
+        config_lib.open_groups(config, re.findall(r"^--?config\.optim\.groups\.([^.=]+)\.", argv, re.M))
         if self.lock_config:
             config.lock()
         return config

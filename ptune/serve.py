@@ -84,12 +84,6 @@ class Server:
         return [{"prediction": self.tokenizer.decode(row[:_until(row, eos)].tolist())} for row in tokens]
 
 
-def class_names(task: tasks.Task, template: Template) -> tuple[str, ...]:
-    """What a predicted class index means: the task's label names, else the verbalizer's words."""
-    return task.label_names or tuple(w.strip() for w in template.verbalizer) or tuple(
-        str(k) for k in range(task.num_classes))
-
-
 def _until(row, eos: int) -> int:
     hits = np.flatnonzero(row == eos)
     return int(hits[0]) if hits.size else len(row)
@@ -127,6 +121,6 @@ def load(workdirs: dict[str, str], which: str | int = "latest", capacity: int | 
         adapters[name] = bank_lib.TaskAdapter.from_trained(method, models.build(task_cfg, method.sites), trainable,
                                                            label_ids)
         kind = "classify" if task.kind == "classify" else "generate"
-        served[name] = ServedTask(kind, template, config.task.max_length, class_names(task, template))
+        served[name] = ServedTask(kind, template, config.task.max_length, tasks.class_names(task, template))
     bank = bank_lib.Bank(model_cfg, base, adapters, capacity)
     return Server(bank, tokenizer, served, batch_size, max_new_tokens)

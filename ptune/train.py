@@ -381,7 +381,7 @@ def start(run: Run, workdir: str) -> tuple[MetricWriter, dict]:
         with open(os.path.join(workdir, "config.json"), "w") as f:
             f.write(run.config.to_json_best_effort(indent=2))
         with open(os.path.join(workdir, "task.json"), "w") as f:   # what predictions' class indices mean
-            json.dump({"name": run.task.name, "kind": run.task.kind, "label_names": list(run.task.label_names),
+            json.dump({"name": run.task.name, "kind": run.task.kind, "label_names": list(tasks.class_names(run.task, run.template)),
                        "template": run.template.text, "verbalizer": list(run.template.verbalizer),
                        "files": run.task.files}, f, indent=2)
     return MetricWriter(workdir), {"method": run.method.name, "steps": run.config.train.steps,
@@ -413,16 +413,18 @@ def train_and_evaluate(config, workdir: str) -> dict:
     run = setup(config)
     workdir_lib.prepare(workdir, checkpoint.space_needed(run))
     with workdir_lib.owned(workdir):
+        # Opening validates and reads the newest checkpoint: a run that cannot resume (another method,
+        # shape, base or data order) stops here, before anything in the workdir changes.
+        checkpoints = checkpoint.Checkpoints(workdir, run, dropout_key(config.seed)) if run.method.trains else None
         done = workdir_lib.finished(workdir)
         if done is not None and not (run.method.trains and config.train.steps > done["steps"]):
             if jax.process_index() == 0:
                 print(f"{workdir} already holds a finished run of {done['steps']} steps ({workdir_lib.FINAL}): "
                       "nothing to do; raise config.train.steps to train further, or choose another --workdir",
                       flush=True)
+            if checkpoints:
+                checkpoints.close()
             return done
-        # Opening validates and reads the newest checkpoint: a run that cannot resume stops here,
-        # before anything in the workdir changes.
-        checkpoints = checkpoint.Checkpoints(workdir, run, dropout_key(config.seed)) if run.method.trains else None
         start_step = checkpoints.start_step if checkpoints and checkpoints.manager else 0
         if done is not None and not start_step:
             raise ValueError(f"{workdir} holds a finished run of {done['steps']} steps but no checkpoint to train "

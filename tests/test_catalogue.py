@@ -9,6 +9,7 @@ The rows of your own data (ptune.data.files: data files, columns, labels, chats,
 Hub names offline) are tests/data/test_files.py's `ROWS` and `CLI_ROWS`, in the same form.
 """
 
+import contextlib
 import copy
 import os
 import re
@@ -60,6 +61,7 @@ class Bench:
 
     def __init__(self, tmp_path, trained, monkeypatch):
         self.tmp, self.workdir, self._trained, self.monkeypatch = tmp_path, tmp_path / "work", trained, monkeypatch
+        self.stack = contextlib.ExitStack()   # what a row holds while its call fails
         self.workdir.mkdir()
         (self.workdir / "notes.txt").write_text("a file the failed run must leave alone")
 
@@ -120,10 +122,23 @@ class Row(NamedTuple):
     make: Callable      # bench -> the call that must fail (set-up done)
     culprit: str        # regex: what is at fault
     fix: str            # regex: what to do about it
+    config: Callable | None = None   # a config's mistake: () -> the config, also set up through the Python API
 
 
 def config_row(name, culprit, fix, method="lora", **overrides):
-    return Row(name, lambda bench: bench.run(tiny_config(method, **overrides)), culprit, fix)
+    config = lambda: tiny_config(method, **overrides)
+    return Row(name, lambda bench: bench.run(config()), culprit, fix, config)
+
+
+def held_workdir(bench):
+    """Another run holds the workdir."""
+    bench.stack.enter_context(workdir_lib.owned(str(bench.workdir)))
+    return bench.run(tiny_config())
+
+
+def finished_without_checkpoints(bench):
+    train.train_and_evaluate(tiny_config(**{"checkpoint.every_steps": 0}), str(bench.workdir))
+    return bench.run(tiny_config(**{"checkpoint.every_steps": 0, "train.steps": 6}))
 
 
 def resume_row(name, culprit, fix, method="lora", **overrides):
@@ -168,14 +183,33 @@ ROWS = [
                r"has 1 templates \(0..0\)", **{"task.template_index": 5}),
     config_row("unknown nonfinite policy", r"config.train.nonfinite='ignore'", r"choose 'stop' .* or 'skip'",
                **{"train.nonfinite": "ignore"}),
-    config_row("non-finite learning rate", r"optimizer group 'lora': learning_rate=nan",
-               r"must be a finite number > 0; set config.optim", **{"optim.learning_rate": NAN}),
+    config_row("non-finite learning rate", r"config.optim.learning_rate=nan x lr_scale=1.0",
+               r"must be a finite number > 0", **{"optim.learning_rate": NAN}),
     config_row("infinite group learning rate", r"optimizer group 'lora': learning_rate=inf",
                r"config.optim.groups.lora", **{"optim.groups": {"lora": {"learning_rate": float("inf")}}}),
     config_row("optimizer group matching no label", r"optimizer group\(s\) \['prompt'\] match no trainable label",
                r"labels present: \['lora'\]", **{"optim.groups": {"prompt": {"learning_rate": 0.3}}}),
     config_row("checkpoint option out of range", r"config.checkpoint.keep=0", r"must be an integer >= 1",
                **{"checkpoint.keep": 0}),
+    # numbers out of range
+    config_row("negative step count", r"config.train.steps=-5", r"must be an integer >= 1", **{"train.steps": -5}),
+    config_row("zero batch size", r"config.train.batch_size=0", r"must be an integer >= 1", **{"train.batch_size": 0}),
+    config_row("zero eval interval", r"config.train.eval_every=0", r"must be an integer >= 1",
+               **{"train.eval_every": 0}),
+    config_row("zero max_length", r"config.task.max_length=0", r"must be an integer >= 1", **{"task.max_length": 0}),
+    config_row("negative seed", r"config.seed=-1", r"must be an integer >= 0", seed=-1),
+    config_row("negative warmup", r"config.optim.warmup_steps=-1", r"must be an integer >= 0",
+               **{"optim.warmup_steps": -1}),
+    config_row("group beta out of range", r"optimizer group 'lora': b2=1.5 must be a number in \[0, 1\)",
+               r"set config.optim.<key> or config.optim.groups.lora.<key>", **{"optim.groups": {"lora": {"b2": 1.5}}}),
+    config_row("negative clip norm", r"config.optim.clip_norm=-1.0", r"must be a finite number >= 0",
+               **{"optim.clip_norm": -1.0}),
+    config_row("model size out of range", r"model.num_layers=0", r"must be an integer >= 1", **{"model.num_layers": 0}),
+    config_row("dropout out of range", r"model.dropout=1.5", r"must be a number in \[0, 1\)", **{"model.dropout": 1.5}),
+    config_row("unknown eval split", r"task 'synthetic_sentiment' has no split 'dev'", r"splits: \['test', 'train'",
+               **{"train.eval_split": "dev"}),
+    config_row("imported file gone", r"imported /no/such/my_methods.py \(module 'my_methods'\), which does not exist",
+               r"put it back, or remove it from config.imports", imports=("my_methods=/no/such/my_methods.py",)),
     config_row("best metric of another objective", r"config.checkpoint.best_metric='perplexity'",
                r"choose one of \('loss', 'accuracy'\)", **{"checkpoint.keep_best": 1, "checkpoint.best_metric": "perplexity"}),
     # method options and masks
@@ -246,6 +280,10 @@ ROWS = [
         r"workdir '.*/notes.txt/run' is not writable \(Not a directory\)", r"choose another --workdir"),
     Row("full disk", full_disk, r"workdir '.*' has 4.10 kB free but the run's checkpoints need about",
         r"free some space, lower config.checkpoint.keep, or choose another --workdir"),
+    Row("workdir held by another run", held_workdir, r"workdir '.*/work' is in use by the run of pid \d+ on host",
+        r"wait for it to end, stop it, or choose another --workdir"),
+    Row("more steps for a finished run without checkpoints", finished_without_checkpoints,
+        r"holds a finished run of 4 steps but no checkpoint to train further from", r"choose another --workdir"),
 ]
 
 
@@ -253,15 +291,28 @@ ROWS = [
 @pytest.mark.parametrize("row", ROWS, ids=[r.name for r in ROWS])
 def test_bad_input(row, tmp_path, trained, monkeypatch):
     bench = Bench(tmp_path, trained, monkeypatch)
-    failing = row.make(bench)
-    before = snapshot(bench.workdir)
-    with pytest.raises(ValueError) as error:
-        failing()
-    message = str(error.value)
+    with bench.stack:
+        failing = row.make(bench)
+        before = snapshot(bench.workdir)
+        with pytest.raises(ValueError) as error:
+            failing()
+        assert_one_line(str(error.value), row)
+        assert snapshot(bench.workdir) == before
+
+
+def assert_one_line(message, row):
     assert "\n" not in message
     assert re.search(row.culprit, message), message
     assert re.search(row.fix, message), message
-    assert snapshot(bench.workdir) == before
+
+
+@pytest.mark.parametrize("row", [r for r in ROWS if r.config], ids=[r.name for r in ROWS if r.config])
+def test_bad_input_through_the_python_api(row):
+    """The same mistakes through the notebook's door, `ptune.setup`: the same one-line message."""
+    import ptune
+    with pytest.raises(ValueError) as error:
+        ptune.setup(row.config())
+    assert_one_line(str(error.value), row)
 
 
 def test_catalogue_covers_the_issue():
@@ -270,9 +321,19 @@ def test_catalogue_covers_the_issue():
 
 class CliRow(NamedTuple):
     name: str
-    flags: list         # scripts/train.py's flags after the tiny run's; a leading ':arg' is the config's argument
-    culprit: str
+    flags: list         # scripts/train.py's flags after the tiny run's; a leading ':arg' is the config's argument,
+    culprit: str        # a leading '@name' makes CONFIG_FILES[name] the config file
     fix: str
+
+
+# Config files a new user gets wrong, each beside the module `my_methods.py` it may import.
+CONFIG_FILES = {
+    "syntax.py": "from ptune.config import base_config\ndef get_config(:\n    return base_config()\n",
+    "typo_import.py": "import my_methds\n",
+    "raising.py": "from ptune.config import base_config\n\n\ndef get_config():\n    raise RuntimeError('no GPU here')\n",
+    "no_return.py": "from ptune.config import base_config\n\n\ndef get_config():\n    base_config()\n",
+    "no_get_config.py": "from ptune.config import base_config\nconfig = base_config()\n",
+}
 
 
 CLI_ROWS = [
@@ -287,6 +348,30 @@ CLI_ROWS = [
     CliRow("cli: value of the wrong type", ["--config.train.steps=many"], r"many", r"helpshort"),
     CliRow("cli: checkpoint from another method", [":prompt"],
            r"written by method 'lora' but this run uses 'prompt'", r"set config.method.name='lora'"),
+    CliRow("cli: negative step count", ["--config.train.steps=-5"], r"config.train.steps=-5",
+           r"must be an integer >= 1"),
+    CliRow("cli: optimizer group of a label the method lacks", ["--config.optim.groups.prompt.learning_rate=0.3"],
+           r"optimizer group\(s\) \['prompt'\] match no trainable label", r"labels present: \['lora'\]"),
+    CliRow("cli: option of another method", ["--config.method.name=prompt", "--config.method.rank=4"],
+           r"--config.method.rank names no config key: 'rank'", r"see --helpshort"),
+    CliRow("cli: option of another task", ["--config.task.options.domian=imdb"],
+           r"--config.task.options.domian names no config key: 'domian'", r"see --helpshort"),
+    CliRow("cli: config argument the config refuses", [":lorra"],
+           r"experiments/default.py:\d+: get_config\('lorra'\) raised ValueError: unknown method 'lorra'",
+           r"choose one of \["),
+    CliRow("cli: missing config file", ["@missing.py"], r"config file '.*/missing.py' does not exist",
+           r"give the path of a Python file"),
+    CliRow("cli: config file syntax error", ["@syntax.py"], r"/syntax.py:2: invalid syntax: 'def get_config\(:'",
+           r"fix the syntax"),
+    CliRow("cli: config file importing a missing module", ["@typo_import.py"],
+           r"/typo_import.py:1: loading .* raised ModuleNotFoundError: No module named 'my_methds'",
+           r"install it, or put my_methds.py beside the config file"),
+    CliRow("cli: get_config raising", ["@raising.py"], r"/raising.py:5: get_config\(\) raised RuntimeError: no GPU here",
+           r"raised RuntimeError"),
+    CliRow("cli: get_config returning nothing", ["@no_return.py"],
+           r"no_return.py: get_config\(\) returned NoneType, not a ConfigDict", r"return ptune.config.base_config\(\)"),
+    CliRow("cli: config file without get_config", ["@no_get_config.py"],
+           r"config file '.*/no_get_config.py' defines no get_config\(\)", r"add one returning a ConfigDict"),
 ]
 
 
@@ -294,6 +379,9 @@ CLI_ROWS = [
 def cli_results(trained, tmp_path_factory):
     """Every CLI row's (workdir, snapshot before, finished process), launched concurrently."""
     env = {**os.environ, "PYTHONPATH": ROOT, "HF_HUB_OFFLINE": "1"}
+    configs = tmp_path_factory.mktemp("configs")
+    for name, text in CONFIG_FILES.items():
+        (configs / name).write_text(text)
     started = {}
     for row in CLI_ROWS:
         workdir = tmp_path_factory.mktemp("cli")
@@ -301,6 +389,8 @@ def cli_results(trained, tmp_path_factory):
             shutil.copytree(trained, workdir, dirs_exist_ok=True)
         flags = list(row.flags)
         config = os.path.join(ROOT, "experiments/default.py") + (flags.pop(0) if flags[0].startswith(":") else "")
+        if flags and flags[0].startswith("@"):
+            config = str(configs / flags.pop(0)[1:])
         cmd = [sys.executable, os.path.join(ROOT, "scripts/train.py"), "--config", config, f"--workdir={workdir}",
                "--config.train.progress=False", "--config.train.steps=4", "--config.train.batch_size=4",
                "--config.task.max_length=32", "--config.checkpoint.every_steps=2", *flags]

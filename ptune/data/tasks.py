@@ -299,6 +299,15 @@ REGISTRY: dict[str, Callable[..., Task]] = {
 }
 
 
+def class_names(task: Task, template) -> tuple[str, ...]:
+    """What a predicted class index means: the task's label names, else its template's verbalizer
+    words; () for tasks that do not classify."""
+    if task.kind != "classify":
+        return ()
+    return task.label_names or tuple(w.strip() for w in template.verbalizer) or tuple(
+        str(k) for k in range(task.num_classes))
+
+
 def register(name: str, builder: Callable[..., Task]) -> None:
     """Make `builder` (options -> Task) the task `name`, for config.task.name and `get`; its keyword
     arguments are the task's options (config.task.options)."""
