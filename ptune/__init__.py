@@ -18,3 +18,14 @@ if _SCHEDULER not in _flags:
         _warnings.warn(f"JAX's backends started before ptune was imported, so XLA:CPU keeps its "
                        f"memory-hungry scheduler (model.remat has no effect on CPU): import ptune "
                        f"first, or set XLA_FLAGS='{_SCHEDULER}=false'", stacklevel=2)
+
+# The Python API (ptune/api.py, docs/API.md), imported on first use so that `import ptune` and
+# `from ptune import cli` stay cheap.
+__all__ = ["Tuner", "load_adapter", "load_config", "setup"]
+
+
+def __getattr__(name: str):
+    if name in __all__:
+        from ptune import api
+        return getattr(api, name)
+    raise AttributeError(f"module 'ptune' has no attribute {name!r}")

@@ -14,6 +14,7 @@ Everything is checked by `check` before training starts, so a bad suite costs no
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 
@@ -66,7 +67,7 @@ def run_suite(run, params, workdir: str | None, where=None) -> dict:
     into `workdir` when asked (process 0)."""
     cfg, metrics, predictions = run.config.eval, {}, {}
     if run.task.kind == "classify" and (cfg.templates or extra_splits(cfg)):
-        classify = _classifier(run, params, where)
+        classify = functools.partial(classifier(run, where), params)
         for split in extra_splits(cfg):
             metrics[f"{split}_accuracy"], predictions[split] = classify(run.task.split(split), run.template)
         if cfg.templates:
@@ -82,14 +83,14 @@ def run_suite(run, params, workdir: str | None, where=None) -> dict:
     return metrics
 
 
-def _classifier(run, params, where):
-    """classify(examples, template) -> (accuracy, predicted classes) with `params`; one compiled
-    function serves every template (the verbalizer's token ids are an argument)."""
+def classifier(run, where=None):
+    """classify(params, examples, template) -> (accuracy, predicted classes); one compiled function
+    serves every template (the verbalizer's token ids are an argument) and parameter value."""
     logits_fn = jax.jit(lambda params, batch, label_ids: objectives.class_logits(
         run.model, params, batch, run.objective, label_ids))
     family, max_length = run.model.config.family, run.config.task.max_length
 
-    def classify(examples, template):
+    def classify(params, examples, template):
         verbalizer = run.objective == "verbalizer"
         label_ids = jnp.asarray(template.label_ids(run.tokenizer) if verbalizer else [0])
         arrays = batching.encode(examples, "classify", template, run.tokenizer, family, max_length)

@@ -7,6 +7,10 @@ with optional top-k and top-p (nucleus) filtering.
 
 from __future__ import annotations
 
+import math
+import numbers
+from collections.abc import Sequence
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -17,6 +21,8 @@ from ptune.models.layers import segment_positions
 
 def left_pad(prompts: list[list[int]], pad_id: int):
     """(ids, mask): (B, T) int32 arrays with every prompt right-aligned."""
+    if not prompts:
+        raise ValueError("generate: no prompts; give a list of prompts, each a list of token ids")
     length = max(len(p) for p in prompts)
     if not length:
         raise ValueError("generate: every prompt is empty; give at least one token")
@@ -79,15 +85,28 @@ def request(model, prompts: list[list[int]], max_new_tokens: int, pad_id: int, t
     """Validate a generation request for `model`; returns the left-padded (ids, mask)."""
     if not model.config.causal:
         raise ValueError(f"generate needs a causal model; {model.config.family} is an encoder")
-    if max_new_tokens <= 0:
-        raise ValueError(f"generate: max_new_tokens={max_new_tokens} must be > 0")
-    if temperature < 0 or not 0 < top_p <= 1 or top_k < 0:
-        raise ValueError("generate: need temperature >= 0, 0 < top_p <= 1, top_k >= 0")
+    vocab, integer = model.config.vocab_size, lambda v: isinstance(v, numbers.Integral)
+    checks = {"max_new_tokens": (max_new_tokens, lambda v: integer(v) and v > 0, "an integer > 0"),
+              "temperature": (temperature, lambda v: v >= 0, "a number >= 0 (0: greedy)"),
+              "top_k": (top_k, lambda v: integer(v) and 0 <= v <= vocab, f"an integer in [0, {vocab}] (0: all)"),
+              "top_p": (top_p, lambda v: 0 < v <= 1, "a number in (0, 1]")}
+    for name, (value, ok, wanted) in checks.items():
+        if isinstance(value, bool) or not isinstance(value, numbers.Real) or not (math.isfinite(value) and ok(value)):
+            raise ValueError(f"generate: {name}={value!r} must be {wanted}")
+    is_list = lambda x: isinstance(x, (Sequence, np.ndarray)) and not isinstance(x, str)
+    if not is_list(prompts):
+        raise ValueError(f"generate: prompts={prompts!r:.80} must be a list of prompts, each a list of token ids")
+    bad = next((i for i, p in enumerate(prompts)
+                if not (is_list(p) and all(integer(t) and 0 <= t < vocab for t in p))), None)
+    if bad is not None:
+        raise ValueError(f"generate: prompt {bad} is {prompts[bad]!r:.80}; each prompt must be a list of token ids "
+                         f"in [0, {vocab}) (tokenizer.encode(text))")
     ids, mask = left_pad(prompts, pad_id)
     extra = model.sites.extra_positions
     if ids.shape[1] + max_new_tokens + extra > model.config.max_positions:
         raise ValueError(f"generate: prompt {ids.shape[1]} + new {max_new_tokens} + prompt/prefix {extra} tokens "
-                         f"exceed the model's context of {model.config.max_positions}")
+                         f"exceed the model's context of {model.config.max_positions}; shorten the prompt or "
+                         "max_new_tokens")
     return ids, mask
 
 

@@ -68,11 +68,17 @@ def nearest_paths(pattern: str, paths: Sequence[str], n: int = 5) -> list[str]:
 
 
 def compile_rules(rules: Sequence[tuple[str, str]]) -> list[tuple[re.Pattern, str]]:
+    if isinstance(rules, (str, Mapping)) or not isinstance(rules, Sequence):
+        raise PartitionError(f"rules {rules!r} must be a list of (regex, label) pairs, e.g. [(r'/lora_', 'lora')], "
+                             "or a function (path, leaf) -> label")
     compiled = []
     for i, rule in enumerate(rules):
         if not (isinstance(rule, (tuple, list)) and len(rule) == 2):
             raise PartitionError(f"rule #{i} {rule!r} must be a (regex, label) pair")
         pattern, group = rule
+        if not isinstance(pattern, str):
+            raise PartitionError(f"rule #{i} {rule!r}: the regex {pattern!r} must be a string, e.g. (r'/lora_', "
+                                 "'lora')")
         try:
             compiled.append((re.compile(pattern), group))
         except re.error as e:
@@ -117,6 +123,16 @@ def label(params, rules: Rules, default: str | None = None):
     return jax.tree.unflatten(jax.tree.structure(params), leaves)
 
 
+def check_labels(params, labels, who: str):
+    """`labels` must be a label tree of `params`: a leaf for each of its leaves, at the same paths."""
+    have, want = flatten(labels), flatten(params)
+    if have.keys() != want.keys():
+        odd = next((f"{p!r} has no label" for p in want if p not in have), None) or \
+            f"label {next(p for p in have if p not in want)!r} names no parameter"
+        raise PartitionError(f"{who}: the labels are not a label tree of these parameters ({odd}); make them "
+                             "from the same parameters with method.labels(params) or partition.label(params, rules)")
+
+
 def groups(labels) -> list[str]:
     """The trainable labels present in a label tree, in first-seen order."""
     return list(dict.fromkeys(g for g in jax.tree.leaves(labels) if g != FROZEN))
@@ -142,6 +158,7 @@ def _select(tree, keep: Callable[[Any], bool], labels):
 
 def split(params, labels):
     """(trainable, frozen): two nested dicts that together hold every leaf once."""
+    check_labels(params, labels, "split")
     return (_select(params, lambda g: g != FROZEN, labels),
             _select(params, lambda g: g == FROZEN, labels))
 
@@ -210,6 +227,7 @@ class Summary:
 
 def summary(params, labels) -> Summary:
     """Parameter count and bytes per label. Works on arrays or `jax.ShapeDtypeStruct`s."""
+    check_labels(params, labels, "summary")
     count: dict[str, int] = {}
     size: dict[str, int] = {}
     for leaf, g in zip(jax.tree.leaves(params), jax.tree.leaves(labels)):

@@ -40,7 +40,7 @@ def test_mixed_requests_match_each_run_alone(tmp_path, make_config):
 
     lm_run, lm_params = _trained(configs["lm"], dirs["lm"])
     tok = lm_run.tokenizer
-    prompts = [tok.specials("gpt2")[0] + tok.encode(text) for text in ("the film", "a")]
+    prompts = [tok.prefix_ids + tok.encode(text) for text in ("the film", "a")]
     tokens = generate.generate(lm_run.model, lm_params, prompts, 5, eos_id=tok.eos_id, pad_id=tok.pad_id)
     expected_text = [tok.decode([t for t in row if t != tok.pad_id and t != tok.eos_id]) for row in tokens]
     assert [p["prediction"] for p in predictions if p["task"] == "lm"] == expected_text

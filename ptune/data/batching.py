@@ -18,6 +18,7 @@ import numpy as np
 
 from ptune.data import packing
 from ptune.data.templates import Template
+from ptune.data.tokenizers import for_family
 
 KINDS_THAT_PACK = ("lm", "generate", "chat")
 CHUNK = 1000          # examples encoded (and packed) together when a data set is encoded in chunks
@@ -32,12 +33,18 @@ def encode(examples, kind: str, template: Template, tokenizer, family: str, max_
 
     Truncation: a classification text or generation input is cut from its end so that the template
     and the answer survive; an lm text or a chat is cut from its end."""
+    if kind not in ROWS:
+        raise ValueError(f"encode: kind {kind!r} is not one of {sorted(ROWS)}")
+    if not isinstance(examples, (list, tuple)) and not hasattr(examples, "_fingerprint"):
+        raise ValueError(f"encode: examples must be a list of dicts or a datasets.Dataset, got "
+                         f"{type(examples).__name__}")
     if packed and kind not in KINDS_THAT_PACK:
         raise ValueError(f"config.task.packing: a {kind} task cannot be packed (packing serves {KINDS_THAT_PACK}); "
                          "set config.task.packing=False")
+    tokenizer = for_family(tokenizer, family)
 
     def arrays_of(records):
-        rows = ROWS[kind](records, template, tokenizer, family, max_length)
+        rows = ROWS[kind](records, template, tokenizer, max_length)
         return packing.pack(rows, max_length, tokenizer.pad_id) if packed else pad(rows, max_length, tokenizer.pad_id)
     if isinstance(examples, (list, tuple)):
         return arrays_of(examples)
@@ -46,11 +53,10 @@ def encode(examples, kind: str, template: Template, tokenizer, family: str, max_
     return _encode_dataset(examples, arrays_of, hashlib.sha256(json.dumps(key).encode()).hexdigest()[:16])
 
 
-def classification_rows(examples, template: Template, tokenizer, family: str, max_length: int) -> list[dict]:
+def classification_rows(examples, template: Template, tokenizer, max_length: int) -> list[dict]:
     """The template around each text; only the text is cut, so the verbalizer position survives."""
     before, after = template.parts()
-    head, tail = tokenizer.specials(family)
-    head, tail = head + tokenizer.encode(before), tokenizer.encode(after) + tail
+    head, tail = tokenizer.prefix_ids + tokenizer.encode(before), tokenizer.encode(after) + tokenizer.suffix_ids
     budget = max_length - len(head) - len(tail)
     if budget <= 0:
         raise ValueError(f"task.max_length={max_length} leaves no room for text after the template "
@@ -58,22 +64,21 @@ def classification_rows(examples, template: Template, tokenizer, family: str, ma
     return [{"input_ids": head + tokenizer.encode(e["text"])[:budget] + tail, "label": e["label"]} for e in examples]
 
 
-def lm_rows(examples, template: Template, tokenizer, family: str, max_length: int) -> list[dict]:
+def lm_rows(examples, template: Template, tokenizer, max_length: int) -> list[dict]:
     """The text then EOS; every token but the first is predicted."""
-    head, _ = tokenizer.specials(family)
     rows = []
     for e in examples:
-        ids = (head + tokenizer.encode(e["text"]) + [tokenizer.eos_id])[:max_length]
+        ids = (tokenizer.prefix_ids + tokenizer.encode(e["text"]) + [tokenizer.eos_id])[:max_length]
         rows.append({"input_ids": ids, "loss_mask": [0] + [1] * (len(ids) - 1)})
     return rows
 
 
-def generate_rows(examples, template: Template, tokenizer, family: str, max_length: int) -> list[dict]:
+def generate_rows(examples, template: Template, tokenizer, max_length: int) -> list[dict]:
     """Prompt = the template around the input, target = the output then EOS; only target tokens are
-    predicted. The output keeps at most half the row; the input is cut to fit the rest."""
+    predicted. The output keeps at most half the row; the input is cut to fit the rest. The pieces
+    are encoded apart, as `prompt` does when generating (BPE merges across them differ otherwise)."""
     before, after = template.parts()
-    head, _ = tokenizer.specials(family)
-    fixed, tail = head + tokenizer.encode(before), tokenizer.encode(after)
+    fixed, tail = tokenizer.prefix_ids + tokenizer.encode(before), tokenizer.encode(after)
     rows = []
     for e in examples:
         output = (tokenizer.encode(e["output"]) + [tokenizer.eos_id])[: max_length // 2]
@@ -83,7 +88,7 @@ def generate_rows(examples, template: Template, tokenizer, family: str, max_leng
     return rows
 
 
-def chat_rows(examples, template: Template, tokenizer, family: str, max_length: int) -> list[dict]:
+def chat_rows(examples, template: Template, tokenizer, max_length: int) -> list[dict]:
     """A conversation rendered by the tokenizer's own chat template; only assistant turns (their
     text and end-of-turn tokens) are predicted. Pieces are encoded apart, as in `generate_rows`."""
     rows = []
@@ -98,6 +103,13 @@ def chat_rows(examples, template: Template, tokenizer, family: str, max_length: 
 
 
 ROWS = {"classify": classification_rows, "lm": lm_rows, "generate": generate_rows, "chat": chat_rows}
+
+
+def prompt(tokenizer, template: Template, text: str) -> list[int]:
+    """A generation prompt's ids: the tokenizer's prefix, then `text` in the template, built as
+    `generate_rows` builds a training prompt (uncut)."""
+    before, after = template.parts()
+    return tokenizer.prefix_ids + tokenizer.encode(before) + tokenizer.encode(text) + tokenizer.encode(after)
 
 
 def pad(rows: list[dict], length: int, pad_id: int) -> dict[str, np.ndarray]:

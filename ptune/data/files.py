@@ -78,12 +78,39 @@ def from_records(kind: str, train: list[dict], validation: list[dict] | None = N
     """A task from in-memory records, e.g. from_records("classify", [{"text": ..., "label": "spam"}, ...]);
     `options` are those of `files` that shape a task (columns, label_names, validation_fraction, ...)."""
     import datasets
-    given = {"train": train, "validation": validation, "test": test}
+    given = {s: r for s, r in {"train": train, "validation": validation, "test": test}.items() if r is not None}
+    splits = {}
     for split, records in given.items():
-        if records is not None and not (isinstance(records, list) and all(isinstance(r, dict) for r in records)):
+        if not isinstance(records, list):
             raise ValueError(f"from_records: {split} must be a list of dicts (records), got {type(records).__name__}")
-    splits = {s: datasets.Dataset.from_list(r) for s, r in given.items() if r is not None}
+        if not records:
+            raise ValueError(f"from_records: {split} is an empty list; give it records"
+                             + ("" if split == "train" else f", or leave {split} out"))
+        bad = next((i for i, r in enumerate(records) if not isinstance(r, dict)), None)
+        if bad is not None:
+            raise ValueError(f"from_records: {split}[{bad}] is {records[bad]!r:.80}, not a dict; give records such "
+                             "as {'text': ..., 'label': ...}")
+        try:
+            splits[split] = datasets.Dataset.from_list(records)
+        except (ValueError, TypeError) as e:   # pyarrow's, for a column whose values differ in type
+            raise ValueError(_mixed_types(split, records) or f"from_records: {split}: the records do not form one "
+                             f"table ({' '.join(str(e).split())}); give each column values of one type") from None
     return from_splits(splits, kind, {s: f"{s} records" for s in splits}, **options)
+
+
+def _mixed_types(split: str, records: list[dict]) -> str | None:
+    """The first record whose value in a column has another type than the column's first value."""
+    kind = lambda v: "number" if isinstance(v, (int, float)) and not isinstance(v, bool) else type(v).__name__
+    first: dict[str, tuple[int, str]] = {}
+    for i, record in enumerate(records):
+        for column, value in record.items():
+            if value is None:
+                continue
+            j, seen = first.setdefault(column, (i, kind(value)))
+            if kind(value) != seen:
+                return (f"from_records: {split}[{i}] has {column}={value!r:.80}, a {kind(value)}, but {split}[{j}] "
+                        f"has a {seen}; give column {column!r} values of one type")
+    return None
 
 
 def from_splits(splits: dict, kind: str, where: dict[str, str], text_column: str = "text", label_column: str = "label",
@@ -100,11 +127,10 @@ def from_splits(splits: dict, kind: str, where: dict[str, str], text_column: str
     columns = {STANDARD[option]: options[option] for option in COLUMNS[kind]}
     splits = {s: _standard_columns(ds, columns, where[s]) for s, ds in splits.items()}
     names = ()
+    for split, ds in splits.items():
+        _check_values(ds, kind, where[split])
     if kind == "classify":
         splits, names = _encode_labels(splits, _names(label_names), where)
-    else:
-        for split, ds in splits.items():
-            _check_values(ds, kind, where[split])
     if "validation" not in splits:
         splits["train"], splits["validation"] = carve(splits["train"], validation_fraction, split_seed, where["train"])
         where["validation"] = f"validation carved from {where['train']}"
@@ -348,7 +374,8 @@ def _is_int(values: np.ndarray) -> bool:
 
 
 def _check_values(dataset, kind: str, where: str):
-    """Every record's text columns are strings, and a chat is turns with known roles and an assistant turn."""
+    """Every record's text columns (all but a label) are strings, and a chat is turns with known roles and an
+    assistant turn."""
     import datasets
     if kind == "chat":
         for start in range(0, len(dataset), 1000):
@@ -357,7 +384,7 @@ def _check_values(dataset, kind: str, where: str):
                 if problem:
                     raise ValueError(f"{where} record {i}: {problem}; fix that record")
         return
-    for column in dataset.column_names:
+    for column in [c for c in dataset.column_names if c != "label"]:   # classes are _encode_labels' to check
         feature = dataset.features[column]
         if not (isinstance(feature, datasets.Value) and feature.dtype in ("string", "large_string")):
             raise ValueError(f"{where}: column {column!r} holds {feature}, not text; give a text column")

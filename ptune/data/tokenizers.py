@@ -1,7 +1,8 @@
-"""Tokenizers behind one small interface: `encode(text) -> ids` without special tokens, the ids a
-family puts around a sequence, a conversation cut into chat-template pieces, and a fingerprint
-(what cached encodings are keyed by). HF tokenizers arrive with real models; `ByteTokenizer`
-needs no files and serves tests and synthetic tasks."""
+"""Tokenizers behind one small interface: `encode(text) -> ids` without special tokens, `decode`,
+the special ids as attributes (`pad_id`, `eos_id`, and `prefix_ids`/`suffix_ids`: what goes around a
+sequence), a conversation cut into chat-template pieces, and a fingerprint (what cached encodings are
+keyed by). HF tokenizers arrive with real models; `ByteTokenizer` needs no files and serves tests and
+synthetic tasks."""
 
 from __future__ import annotations
 
@@ -13,23 +14,31 @@ ROLES = ("system", "user", "assistant", "tool")
 
 @dataclasses.dataclass(frozen=True)
 class ByteTokenizer:
-    """UTF-8 bytes 0-255, then pad, bos, eos, cls (vocab 260)."""
+    """UTF-8 bytes 0-255, then pad, bos, eos, cls (vocab 260). It stands in for a model of any
+    `family`, which decides what goes around a sequence (`for_family` sets it)."""
     pad_id: int = 256
     bos_id: int = 257
     eos_id: int = 258
     cls_id: int = 259
     vocab_size: int = 260
     fingerprint: str = "bytes"
+    family: str = "gpt2"
+
+    @property
+    def prefix_ids(self) -> list[int]:
+        """The ids before a sequence: BERT's [CLS] (cls_id), decoders' BOS."""
+        return [self.cls_id] if self.family == "bert" else [self.bos_id]
+
+    @property
+    def suffix_ids(self) -> list[int]:
+        """The ids after a sequence: BERT's [SEP] (eos_id); none for decoders."""
+        return [self.eos_id] if self.family == "bert" else []
 
     def encode(self, text: str) -> list[int]:
         return list(text.encode("utf-8"))
 
     def decode(self, ids) -> str:
         return bytes(i for i in ids if i < 256).decode("utf-8", errors="replace")
-
-    def specials(self, family: str) -> tuple[list[int], list[int]]:
-        """(ids before, ids after) a sequence: BERT's [CLS] ... [SEP], decoders' BOS."""
-        return ([self.cls_id], [self.eos_id]) if family == "bert" else ([self.bos_id], [])
 
     def chat_pieces(self, messages) -> list[tuple[str, bool]]:
         """ChatML-style text (the byte vocabulary has no special tokens): see `chat_pieces`."""
@@ -51,7 +60,7 @@ class HFTokenizer:
         plain = tokenizer.encode("a", add_special_tokens=False)
         full = tokenizer.encode("a")
         start = full.index(plain[0])
-        self._specials = (full[:start], full[start + len(plain):])
+        self.prefix_ids, self.suffix_ids = full[:start], full[start + len(plain):]
         backend = getattr(tokenizer, "backend_tokenizer", None)
         identity = (backend.to_str() if backend is not None else repr(tokenizer)) + str(tokenizer.chat_template)
         self.fingerprint = hashlib.sha256(identity.encode()).hexdigest()[:16]
@@ -62,9 +71,6 @@ class HFTokenizer:
     def decode(self, ids) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=True)
 
-    def specials(self, family: str) -> tuple[list[int], list[int]]:
-        return self._specials
-
     def chat_pieces(self, messages) -> list[tuple[str, bool]]:
         """The tokenizer's own chat template, cut into turns (see `chat_pieces`)."""
         if not self.tokenizer.chat_template:
@@ -73,6 +79,14 @@ class HFTokenizer:
         render = lambda turns, add_generation_prompt=False: self.tokenizer.apply_chat_template(
             turns, tokenize=False, add_generation_prompt=add_generation_prompt) if turns else ""
         return chat_pieces(render, messages)
+
+
+def for_family(tokenizer, family: str):
+    """`tokenizer` for a model of `family`: the byte tokenizer, which serves every family, takes that
+    family's special ids; a model's own tokenizer already has them."""
+    if isinstance(tokenizer, ByteTokenizer) and tokenizer.family != family:
+        return dataclasses.replace(tokenizer, family=family)
+    return tokenizer
 
 
 def chat_pieces(render, messages) -> list[tuple[str, bool]]:

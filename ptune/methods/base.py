@@ -9,6 +9,8 @@ labels; a leaf two parts label differently is an error.
 from __future__ import annotations
 
 import dataclasses
+import math
+import numbers
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -92,6 +94,25 @@ def _union_labels(parts: Sequence[Method], params):
                                            "drop one of them or change its rules")
         merged[path] = next(iter(owners))[0] if owners else partition.FROZEN
     return jax.tree.unflatten(jax.tree.structure(params), list(merged.values()))
+
+
+def number(method: str, option: str, value, ok: Callable[[float], bool], wanted: str) -> float:
+    """Validate a real option: a finite number for which `ok` holds ("must be {wanted}")."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise ValueError(f"method {method}: {option}={value!r} must be a number {wanted}")
+    if not (math.isfinite(value) and ok(value)):
+        raise ValueError(f"method {method}: {option}={value!r} must be {wanted}")
+    return float(value)
+
+
+def module_names(method: str, option: str, value):
+    """Validate PEFT-style target modules: None (the family's defaults), a regex string, or a list of
+    module names (ptune.models.sites.targets_regex checks the regex)."""
+    if value is None or isinstance(value, str) or (isinstance(value, (list, tuple)) and
+                                                   all(isinstance(name, str) for name in value)):
+        return value
+    raise ValueError(f"method {method}: {option}={value!r} must be a regex string or a list of module names "
+                     "such as ['c_attn']")
 
 
 def positive_int(method: str, option: str, value, limit: int | None = None, why: str = "") -> int:

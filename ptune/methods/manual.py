@@ -6,6 +6,6 @@ from ptune.methods.base import Method
 
 
 def make(model_config, template: str | None = None) -> Method:
-    if template is not None and "{text}" not in template:
+    if template is not None and not (isinstance(template, str) and "{text}" in template):
         raise ValueError(f"method manual: template {template!r} must contain the '{{text}}' field")
     return Method("manual", trains=False, template=template)

@@ -22,6 +22,9 @@ def make(model_config, length: int = 20, init: str = "vocab", init_text: str | N
         raise ValueError(f"method prompt: init={init!r}; choose one of {INITS}")
     if (init == "text") != bool(init_text):
         raise ValueError("method prompt: init='text' and init_text go together; give both or neither")
+    if init_text is not None and not isinstance(init_text, str):
+        raise ValueError(f"method prompt: init_text={init_text!r} must be a string (the text whose embedding "
+                         "starts the prompt)")
     initializer = None if init == "uniform" else lambda params, ctx: _initialize(params, ctx, init, init_text)
     return Method("prompt", Sites(prompt=Prompt(length)), rules=[(r"^prompt/", "prompt")], init=initializer)
 
