@@ -18,8 +18,8 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 peft = pytest.importorskip("peft")
 
-from ptune import assets, checkpoint, hf_peft, models, partition, train  # noqa: E402
-from ptune.models import checkpoints  # noqa: E402
+from ptune import assets, checkpoint, hf_peft, methods, models, partition, train  # noqa: E402
+from ptune.models import checkpoints, hf  # noqa: E402
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "scripts"))
 import assets as assets_cli  # noqa: E402  (scripts/assets.py)
@@ -78,20 +78,27 @@ def _warnings_logged():
             logger.removeHandler(handler)
 
 
-def _hf_dir_base(directory):
-    """A llama-tiny base with SmolLM2's tokenizer (and vocabulary size), as a local HF directory."""
-    cfg = models.model_config("llama-tiny", vocab_size=49152)
+def _hf_dir_base(directory, preset="llama-tiny", asset="smollm2"):
+    """A tiny random base with a shipped model's tokenizer (and its vocabulary size), as a local HF directory."""
+    tokenizer = checkpoints.load_tokenizer(assets.ensure(asset)).tokenizer
+    cfg = models.model_config(preset, vocab_size=len(tokenizer))
     model = models.build(cfg)
     params = nn.unbox(model.init(jax.random.key(0), np.ones((1, 4), np.int32), output="hidden")["params"])
-    tokenizer = checkpoints.load_tokenizer(assets.ensure("smollm2")).tokenizer
     return hf_peft.save_pretrained_merged(directory, params, model, tokenizer=tokenizer)
+
+
+def _run_printed(lines: str) -> dict:
+    """What the lines `scripts/export.py` prints define, run as printed."""
+    namespace = {}
+    exec(lines, namespace)
+    return namespace
 
 
 def test_adapter_names_its_hf_directory_base_and_exports_without_warnings(make_config, tmp_path, monkeypatch,
                                                                           capfd):
     """A run on a local HF directory (given as a relative path): the adapter names its absolute path,
-    PEFT loads base + adapter from that name alone and gives ptune's logits, and neither export nor
-    load_adapter logs a warning (Orbax's read-only notice was one)."""
+    the printed lines load base + adapter in PEFT from anywhere and give ptune's logits, and neither
+    export nor load_adapter logs a warning (Orbax's read-only notice was one)."""
     monkeypatch.chdir(tmp_path)
     _hf_dir_base(tmp_path / "base")
     config = make_config("lora", steps=3)
@@ -104,21 +111,44 @@ def test_adapter_names_its_hf_directory_base_and_exports_without_warnings(make_c
         checkpoint.load_adapter("run")
     assert not records, [r.getMessage() for r in records]
     assert "warn" not in capfd.readouterr().err.lower()
-    base = json.loads((out / hf_peft.ADAPTER_CONFIG).read_text())["base_model_name_or_path"]
-    assert base == str(tmp_path / "base")
-    assert f"AutoModelForCausalLM.from_pretrained({base!r}), {str(tmp_path / 'peft')!r})" in hf_peft.how_to_load(out)
+    assert json.loads((out / hf_peft.ADAPTER_CONFIG).read_text())["base_model_name_or_path"] == str(tmp_path / "base")
 
     run = train.setup(config)
     params = partition.merge(checkpoint.load_adapter("run")[1], partition.split(run.params, run.labels)[1])
-    ids = np.asarray([transformers.AutoTokenizer.from_pretrained(base)(TEXTS[0])["input_ids"]])
+    ids = np.asarray([run.tokenizer.tokenizer(TEXTS[0])["input_ids"]])
     want = np.asarray(run.model.apply({"params": params}, ids))
-
+    lines = hf_peft.how_to_load(out)
     monkeypatch.chdir(os.path.dirname(tmp_path))   # the names work from anywhere
-    reference = peft.PeftModel.from_pretrained(transformers.AutoModelForCausalLM.from_pretrained(base),
-                                               str(tmp_path / "peft")).eval()
-    lora_b = reference.base_model.model.model.layers[0].self_attn.q_proj.lora_B["default"].weight
+    loaded = _run_printed(lines)
+    assert loaded["tokenizer"](TEXTS[0])["input_ids"] == ids[0].tolist()
+    lora_b = loaded["model"].base_model.model.model.layers[0].self_attn.q_proj.lora_B["default"].weight
     assert float(lora_b.abs().max()) > 0   # trained away from B = 0, so the comparison can fail
-    assert np.abs(want - _logits(reference, ids)).max() < TOL
+    assert np.abs(want - _logits(loaded["model"].eval(), ids)).max() < TOL
+
+
+def test_classifier_adapter_prints_its_class_count(tmp_path):
+    """A BERT LoRA + head adapter loads through AutoModelForSequenceClassification with the head's class
+    count, which the printed lines read from the adapter file."""
+    base = _hf_dir_base(tmp_path / "base", "bert-tiny", "minilm")
+    cfg = checkpoints.config_from_hf(json.loads((base / "config.json").read_text()), num_labels=3)
+    method = methods.compose(methods.get("lora", cfg, rank=2), methods.get("head", cfg))
+    model = models.build(cfg, method.sites)
+    _, state = checkpoints.read_hf_dir(base)
+    params = hf.from_hf(cfg.family, state, nn.unbox(models.abstract_params(model)))
+    trainable, frozen = partition.split(params, method.labels(params))
+    rng = np.random.default_rng(0)
+    trainable = jax.tree.map(lambda x: (0.3 * rng.standard_normal(x.shape)).astype(np.float32), trainable)
+    out = hf_peft.export(tmp_path / "peft", partition.merge(trainable, frozen), method, cfg, base_name=str(base))
+    lines = hf_peft.how_to_load(out)
+    assert f"AutoModelForSequenceClassification.from_pretrained({str(base)!r}, num_labels=3)" in lines
+    loaded = _run_printed(lines)
+    batch = loaded["tokenizer"](TEXTS, padding=True, return_tensors="np")
+    want = np.asarray(model.apply({"params": partition.merge(trainable, frozen)}, batch["input_ids"],
+                                  batch["attention_mask"], output="class"))
+    with torch.no_grad():
+        got = loaded["model"].eval()(input_ids=torch.tensor(batch["input_ids"]),
+                                     attention_mask=torch.tensor(batch["attention_mask"])).logits.numpy()
+    assert np.abs(want - got).max() < TOL
 
 
 @pytest.mark.slow
@@ -133,14 +163,13 @@ def test_smollm2_adapter_loads_in_peft_from_its_config(make_config, tmp_path):
     out = hf_peft.export_workdir(tmp_path / "run", tmp_path / "peft")
     base = json.loads((out / hf_peft.ADAPTER_CONFIG).read_text())["base_model_name_or_path"]
     assert base == str(assets.path("smollm2")) + ".hf"
-    reference = peft.PeftModel.from_pretrained(transformers.AutoModelForCausalLM.from_pretrained(base),
-                                               str(out)).eval()
+    loaded = _run_printed(hf_peft.how_to_load(out))
     run = train.setup(config)
-    _, trainable, _ = checkpoint.load_adapter(str(tmp_path / "run"))
-    params = partition.merge(trainable, partition.split(run.params, run.labels)[1])
-    ids = np.asarray([transformers.AutoTokenizer.from_pretrained(base)(TEXTS[0])["input_ids"]])
-    assert np.abs(np.asarray(run.model.apply({"params": params}, ids)) - _logits(reference, ids)).max() < \
-        SMOLLM2_TOL
+    params = partition.merge(checkpoint.load_adapter(str(tmp_path / "run"))[1],
+                             partition.split(run.params, run.labels)[1])
+    ids = np.asarray([loaded["tokenizer"](TEXTS[0])["input_ids"]])
+    want = np.asarray(run.model.apply({"params": params}, ids))
+    assert np.abs(want - _logits(loaded["model"].eval(), ids)).max() < SMOLLM2_TOL
 
 
 # ------------------------------------------------------------------------------------------- bad input
@@ -172,8 +201,14 @@ def test_export_refuses_a_base_it_cannot_name(base, merge, message, tmp_path):
     assert not (tmp_path / "out").exists()
 
 
-def test_preset_adapter_says_it_has_no_loadable_base(make_config, tmp_path):
+def test_preset_exports_say_what_loads(make_config, tmp_path):
+    """A random-init preset: the adapter names the preset and the printed text says transformers cannot
+    load it; the merged checkpoint has no tokenizer files (bytes), and its printed lines load it."""
     train.train_and_evaluate(make_config("lora", steps=1), str(tmp_path / "run"))
     out = hf_peft.export_workdir(tmp_path / "run", tmp_path / "peft")
     assert json.loads((out / hf_peft.ADAPTER_CONFIG).read_text())["base_model_name_or_path"] == "gpt2-tiny"
     assert hf_peft.how_to_load(out).startswith("note: the adapter's base 'gpt2-tiny' is no transformers directory")
+    merged = hf_peft.export_workdir(tmp_path / "run", tmp_path / "merged", merge=True)
+    lines = hf_peft.how_to_load(merged)
+    assert "AutoTokenizer" not in lines
+    assert _run_printed(lines)["model"].config.model_type == "gpt2"
