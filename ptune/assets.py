@@ -7,6 +7,7 @@ unpacked into a cache directory: `--cache_dir`, else `$PTUNE_CACHE`, else `~/.ca
 Data sets are converted once into JSONL that `datasets.load_dataset("json", ...)` reads:
 
     <cache>/models/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
+                          (+ .gguf.tokenizer/, .gguf.hf/: its tokenizer and transformers form, made on first use)
     <cache>/models/minilm-l6/{config.json, model.safetensors, tokenizer.json, vocab.txt, ...}
     <cache>/sources/<source>/...              the pinned files, as served (+ MANIFEST.json)
     <cache>/data/<name>/{train,validation,test}.jsonl, meta.json
@@ -19,6 +20,7 @@ run never leaves something that looks complete; a re-run skips what is already i
     python scripts/assets.py fetch all        # or: fetch sentiment genre smollm2 ...
     python scripts/assets.py status
     python scripts/assets.py verify
+    python scripts/assets.py export-hf smollm2 DIR   # a model as a transformers directory (export_hf)
 
 API: `ensure(name)` fetches/verifies/converts if needed and returns the .gguf file
 (smollm2), the model directory (minilm) or the data directory (data sets); `path(name)`
