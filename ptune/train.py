@@ -10,6 +10,7 @@ import contextlib
 import copy
 import dataclasses
 import functools
+import glob
 import json
 import os
 import signal
@@ -152,7 +153,7 @@ def run_template(config, task: tasks.Task, method: methods.Method) -> Template:
 
 def setup(config) -> Run:
     """Validate the config and build model, method, labels, data and optimizer. Writes nothing.
-    The run's config is a copy of `config` whose optim.groups holds every trainable label's group."""
+    The run's config is `config` as the run used it (see `run_config`)."""
     config_lib.import_recorded(config)   # a custom method or task the config file registered
     config_lib.check(config)
     task_cfg = config.task
@@ -193,7 +194,7 @@ def setup(config) -> Run:
     ctx = methods.InitContext(jax.random.fold_in(rng, 1), family, tokenizer.encode, template.verbalizer)
     params = method.initialize(params, ctx)
     labels = method.labels(params)
-    config = with_groups(config, method, labels)
+    config = run_config(config, method, labels)
     # Frozen leaves are never updated, so bfloat16 storage only rounds them once and halves their
     # memory; trainable leaves (and so their gradients and optimizer state) stay float32.
     params = partition.cast(params, labels, model_cfg.frozen_dtype)
@@ -233,13 +234,22 @@ def optimizer_group(config, method: methods.Method, label: str) -> optim.Group:
                          f"config.optim.groups.{label}.<key>") from None
 
 
-def with_groups(config, method: methods.Method, labels):
-    """A copy of `config` whose optim.groups holds each trainable label's group as it trains, every
-    field filled in (so config.json shows each group's learning rate and schedule)."""
+def run_config(config, method: methods.Method, labels):
+    """A copy of `config` as the run uses it, for config.json and checkpoints: optim.groups holds each
+    trainable label's group, every field filled in (its learning rate, schedule, ...), and relative
+    paths of the model and of the files task's data are absolute (so export, serving and
+    load_adapter rebuild the run from any working directory)."""
     config = copy.deepcopy(config)
     with config.unlocked():
         for label in partition.groups(labels):
             config.optim.groups[label] = dataclasses.asdict(optimizer_group(config, method, label))
+        paths = [(config.model, "checkpoint")]
+        if config.task.name == "files":
+            paths += [(config.task.options, k) for k in ("train", "validation", "test", "dataset")]
+        for section, key in paths:
+            value = section.get(key)
+            if isinstance(value, str) and value and (os.path.exists(value) or glob.glob(value)):
+                section[key] = os.path.abspath(value)
     return config
 
 
