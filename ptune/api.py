@@ -102,12 +102,14 @@ class Tuner:
 
     @property
     def params(self) -> dict:
-        """The whole parameter tree (trainable and frozen leaves) as it is now."""
+        """The whole parameter tree (trainable and frozen leaves) as it is now. The next `train_steps`
+        donates its trainable arrays: copy them (`jax.device_get`) to keep them."""
         return partition.merge(self._trainable, self._frozen)
 
     @property
     def trainable(self) -> dict:
-        """The trainable subtree as it is now (what a checkpoint saves)."""
+        """The trainable subtree as it is now (what a checkpoint saves); the next `train_steps` donates
+        its arrays: copy them (`jax.device_get`) to keep them."""
         return self._trainable
 
     def train_steps(self, n: int) -> dict:

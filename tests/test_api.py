@@ -4,6 +4,7 @@ line naming the culprit and the fix, through the API as through the launcher."""
 
 import contextlib
 import functools
+import itertools
 import io
 import json
 import os
@@ -299,18 +300,26 @@ def walk_through() -> str:
     return blocks[0]
 
 
+def assert_shows(source: str, printed: str):
+    """The comment lines right below each print() of `source` are lines of `printed`, in order
+    (whitespace runs are one space; `...` stands for any text)."""
+    squash = lambda line: " ".join(line.split())
+    out, lines, position = [squash(line) for line in printed.splitlines()], source.splitlines(), 0
+    for i in (i for i, line in enumerate(lines) if line.startswith("print(")):
+        shown = [squash(line[2:]) for line in itertools.takewhile(lambda l: l.startswith("# "), lines[i + 1:])]
+        patterns = [re.compile(".*".join(re.escape(part) for part in line.split("..."))) for line in shown]
+        found = [k for k in range(position, len(out) - len(shown) + 1)
+                 if all(p.fullmatch(out[k + j]) for j, p in enumerate(patterns))]
+        assert found, f"{lines[i]} printed no\n" + "\n".join(shown) + f"\nin\n{printed}"
+        position = found[0] + len(shown)
+
+
 @pytest.mark.slow   # SmolLM2: ~2 min on a 2-core CPU
 def test_the_walk_through_runs_as_written(monkeypatch):
     monkeypatch.chdir(ROOT)
-    namespace, printed = {}, io.StringIO()
+    source, namespace, printed = walk_through(), {}, io.StringIO()
     with contextlib.redirect_stdout(printed):
-        exec(compile(walk_through(), "docs/API.md", "exec"), namespace)
-    out = printed.getvalue()
-    assert "trainable params: 460,800 || all params: 134,975,808" in out
+        exec(compile(source, "docs/API.md", "exec"), namespace)
+    assert_shows(source, printed.getvalue())
     metrics, scores = namespace["metrics"], namespace["scores"]
-    assert metrics["steps"] == 5 and metrics["count"] == 40 and np.isfinite(metrics["loss"])
-    assert scores["count"] == 100 and scores["accuracy"] > 0.85   # zero-shot, this template scores 0.917
-    assert namespace["labels"] == ["negative", "positive"]
-    assert isinstance(namespace["text"], str) and namespace["text"].strip()
-    for value in (metrics, scores, namespace["labels"], namespace["text"]):
-        assert str(value) in out
+    assert np.isfinite(metrics["loss"]) and scores["accuracy"] > 0.85   # zero-shot, this template scores 0.917
