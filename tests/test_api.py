@@ -1,11 +1,12 @@
 """The Python API (ptune/api.py, docs/API.md): its steps are the launcher's, its metrics are the
-launcher's means with their counts, it loads what scripts/train.py trains, and bad input fails in one
-line naming the culprit and the fix, through the API as through the launcher."""
+launcher's means with their counts, it loads what scripts/train.py trains, and bad input to it and to
+the library functions a notebook calls fails in one line naming the culprit and the fix (the launcher's
+config mistakes through `ptune.setup` are tests/test_catalogue.py's test_bad_input_through_the_python_api)."""
 
 import contextlib
 import functools
-import itertools
 import io
+import itertools
 import json
 import os
 import re
@@ -21,8 +22,6 @@ import ptune
 from ptune import generate, methods, models, partition, train
 from ptune.data import batching, files, tasks
 from ptune.data.tokenizers import ByteTokenizer
-
-import test_catalogue
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # experiments/default.py made tiny: 6 steps of gpt2-tiny on 64 synthetic sentences, logged every 3 steps
@@ -269,28 +268,6 @@ def test_bad_input(row, tuner, launched, tmp_path):
 
 def test_the_api_table_is_the_issues():
     assert len(ROWS) >= 30 and len({r.name for r in ROWS}) == len(ROWS)
-
-
-class ApiDoor(test_catalogue.Bench):
-    """tests/test_catalogue.py's bench with the launcher's door (train.train_and_evaluate on a
-    workdir) swapped for the API's: the config goes to ptune.setup."""
-
-    def run(self, config, workdir=None):
-        return lambda: ptune.setup(config)
-
-
-# The catalogue's rows that hand a config to the launcher (the others call the same function here).
-CONFIG_ROWS = [r for r in test_catalogue.ROWS if r.make.__qualname__.startswith(("config_row.", "data_row."))]
-
-
-@pytest.mark.parametrize("row", CONFIG_ROWS, ids=[r.name for r in CONFIG_ROWS])
-def test_the_launchers_catalogue_through_the_api(row, tmp_path, monkeypatch):
-    failing = row.make(ApiDoor(tmp_path, None, monkeypatch))
-    with pytest.raises(ValueError) as error:
-        failing()
-    message = str(error.value)
-    assert "\n" not in message
-    assert re.search(row.culprit, message) and re.search(row.fix, message), message
 
 
 def walk_through() -> str:

@@ -36,7 +36,6 @@ from __future__ import annotations
 
 import contextlib
 import glob
-import json
 import os
 import pathlib
 import re
