@@ -20,7 +20,6 @@ from typing import Any
 
 import jax
 import ml_collections
-import numpy as np
 
 from ptune import checkpoint, evals, partition, sharding, train
 from ptune import config as config_lib
@@ -29,9 +28,6 @@ from ptune.data import batching, tasks
 from ptune.data.templates import Template
 
 __all__ = ["Tuner", "load_adapter", "load_config", "setup"]
-
-# What train.check_finite says of a run that writes no checkpoint ("no checkpoint was written").
-_NO_CHECKPOINTS = types.SimpleNamespace(manager=None)
 
 
 def load_config(spec: str | None = None, overrides: Mapping[str, Any] | None = None) -> ml_collections.ConfigDict:
@@ -93,7 +89,8 @@ class Tuner:
         self._trainable = sharding.put(fresh if trainable is None else trainable, self._where.trainable)
         self._frozen = sharding.put(frozen, self._where.frozen)
         self._eval_step = train.make_eval_step(run, self._where)
-        self._opt_state = self._train_step = self._classify = None   # built when first needed
+        self._opt_state = self._step_fn = self._classify = None   # built when first needed
+        self._pending = []   # the step's non-finite flag (see train.check_finite)
 
     def __repr__(self) -> str:
         model = self.config.model.checkpoint or self.config.model.preset
@@ -127,7 +124,7 @@ class Tuner:
         and `step` stays at it."""
         if isinstance(n, bool) or not isinstance(n, int) or n < 1:
             raise ValueError(f"train_steps: n={n!r} must be an integer >= 1 (the number of steps to take)")
-        run, tc, seed = self._run, self.config.train, self.config.seed
+        run, tc = self._run, self.config.train
         if not self.method.trains:
             raise ValueError(f"train_steps: method {self.method.name!r} trains nothing; evaluate, predict or "
                              "generate with it, or choose a method that trains (config.method.name)")
@@ -135,17 +132,15 @@ class Tuner:
             raise ValueError(f"train_steps: a tuner from ptune.load_adapter has no optimizer state; to train "
                              f"{self._loaded_from} further, raise config.train.steps and rerun scripts/train.py on it "
                              "(it resumes from its newest checkpoint)")
-        if self._train_step is None:   # as train._train starts a run
-            self._opt_state = jax.jit(run.tx.init, out_shardings=self._where.opt_state)(self._trainable)
-            self._train_step, self._keys = train.make_train_step(run, self._where), train.dropout_key(seed)
+        if self._step_fn is None:   # as train._train starts a run
+            self._opt_state = train.init_opt_state(run, self._where, self._trainable)
+            self._step_fn = train.make_step_fn(run, self._where, self._frozen, self._pending)
 
         def step_fn(state, step):
-            batch = sharding.put_batch(batching.batch_at(run.data["train"], step, tc.batch_size, seed),
-                                       self._where.batch)
-            self._trainable, self._opt_state, metrics = self._train_step(
-                *state, self._frozen, batch, jax.random.fold_in(self._keys, step))
+            (self._trainable, self._opt_state), metrics = self._step_fn(state, step)
             if tc.nonfinite == "stop":   # at once, so that the tuner stays at the step that failed
-                train.check_finite([(step, metrics["nonfinite"])], "stop", _NO_CHECKPOINTS)
+                train.check_finite(self._pending, "stop")
+            self._pending.clear()
             self.step = step + 1
             return (self._trainable, self._opt_state), metrics
 
@@ -155,23 +150,14 @@ class Tuner:
         for _, _, logged in train.train_steps(loop, step_fn, (self._trainable, self._opt_state), self.step,
                                               self.method.name, show=True):
             pass
-        metrics = logged.train_metrics(tc.batch_size)
-        return {"loss": metrics.pop("loss"), "grad_norm": metrics.pop("grad_norm"), "steps": n,
-                "count": round(float(logged.sums["count"])), **metrics}
+        return {**logged.train_metrics(tc.batch_size), "steps": n}
 
     def evaluate(self, split: str | None = None) -> dict:
         """Metrics of the current parameters on a split (default config.train.eval_split), as the
         launcher evaluates: `loss` and `accuracy` (classification) or `perplexity`, with `count`
         (examples, or predicted tokens)."""
         split = self.config.train.eval_split if split is None else split
-        counts = []
-
-        def counted(params, batch):   # train.evaluate's step, keeping each batch's count
-            metrics = self._eval_step(params, batch)
-            counts.append(metrics["count"])
-            return metrics
-        metrics = train.evaluate(self._run, self.params, self._split(split), counted, self._where)
-        return {**metrics, "count": round(float(np.sum(sharding.to_host(counts))))}
+        return train.evaluate(self._run, self.params, self._split(split), self._eval_step, self._where)
 
     def _split(self, split) -> str:
         """`split`, encoded as setup encodes the run's splits (once)."""
@@ -179,9 +165,8 @@ class Tuner:
         if not isinstance(split, str):
             raise ValueError(f"evaluate: split={split!r} must be a split name; splits: {sorted(task.splits)}")
         if data.get(split) is None:   # (a method that trains nothing has no encoded train split)
-            data[split] = batching.encode(task.split(split), task.kind, self.template, self.tokenizer,
-                                          self.model.config.family, self.config.task.max_length,
-                                          self.config.task.packing)
+            encode = train.encoder(self.config, task, self.template, self.tokenizer, self.model.config.family)
+            data[split] = encode(task.split(split))
         return split
 
     def predict(self, texts: Iterable[str]) -> list[str]:

@@ -154,7 +154,7 @@ def check(config) -> None:
 AT_LEAST = {"seed": 0, "task.max_length": 1, "task.template_index": 0, "train.steps": 1, "train.batch_size": 1,
             "train.eval_batch_size": 1, "train.eval_every": 1, "train.log_every": 1, "train.grad_accum": 1,
             "checkpoint.every_steps": 0, "checkpoint.keep": 1, "checkpoint.keep_best": 0,
-            "eval.max_examples": 0, "eval.lm_max_length": 1, "eval.lm_max_examples": 0}
+            "eval.max_examples": 0, "eval.lm_max_length": 2, "eval.lm_max_examples": 0}
 
 
 def _get(config, key: str):

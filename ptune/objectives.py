@@ -47,12 +47,14 @@ def loss(model, params, batch, objective: str, label_ids=None, rng=None, determi
 
 
 def finalize(sums: dict) -> dict:
-    """Weighted sums over batches -> loss, accuracy or perplexity."""
+    """Weighted sums over batches -> loss, accuracy or perplexity, and the count they average over
+    (examples, or predicted tokens)."""
     out = {"loss": float(sums["loss_sum"] / max(sums["count"], 1))}
     if "correct" in sums:
         out["accuracy"] = float(sums["correct"] / max(sums["count"], 1))
     else:
         out["perplexity"] = float(jnp.exp(out["loss"]))
+    out["count"] = round(float(sums["count"]))
     return out
 
 

@@ -104,7 +104,8 @@ def base_model(config):
     overrides = {k: v for k, v in config.model.to_dict().items() if k not in ("preset", "checkpoint")}
     source = config.model.checkpoint
     if not source:
-        return models.model_config(config.model.preset, **overrides), None, ByteTokenizer()
+        model_cfg = models.model_config(config.model.preset, **overrides)
+        return model_cfg, None, ByteTokenizer(family=model_cfg.family)
     from ptune import assets
     from ptune.models import checkpoints
     if source not in assets.ASSETS and not os.path.exists(source):
@@ -180,8 +181,7 @@ def setup(config) -> Run:
 
     template = run_template(config, task, method)
     label_ids = template.label_ids(tokenizer) if objective == "verbalizer" else None
-    encode = functools.partial(batching.encode, kind=task.kind, template=template, tokenizer=tokenizer,
-                               family=family, max_length=task_cfg.max_length, packed=task_cfg.packing)
+    encode = encoder(config, task, template, tokenizer, family)
     data = {"train": encode(task.split("train")) if method.trains else None,
             config.train.eval_split: encode(task.split(config.train.eval_split))}
 
@@ -206,6 +206,12 @@ def setup(config) -> Run:
 
 
 NONFINITE = ("stop", "skip")
+
+
+def encoder(config, task: tasks.Task, template: Template, tokenizer, family: str):
+    """The function that encodes a split's examples for a run (setup's splits, and any encoded later)."""
+    return functools.partial(batching.encode, kind=task.kind, template=template, tokenizer=tokenizer,
+                             family=family, max_length=config.task.max_length, packed=config.task.packing)
 
 
 def check_batch_sizes(train_cfg, data_parallel: int):
@@ -474,11 +480,13 @@ class Logged:
     seconds: float
 
     def train_metrics(self, batch_size: int, point: int | None = None) -> dict:
-        """The logged training metrics (of one `point` of K vmapped runs)."""
+        """The logged training metrics (of one `point` of K vmapped runs): means over the steps, and
+        `count`, what the loss averages over (examples, or predicted tokens)."""
         sums = {k: float(v if point is None else v[point]) for k, v in self.sums.items()}
         applied = self.steps - sums["nonfinite"]   # a non-finite step's metrics are zeros
         return {"loss": sums["loss_sum"] / max(sums["count"], 1), "grad_norm": sums["grad_norm"] / max(applied, 1),
-                "skipped_steps": int(sums["nonfinite"]), "examples_per_s": self.steps * batch_size / self.seconds}
+                "count": round(sums["count"]), "skipped_steps": int(sums["nonfinite"]),
+                "examples_per_s": self.steps * batch_size / self.seconds}
 
 
 def train_steps(tc, step_fn, state, start_step: int, desc: str, show: bool):
@@ -546,7 +554,7 @@ def stop_on_signals():
             signal.signal(s, handler)
 
 
-def check_finite(pending: list, mode: str, checkpoints: checkpoint.Checkpoints):
+def check_finite(pending: list, mode: str, checkpoints: checkpoint.Checkpoints | None = None):
     """Raise naming the first of the `pending` (step, device flag) pairs whose step was not finite,
     unless `mode` is 'skip'; empties `pending`. Called only where the host waits for the device
     anyway (log and save steps), so the flags cost no extra synchronisation."""
@@ -555,11 +563,31 @@ def check_finite(pending: list, mode: str, checkpoints: checkpoint.Checkpoints):
     pending.clear()
     if bad is None or mode == "skip":
         return
-    kept = f"checkpoint step {checkpoints.manager.latest_step()} is kept" if checkpoints.manager and \
-        checkpoints.manager.latest_step() else "no checkpoint was written"
+    kept = f"checkpoint step {checkpoints.manager.latest_step()} is kept" if checkpoints and \
+        checkpoints.manager and checkpoints.manager.latest_step() else "no checkpoint was written"
     raise ValueError(f"training step {bad + 1}: the loss or gradients are not finite, so the step was not applied "
                      f"and the run stopped ({kept}); lower config.optim.learning_rate or set config.optim.clip_norm, "
                      "or set config.train.nonfinite='skip' to leave such steps out")
+
+
+def init_opt_state(run: Run, where: Layout, trainable):
+    return jax.jit(run.tx.init, out_shardings=where.opt_state)(trainable)
+
+
+def make_step_fn(run: Run, where: Layout, frozen, pending: list):
+    """`step_fn((trainable, opt_state), step)` for `train_steps`: the train step on step `step`'s batch
+    and dropout key, which depend only on the seed and the step (so resumed runs and the Python
+    API's steps equal uninterrupted ones); each step's non-finite flag (on the device) goes to
+    `pending` for `check_finite`."""
+    tc, seed = run.config.train, run.config.seed
+    train_step, keys = make_train_step(run, where), dropout_key(seed)
+
+    def step_fn(state, step):
+        batch = sharding.put_batch(batching.batch_at(run.data["train"], step, tc.batch_size, seed), where.batch)
+        *state, metrics = train_step(*state, frozen, batch, jax.random.fold_in(keys, step))
+        pending.append((step, metrics["nonfinite"]))
+        return tuple(state), metrics
+    return step_fn
 
 
 def _train(run: Run, trainable, frozen, where: Layout, eval_step, writer: MetricWriter, final: dict,
@@ -570,18 +598,10 @@ def _train(run: Run, trainable, frozen, where: Layout, eval_step, writer: Metric
     or is skipped and counted in the train records' `skipped_steps` ('skip'); `stop_requested()` (the number of
     a signal, see stop_on_signals) saves the step reached and raises `Preempted`."""
     from tqdm import tqdm
-    tc, seed = run.config.train, run.config.seed
-    opt_state = jax.jit(run.tx.init, out_shardings=where.opt_state)(trainable)
-    first, trainable, opt_state = checkpoints.resume(trainable, opt_state, where)
-    train_step, step_keys = make_train_step(run, where), dropout_key(seed)
+    tc = run.config.train
+    first, trainable, opt_state = checkpoints.resume(trainable, init_opt_state(run, where, trainable), where)
     pending = []   # (step, device flag: not finite) since the last check
-
-    def step_fn(state, step):
-        batch = sharding.put_batch(batching.batch_at(run.data["train"], step, tc.batch_size, seed), where.batch)
-        *state, metrics = train_step(*state, frozen, batch, jax.random.fold_in(step_keys, step))
-        pending.append((step, metrics["nonfinite"]))
-        return tuple(state), metrics
-
+    step_fn = make_step_fn(run, where, frozen, pending)
     evaluated = None
     for done, (trainable, opt_state), logged in train_steps(tc, step_fn, (trainable, opt_state), first,
                                                             run.method.name, writer.active):

@@ -75,7 +75,8 @@ def test_lm_perplexity_equals_an_lm_run_of_the_same_params(make_config, tmp_path
     ("synthetic_sentiment", {"predictions": True}, "set one of them"),
     ("synthetic_sentiment", {"lm_task": "synthetic_sentiment"}, "is not a language-modelling task"),
     ("synthetic_sentiment", {"lm_task": "nope"}, "unknown task 'nope'"),
-    ("synthetic_sentiment", {"max_examples": -1}, "must be >= 0"),
+    ("synthetic_sentiment", {"max_examples": -1}, r"config.eval.max_examples=-1 must be an integer >= 0"),
+    ("synthetic_sentiment", {"lm_max_length": 1}, r"config.eval.lm_max_length=1 must be an integer >= 2"),
 ])
 def test_bad_suites_are_refused_before_the_workdir_exists(make_config, tmp_path, task, evals, message):
     config = make_config()
