@@ -22,6 +22,7 @@ import ptune
 from ptune import generate, methods, models, partition, train
 from ptune.data import batching, files, tasks
 from ptune.data.tokenizers import ByteTokenizer
+from test_train import poison_step
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # experiments/default.py made tiny: 6 steps of gpt2-tiny on 64 synthetic sentences, logged every 3 steps
@@ -114,19 +115,8 @@ def test_a_generation_task_generates_inside_its_template():
     assert set(scores) == {"loss", "perplexity", "count"} and scores["count"] > 0   # predicted tokens
 
 
-def poisoned_at(monkeypatch, bad: int):
-    """Step index `bad`'s batch has NaN example weights, so its loss and gradients are NaN."""
-    batch_at = batching.batch_at
-
-    def poisoned(arrays, step, batch_size, seed):
-        batch = batch_at(arrays, step, batch_size, seed)
-        batch["weight"] = np.full(batch_size, np.nan if step == bad else 1.0, np.float32)
-        return batch
-    monkeypatch.setattr(batching, "batch_at", poisoned)
-
-
 def test_a_nonfinite_step_stops_at_it_or_is_skipped(monkeypatch):
-    poisoned_at(monkeypatch, 3)
+    poison_step(monkeypatch, 3)
     stopping = ptune.setup(tiny())
     with pytest.raises(ValueError, match=r"^training step 4: the loss or gradients are not finite, so the step was "
                                          r"not applied .*config.train.nonfinite='skip'"):

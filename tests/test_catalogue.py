@@ -10,7 +10,6 @@ Hub names offline) are tests/data/test_files.py's `ROWS` and `CLI_ROWS`, in the 
 """
 
 import contextlib
-import copy
 import os
 import re
 import shutil
