@@ -150,7 +150,8 @@ class Tuner:
         for _, _, logged in train.train_steps(loop, step_fn, (self._trainable, self._opt_state), self.step,
                                               self.method.name, show=True):
             pass
-        return {**logged.train_metrics(tc.batch_size), "steps": n}
+        metrics = logged.train_metrics(tc.batch_size)
+        return {"loss": metrics["loss"], "grad_norm": metrics["grad_norm"], "steps": n, **metrics}
 
     def evaluate(self, split: str | None = None) -> dict:
         """Metrics of the current parameters on a split (default config.train.eval_split), as the
