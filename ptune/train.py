@@ -397,8 +397,8 @@ def start(run: Run, workdir: str) -> tuple[MetricWriter, dict]:
         with open(os.path.join(workdir, "config.json"), "w") as f:
             f.write(run.config.to_json_best_effort(indent=2))
         with open(os.path.join(workdir, "task.json"), "w") as f:   # what predictions' class indices mean
-            json.dump({"name": run.task.name, "kind": run.task.kind, "label_names": list(tasks.class_names(run.task, run.template)),
-                       "template": run.template.text, "verbalizer": list(run.template.verbalizer),
+            json.dump({"name": run.task.name, "kind": run.task.kind,
+                       "label_names": list(tasks.class_names(run.task, run.template)), "template": run.template.text, "verbalizer": list(run.template.verbalizer),
                        "files": run.task.files}, f, indent=2)
     return MetricWriter(workdir), {"method": run.method.name, "steps": run.config.train.steps,
                                    "trainable_params": summary.trainable,
@@ -595,8 +595,8 @@ def _train(run: Run, trainable, frozen, where: Layout, eval_step, writer: Metric
     """Steps from the newest checkpoint (or 0) to train.steps, evaluating every `eval_every` steps and
     after the last, saving when due; returns the last evaluation's metrics and the trained subtree.
     A non-finite step stops the run before anything later is saved (config.train.nonfinite='stop')
-    or is skipped and counted in the train records' `skipped_steps` ('skip'); `stop_requested()` (the number of
-    a signal, see stop_on_signals) saves the step reached and raises `Preempted`."""
+    or is skipped and counted in the train records' `skipped_steps` ('skip'); `stop_requested()` (the
+    number of a signal, see stop_on_signals) saves the step reached and raises `Preempted`."""
     from tqdm import tqdm
     tc = run.config.train
     first, trainable, opt_state = checkpoints.resume(trainable, init_opt_state(run, where, trainable), where)

@@ -329,7 +329,8 @@ class CliRow(NamedTuple):
 CONFIG_FILES = {
     "syntax.py": "from ptune.config import base_config\ndef get_config(:\n    return base_config()\n",
     "typo_import.py": "import my_methds\n",
-    "raising.py": "from ptune.config import base_config\n\n\ndef get_config():\n    raise RuntimeError('no GPU here')\n",
+    "raising.py": "from ptune.config import base_config\n\n\n"
+                  "def get_config():\n    raise RuntimeError('no GPU here')\n",
     "no_return.py": "from ptune.config import base_config\n\n\ndef get_config():\n    base_config()\n",
     "no_get_config.py": "from ptune.config import base_config\nconfig = base_config()\n",
 }
@@ -365,7 +366,8 @@ CLI_ROWS = [
     CliRow("cli: config file importing a missing module", ["@typo_import.py"],
            r"/typo_import.py:1: loading .* raised ModuleNotFoundError: No module named 'my_methds'",
            r"install it, or put my_methds.py beside the config file"),
-    CliRow("cli: get_config raising", ["@raising.py"], r"/raising.py:5: get_config\(\) raised RuntimeError: no GPU here",
+    CliRow("cli: get_config raising", ["@raising.py"],
+           r"/raising.py:5: get_config\(\) raised RuntimeError: no GPU here",
            r"raised RuntimeError"),
     CliRow("cli: get_config returning nothing", ["@no_return.py"],
            r"no_return.py: get_config\(\) returned NoneType, not a ConfigDict", r"return ptune.config.base_config\(\)"),

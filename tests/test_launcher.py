@@ -70,7 +70,8 @@ def test_a_custom_method_beside_its_config_trains_exports_serves_and_loads(tmp_p
     served = run(os.path.join(ROOT, "scripts/serve.py"), f"--task=mine={workdir}", cwd=elsewhere,
                  stdin=json.dumps({"task": "mine", "text": "a fine day"}) + "\n")
     [prediction] = [json.loads(line) for line in served.stdout.splitlines()]
-    assert prediction["task"] == "mine" and prediction["prediction"] in json.load(open(workdir / "task.json"))["label_names"]
+    names = json.load(open(workdir / "task.json"))["label_names"]
+    assert prediction["task"] == "mine" and prediction["prediction"] in names
 
     api = f"import ptune; print(ptune.load_adapter({str(workdir)!r}).predict(['a fine day']))"
     assert run("-c", api, cwd=elsewhere).stdout.strip() == f"[{prediction['prediction']!r}]"

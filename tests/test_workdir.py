@@ -76,7 +76,8 @@ def test_an_unfinished_run_without_checkpoints_starts_afresh_without_stale_recor
 def test_two_launches_on_one_workdir_never_interleave(tmp_path):
     """The second launch, started while the first trains, exits 2 naming the first; the first's
     metrics.jsonl holds every record once."""
-    cmd = [sys.executable, os.path.join(ROOT, "scripts/train.py"), "--config", os.path.join(ROOT, "experiments/default.py"),
+    cmd = [sys.executable, os.path.join(ROOT, "scripts/train.py"),
+           "--config", os.path.join(ROOT, "experiments/default.py"),
            f"--workdir={tmp_path}", "--config.train.progress=False", "--config.train.steps=300",
            "--config.train.log_every=1", "--config.train.eval_every=5", "--config.checkpoint.every_steps=50"]
     env = {**os.environ, "PYTHONPATH": ROOT, "HF_HUB_OFFLINE": "1"}
