@@ -178,7 +178,7 @@ def open_groups(config, labels) -> None:
 # ------------------------------------------------------------------------------------- overrides
 
 # Sections whose keys are open (checked later by the code that reads them): ModelConfig fields
-# beside model.preset, task options, and optimizer groups.
+# beside model.preset, and task options. (An optimizer group an override names is opened first.)
 _MODEL_FIELDS = {f.name for f in dataclasses.fields(ModelConfig)}
 
 
@@ -297,7 +297,7 @@ def load(spec: str) -> ml_collections.ConfigDict:
         raise ValueError(f"{path}: {call} returned {type(config).__name__}, not a ConfigDict; return "
                          "ptune.config.base_config() with your changes")
     imported = _IMPORTED.setdefault(module.__file__, [])
-    for name in sys.modules.keys() - before - {module.__name__}:
+    for name in [n for n in sys.modules if n not in before and n != module.__name__]:   # in import order
         if _user_file(getattr(sys.modules[name], "__file__", None)):
             imported.append(f"{name}={sys.modules[name].__file__}")
     with config.unlocked():

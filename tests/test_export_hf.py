@@ -34,6 +34,7 @@ def _logits(model, ids):
         return model(torch.tensor(ids)).logits.numpy()
 
 
+@pytest.mark.slow   # SmolLM2 in ptune and in transformers (~15 s)
 def test_export_hf_smollm2_matches_ptune(tmp_path, capsys):
     """The GGUF dequantized to a transformers directory: same logits, same token ids, same chat template."""
     assert assets_cli.main(["export-hf", "smollm2", str(tmp_path / "hf")]) == 0
@@ -126,6 +127,7 @@ def test_adapter_names_its_hf_directory_base_and_exports_without_warnings(make_c
     assert np.abs(want - _logits(loaded["model"].eval(), ids)).max() < TOL
 
 
+@pytest.mark.slow
 def test_classifier_adapter_prints_its_class_count(tmp_path):
     """A BERT LoRA + head adapter loads through AutoModelForSequenceClassification with the head's class
     count, which the printed lines read from the adapter file."""
@@ -201,6 +203,7 @@ def test_export_refuses_a_base_it_cannot_name(base, merge, message, tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.slow
 def test_preset_exports_say_what_loads(make_config, tmp_path):
     """A random-init preset: the adapter names the preset and the printed text says transformers cannot
     load it; the merged checkpoint has no tokenizer files (bytes), and its printed lines load it."""

@@ -35,6 +35,7 @@ def _free_port():
         return s.getsockname()[1]
 
 
+@pytest.mark.slow   # two JAX processes, ~25 s
 def test_two_processes_train_like_one(tmp_path):
     single, multi = tmp_path / "single", tmp_path / "multi"
     subprocess.run(_command(single), env=_env(4), check=True, timeout=600, capture_output=True)

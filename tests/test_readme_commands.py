@@ -81,6 +81,9 @@ SUBSTITUTIONS = [
 SLOW = {
     r"(?i)smollm2|minilm|your_data\.py": "a 2-step run of SmolLM2-135M: loading, compiling, a full evaluation (~1 min)",
     r"scripts/sweep\.py": "6 points one by one, then 6 vmapped in 2 jobs (~1 min)",
+    r"scripts/export\.py": "a training run, then exports that each rebuild it (~20 s)",
+    r"XLA_FLAGS": "8 fake devices: the sharded step compiled for the whole mesh (~10 s)",
+    r"-m pytest": "collects the whole suite (~12 s)",
     r"scripts/study\.py": "4 sweep launches that skip every point, then the report and its plots",
     r"benchmarks/vs_peft\.py": "GPT-2 small: the matmul peak, LoRA's step and generation at batch 1 and 8, ptune and "
                                "PyTorch in 7 processes (~1.7 min without generation, ~9 min with it on a shared CPU)",

@@ -32,6 +32,8 @@ def measured(tmp_path_factory):
     return json.loads(out.read_text())
 
 
+# The three tests of `measured` are slow: it trains every method on every mesh of 8 devices (~140 s).
+@pytest.mark.slow
 @pytest.mark.parametrize("method", METHODS)
 def test_every_mesh_gives_the_single_device_step(measured, method):
     result = measured[method]
@@ -42,6 +44,7 @@ def test_every_mesh_gives_the_single_device_step(measured, method):
         assert row["step_size"] > 1e-4, "the step must move the parameters for the comparison to mean anything"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method", ADAM)
 def test_adam_steps_agree_within_rounding_of_near_zero_gradients(measured, method):
     for mesh, row in measured[method]["meshes"].items():
@@ -49,6 +52,7 @@ def test_adam_steps_agree_within_rounding_of_near_zero_gradients(measured, metho
         assert row["param_diff"] <= 5e-5, (mesh, row)   # Adam's step is 1e-3 * g/|g|: 5% of one step
 
 
+@pytest.mark.slow
 def test_frozen_base_bytes_shrink_by_fsdp_times_tensor(measured):
     result = measured["lora"]
     kernels = result["full_bytes"]["kernels"]

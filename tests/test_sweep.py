@@ -135,6 +135,7 @@ def _point_config(make_config, seed, learning_rate, **overrides):
     return config
 
 
+@pytest.mark.slow   # ~40 s
 def test_vmapped_points_equal_separate_runs(make_config, tmp_path, monkeypatch):
     configs = [_point_config(make_config, s, lr) for s, lr in [(0, 1e-3), (1, 3e-3), (2, 1e-2)]]
     for c in configs:   # the final evaluation suite runs per point in both paths
