@@ -63,8 +63,7 @@ def load_adapter(workdir: str, which: str | int = "latest") -> Tuner:
     the run's config and must be the one it was trained on (its sha256 is checked)."""
     config, trainable, record = checkpoint.load_adapter(workdir, which)
     run = train.setup(config)
-    base = {**checkpoint.base_identity(config),
-            "sha256": checkpoint.fingerprint(partition.split(run.params, run.labels)[1])}
+    base = checkpoint.base_record(config, partition.split(run.params, run.labels)[1])
     checkpoint.check_base(record["base"], base, f"{workdir}/{checkpoint.DIRECTORY}/{record['step']}",
                           config.checkpoint.allow_base_mismatch)
     return Tuner(run, trainable, record["step"], loaded_from=workdir)

@@ -199,7 +199,7 @@ class Checkpoints:
         self.targets = {"trainable": trainable, "opt_state": jax.eval_shape(run.tx.init, trainable)}
         self.expected = {kind: shapes(tree) for kind, tree in self.targets.items()}
         t0 = time.perf_counter()
-        self.base = {**base_identity(run.config), "sha256": fingerprint(partition.split(run.params, run.labels)[1])}
+        self.base = base_record(run.config, partition.split(run.params, run.labels)[1])
         self.base_hash_seconds = time.perf_counter() - t0
         self.dropout_key = np.asarray(jax.random.key_data(dropout_key)).tolist()
         self.manager = _training_manager(self.directory, self.options)
@@ -317,9 +317,14 @@ def describe(saved: dict) -> str:
             f"{human(saved['trainable_bytes'])} + metadata), with optimizer state {human(saved['checkpoint_bytes'])}")
 
 
+def base_record(config, frozen) -> dict:
+    """What a checkpoint records of its frozen base: where it comes from and the sha256 of `frozen`."""
+    return {**base_identity(config), "sha256": fingerprint(frozen)}
+
+
 def check_base(recorded: dict, current: dict, where: str, allow_mismatch: bool = False):
     """The frozen base a checkpoint was trained on (`recorded`, from its record) must be the one
-    loaded now (`current`: `base_identity` plus the `fingerprint` of the frozen subtree)."""
+    loaded now (`current`: `base_record` of the frozen subtree)."""
     if recorded["sha256"] == current["sha256"]:
         return
     if not allow_mismatch:

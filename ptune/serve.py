@@ -115,8 +115,8 @@ def load(workdirs: dict[str, str], which: str | int = "latest", capacity: int | 
         method = train.run_method(config, task_cfg, objective)
         template = train.run_template(config, task, method)
         frozen = {p: x for p, x in partition.flatten(base).items() if p not in partition.flatten(trainable)}
-        rebuilt = {**checkpoint.base_identity(config), "sha256": checkpoint.fingerprint(partition.unflatten(frozen))}
-        checkpoint.check_base(record["base"], rebuilt, f"{workdirs[name]} (task {name!r})")
+        checkpoint.check_base(record["base"], checkpoint.base_record(config, partition.unflatten(frozen)),
+                              f"{workdirs[name]} (task {name!r})")
         label_ids = template.label_ids(tokenizer) if objective == "verbalizer" else ()
         adapters[name] = bank_lib.TaskAdapter.from_trained(method, models.build(task_cfg, method.sites), trainable,
                                                            label_ids)

@@ -25,8 +25,7 @@ from collections.abc import Mapping, Sequence
 
 from ptune import config as config_lib
 from ptune import multi
-
-FINAL = "final_metrics.json"
+from ptune import workdir as workdir_lib
 
 
 @dataclasses.dataclass(frozen=True)
@@ -95,7 +94,7 @@ def vmap_groups(points: Sequence[Point]) -> list[list[Point]]:
 
 
 def finished(workdir: str, point: Point) -> bool:
-    return os.path.exists(os.path.join(workdir, point.name, FINAL))
+    return os.path.exists(os.path.join(workdir, point.name, workdir_lib.FINAL))
 
 
 def collect(workdir: str, points: Sequence[Point]) -> list[dict]:
@@ -104,7 +103,7 @@ def collect(workdir: str, points: Sequence[Point]) -> list[dict]:
     rows = []
     for p in points:
         if finished(workdir, p):
-            with open(os.path.join(workdir, p.name, FINAL)) as f:
+            with open(os.path.join(workdir, p.name, workdir_lib.FINAL)) as f:
                 rows.append({"point": p.name, **p.overrides, **json.load(f)})
     _atomic_write(os.path.join(workdir, "results.jsonl"), "".join(json.dumps(r) + "\n" for r in rows))
     table = io.StringIO()
