@@ -20,7 +20,8 @@ from ptune.arithmetic import LoraAdapter, combine  # noqa: E402
 # Three adapters a preset: the second covers fewer modules (a combination covers the union, each
 # module combining the adapters that have it); the third has another rank (cat and SVD types only).
 ADAPTERS = {
-    "gpt2-tiny": [dict(rank=2, alpha=5.0, targets=["c_attn", "mlp.c_proj"]), dict(rank=2, alpha=3.0, targets=["c_attn"]),
+    "gpt2-tiny": [dict(rank=2, alpha=5.0, targets=["c_attn", "mlp.c_proj"]),
+                  dict(rank=2, alpha=3.0, targets=["c_attn"]),
                   dict(rank=4, alpha=8.0, targets=["c_attn", "mlp.c_proj"])],
     "llama-tiny": [dict(rank=2, alpha=3.0, rslora=True, targets=["q_proj", "v_proj", "down_proj"]),
                    dict(rank=2, alpha=4.0, rslora=True, targets=["q_proj", "down_proj"]),
@@ -98,8 +99,12 @@ def same_dare_masks(monkeypatch):
     return drawn
 
 
-@pytest.mark.parametrize("preset", ADAPTERS)
-@pytest.mark.parametrize("combination_type", arithmetic.COMBINATION_TYPES)
+# Every type on GPT-2 (Conv1D layers, stored (in, out)); one of each family on LLaMA (rsLoRA).
+CASES = [("gpt2-tiny", t) for t in arithmetic.COMBINATION_TYPES] + [
+    ("llama-tiny", t) for t in ("linear", "dare_ties", "cat", "svd", "dare_ties_svd")]
+
+
+@pytest.mark.parametrize("preset,combination_type", CASES)
 def test_combination_equals_peft(preset, combination_type, same_dare_masks):
     n = 2 if combination_type in EQUAL_RANKS else 3
     options = OPTIONS if combination_type.startswith(("ties", "dare", "magnitude")) else {}
