@@ -3,10 +3,10 @@ combines them (tests/test_arithmetic.py holds the result to PEFT's within 1e-5).
 
     import ptune
     from ptune import arithmetic, methods
-    sst2, imdb = ptune.load_adapter("workdirs/sst2"), ptune.load_adapter("workdirs/imdb")
-    mixed = arithmetic.combine([arithmetic.LoraAdapter.of(t.method, t.trainable) for t in (sst2, imdb)],
+    runs = [ptune.load_adapter(w) for w in ("workdirs/sentiment", "workdirs/style")]   # LoRA runs, one base
+    mixed = arithmetic.combine([arithmetic.LoraAdapter.of(run.method, run.trainable) for run in runs],
                                weights=[0.7, 0.3], combination_type="ties", density=0.5)
-    method = methods.get("lora", sst2.model.config, **mixed.options)   # rank, alpha, rslora, targets
+    method = methods.get("lora", runs[0].model.config, **mixed.options)   # rank, alpha, rslora, targets
     # mixed.params is that method's trainable subtree: partition.merge it with the frozen base
     # (then hf_peft.export the whole tree for PEFT, or hf_peft.merge it into the base weights).
 
