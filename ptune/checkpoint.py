@@ -20,6 +20,7 @@ checked, not replayed.
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import os
@@ -48,9 +49,10 @@ def check_options(config, objective: str) -> None:
     if c.best_mode not in ("min", "max"):
         raise ValueError(f"config.checkpoint.best_mode={c.best_mode!r}; choose 'min' or 'max'")
     metrics = ("loss", "perplexity") if objective == "lm" else ("loss", "accuracy")
-    if c.keep_best and c.best_metric not in metrics:
+    if (c.keep_best or config.train.patience) and c.best_metric not in metrics:
         raise ValueError(f"config.checkpoint.best_metric={c.best_metric!r} is not an eval metric of the "
                          f"{objective} objective; choose one of {metrics}")
+
 
 
 def fingerprint(tree) -> str:
@@ -95,10 +97,19 @@ def data_position(data: dict, config, step: int) -> dict:
             "examples": len(next(iter(data.values()))), "sha256": digest.hexdigest()}
 
 
+def options_of(config):
+    """config.checkpoint as the run applies it: with early stopping (train.patience) the best
+    evaluation's step is always kept, so that a resumed run can still end on it."""
+    options = copy.deepcopy(config.checkpoint)
+    if config.train.patience and not options.keep_best:
+        options.keep_best = 1
+    return options
+
+
 def space_needed(run) -> int:
     """Bytes the run's checkpoints take at most: `keep` + `keep_best` saved steps plus the one
     being written, each its trainable subtree, optimizer state and ~64 kB of metadata."""
-    options = run.config.checkpoint
+    options = options_of(run.config)
     if not (run.method.trains and options.every_steps):
         return 0
     trainable = partition.split(jax.eval_shape(lambda: run.params), run.labels)[0]
@@ -137,6 +148,17 @@ def _restore_tree(manager, step: int, item: str, target=None):
     restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), like)
     return manager.restore(step, args=ocp.args.Composite(**{
         item: ocp.args.PyTreeRestore(item=target, restore_args=restore_args)}))[item]
+
+
+def _verified(manager, directory: str, step: int, item: str, record: dict, target=None):
+    """Saved `item` of `step`, its bytes checked against the record's sha256."""
+    try:
+        tree = _restore_tree(manager, step, item, target)
+    except Exception as e:
+        raise _damaged(directory, step, manager, e) from None
+    if fingerprint(tree) != record["sha256"][item]:
+        raise _damaged(directory, step, manager, f"{item} bytes differ from the recorded sha256")
+    return tree
 
 
 def _orbax_manager(directory: str, options: ocp.CheckpointManagerOptions) -> ocp.CheckpointManager:
@@ -190,7 +212,7 @@ class Checkpoints:
     """
 
     def __init__(self, workdir: str, run, dropout_key):
-        self.run, self.options = run, run.config.checkpoint
+        self.run, self.options = run, options_of(run.config)
         self.directory = os.path.join(workdir, DIRECTORY)
         self.manager, self.restored = None, None
         if not self.options.every_steps:
@@ -231,14 +253,8 @@ class Checkpoints:
             _compare(kind, record["shapes"][kind], self.expected[kind], where)
         check_base(record["base"], self.base, where, self.options.allow_base_mismatch)
         self._check_position(record, step, where)
-        state = {}
-        for kind in ("trainable", "opt_state"):
-            try:
-                state[kind] = _restore_tree(self.manager, step, kind, self.targets[kind])
-            except Exception as e:
-                raise _damaged(self.directory, step, self.manager, e) from None
-            if fingerprint(state[kind]) != record["sha256"][kind]:
-                raise _damaged(self.directory, step, self.manager, f"{kind} bytes differ from the recorded sha256")
+        state = {kind: _verified(self.manager, self.directory, step, kind, record, self.targets[kind])
+                 for kind in ("trainable", "opt_state")}
         return {"step": step, **state}
 
     def _check_position(self, record: dict, step: int, where: str):
@@ -272,10 +288,16 @@ class Checkpoints:
         """Keep-best ranks checkpoints by eval metrics, so a save step must be evaluated."""
         return self.due(step) and self.options.keep_best > 0
 
+    def restore_trainable(self, step: int, where=None):
+        """The trainable subtree saved at `step` (checked against its recorded sha256)."""
+        record = _read_record(self.manager, step, self.directory)
+        trainable = _verified(self.manager, self.directory, step, "trainable", record, self.targets["trainable"])
+        return trainable if where is None else sharding.put(trainable, where.trainable)
+
     def save(self, step: int, trainable, opt_state, metrics: dict | None = None, force: bool = False) -> dict | None:
-        """Save `step` if it is due, or if `force` (a preemption) and checkpoints are on; returns the
-        sizes written ({} on processes other than 0). A forced save between due steps carries no
-        metrics, so keep-best never ranks it (it was not evaluated)."""
+        """Save `step` if it is due, or if `force` (a preemption, an early-stopping best) and checkpoints
+        are on; returns the sizes written ({} on processes other than 0). `metrics`: the evaluation of
+        this step, None if it was not evaluated (keep-best then never ranks the save)."""
         due = self.due(step)
         if not (due or force and self.manager):
             return None
@@ -284,7 +306,7 @@ class Checkpoints:
             trainable=ocp.args.PyTreeSave(trainable), opt_state=ocp.args.PyTreeSave(opt_state),
             meta=ocp.args.JsonSave(record)),
             metrics={self.options.best_metric: metrics[self.options.best_metric]}
-            if self.options.keep_best and due else None,
+            if self.options.keep_best and metrics is not None else None,
             force=True)
         self._empty_trash()
         if jax.process_index() != 0:
@@ -398,11 +420,6 @@ def load_adapter(workdir: str, which: str | int = "latest"):
     else:
         raise ValueError(f"which={which!r}: choose 'latest', 'best' or one of the saved steps {list(steps)}")
     record = _read_record(manager, step, directory)
-    try:
-        trainable = _restore_tree(manager, step, "trainable")
-    except Exception as e:
-        raise _damaged(directory, step, manager, e) from None
-    if fingerprint(trainable) != record["sha256"]["trainable"]:
-        raise _damaged(directory, step, manager, "trainable bytes differ from the recorded sha256")
+    trainable = _verified(manager, directory, step, "trainable", record)
     manager.close()
     return ml_collections.ConfigDict(record["config"]), trainable, record

@@ -59,6 +59,9 @@ def base_config() -> ml_collections.ConfigDict:
         eval_split="validation", progress=True,
         grad_accum=1,                          # micro-batches per step (equal to the whole batch at once)
         nonfinite="stop",                      # a step with a non-finite loss/gradient: stop | skip (never applied)
+        # Early stopping: stop after this many evaluations without a better checkpoint.best_metric and
+        # end on the best evaluation's parameters (ptune.stopping); 0 trains all the steps.
+        patience=0,
     ))
     # Devices as a (data, fsdp, tensor) mesh; -1 = the rest. rules: logical parameter axis -> mesh
     # axes ("" replicates). Method sites are replicated unless their path matches shard_sites.
@@ -153,6 +156,7 @@ def check(config) -> None:
 # ModelConfig, method options by the method, mesh sizes by sharding.make_mesh.
 AT_LEAST = {"seed": 0, "task.max_length": 1, "task.template_index": 0, "train.steps": 1, "train.batch_size": 1,
             "train.eval_batch_size": 1, "train.eval_every": 1, "train.log_every": 1, "train.grad_accum": 1,
+            "train.patience": 0,
             "checkpoint.every_steps": 0, "checkpoint.keep": 1, "checkpoint.keep_best": 0,
             "eval.max_examples": 0, "eval.lm_max_length": 2, "eval.lm_max_examples": 0}
 

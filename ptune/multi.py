@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ptune import checkpoint, partition, train
+from ptune import checkpoint, partition, stopping, train
 from ptune import workdir as workdir_lib
 from ptune.data import batching
 
@@ -184,9 +184,12 @@ def _train_and_evaluate(multi: Multi, workdirs, chunk: int | None) -> list[dict]
         return tuple(state), metrics
 
     evaluated = [None] * len(runs)
-    state = (multi.trainable, multi.opt_state)
+    best = stopping.Best(runs[0].config, len(runs)) if tc.patience else None
+    state, done = (multi.trainable, multi.opt_state), 0
     for done, state, logged in train.train_steps(tc, step_fn, state, 0, f"{len(runs)} x {runs[0].method.name}", True):
         for i, (writer, final) in enumerate(started):
+            if best and best.stopped_step[i] is not None:
+                continue   # this point's run has ended; its vmapped steps go on for the others
             if logged:
                 metrics = logged.train_metrics(tc.batch_size, point=i)
                 if metrics["skipped_steps"] and tc.nonfinite == "stop":
@@ -199,5 +202,14 @@ def _train_and_evaluate(multi: Multi, workdirs, chunk: int | None) -> list[dict]
             if done % tc.eval_every == 0 or done == tc.steps:
                 evaluated[i] = train.evaluate(runs[i], multi.point(state[0], i), tc.eval_split, eval_step)
                 writer.write(done, tc.eval_split, evaluated[i])
-    return [train.finish(run, writer, final, workdir, metrics, multi.point(state[0], i))
+        if best and (done % tc.eval_every == 0 or done == tc.steps):
+            best.update(done, evaluated, state[0])
+            if best.stop:
+                break
+    trained = state[0]
+    if best:   # each point ends on its best evaluation
+        trained, evaluated = best.trainable, best.metrics
+        for i, (_, final) in enumerate(started):
+            final.update(best.final(i, done))
+    return [train.finish(run, writer, final, workdir, metrics, multi.point(trained, i))
             for i, (run, (writer, final), workdir, metrics) in enumerate(zip(runs, started, workdirs, evaluated))]

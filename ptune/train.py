@@ -23,7 +23,7 @@ import numpy as np
 import optax
 
 from ptune import config as config_lib
-from ptune import checkpoint, evals, methods, models, objectives, optim, partition, sharding
+from ptune import checkpoint, evals, methods, models, objectives, optim, partition, sharding, stopping
 from ptune import workdir as workdir_lib
 from ptune.data import batching, tasks
 from ptune.data.templates import Template
@@ -593,19 +593,22 @@ def make_step_fn(run: Run, where: Layout, frozen, pending: list):
 def _train(run: Run, trainable, frozen, where: Layout, eval_step, writer: MetricWriter, final: dict,
            checkpoints: checkpoint.Checkpoints, stop_requested=lambda: None) -> dict:
     """Steps from the newest checkpoint (or 0) to train.steps, evaluating every `eval_every` steps and
-    after the last, saving when due; returns the last evaluation's metrics and the trained subtree.
-    A non-finite step stops the run before anything later is saved (config.train.nonfinite='stop')
-    or is skipped and counted in the train records' `skipped_steps` ('skip'); `stop_requested()` (the
-    number of a signal, see stop_on_signals) saves the step reached and raises `Preempted`."""
+    after the last, saving when due; returns the last evaluation's metrics and the trained subtree
+    (with train.patience: the best evaluation's, and training stops when patience runs out, see
+    ptune.stopping). A non-finite step stops the run before anything later is saved
+    (config.train.nonfinite='stop') or is skipped and counted in the train records' `skipped_steps`
+    ('skip'); `stop_requested()` (the number of a signal, see stop_on_signals) saves the step reached
+    and raises `Preempted`."""
     from tqdm import tqdm
     tc = run.config.train
     first, trainable, opt_state = checkpoints.resume(trainable, init_opt_state(run, where, trainable), where)
+    best = resumed_best(run, checkpoints, trainable, where) if tc.patience else None
     pending = []   # (step, device flag: not finite) since the last check
     step_fn = make_step_fn(run, where, frozen, pending)
-    evaluated = None
+    evaluated, done = None, first
     for done, (trainable, opt_state), logged in train_steps(tc, step_fn, (trainable, opt_state), first,
                                                             run.method.name, writer.active):
-        preempted = stop_requested()
+        preempted, now = stop_requested(), None
         if logged or checkpoints.due(done) or preempted:
             check_finite(pending, tc.nonfinite, checkpoints)
         if logged:
@@ -613,13 +616,35 @@ def _train(run: Run, trainable, frozen, where: Layout, eval_step, writer: Metric
             writer.write(done, "train", metrics)
             final["train_loss"] = metrics["loss"]
         if done % tc.eval_every == 0 or done == tc.steps or checkpoints.needs_metrics(done):
-            evaluated = evaluate(run, partition.merge(trainable, frozen), tc.eval_split, eval_step, where)
+            evaluated = now = evaluate(run, partition.merge(trainable, frozen), tc.eval_split, eval_step, where)
             writer.write(done, tc.eval_split, evaluated)
-        saved = checkpoints.save(done, trainable, opt_state, evaluated, force=preempted is not None)
+        improved = bool(now and best and best.update(done, [now], trainable)[0])
+        # With early stopping an improving evaluation is saved, and only those are ranked (ties with the
+        # best are not), so that the kept best is the one a resumed run ends on.
+        ranked = now if not best or improved else None
+        saved = checkpoints.save(done, trainable, opt_state, ranked, force=preempted is not None or improved)
         if saved:
             tqdm.write(checkpoint.describe(saved))
         if preempted:
             raise Preempted(done, checkpoints.directory if checkpoints.manager else None, preempted)
+        if best and best.stop:
+            break
+    if best:
+        final.update(best.final(0, done))
+        return best.metrics[0], best.trainable
     if evaluated is None:   # training ended in a run stopped before its final evaluation
         evaluated = evaluate(run, partition.merge(trainable, frozen), tc.eval_split, eval_step, where)
     return evaluated, trainable
+
+
+def resumed_best(run: Run, checkpoints: checkpoint.Checkpoints, trainable, where: Layout):
+    """Early stopping's record of a run starting at its checkpoint: the evaluations before it (from
+    metrics.jsonl), and the best one's parameters (the resumed ones, or the kept best checkpoint)."""
+    best = stopping.Best(run.config)
+    if not checkpoints.start_step:
+        return best
+    best.replay(os.path.dirname(checkpoints.directory), run.config.train.eval_split)
+    if best.value[0] is not None:
+        best.keep(trainable if best.step[0] == checkpoints.start_step else
+                  checkpoints.restore_trainable(best.step[0], where))
+    return best
