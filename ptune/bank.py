@@ -14,7 +14,9 @@ cost is small: on GPT-2 small a mixed batch of 4 LoRA tasks ran at 4.0 examples/
 against 4.2 for one task's own model (benchmarks/adapter_swap.py, 2-core CPU).
 
 The bank's shapes (its *envelope*) are fixed by the tasks it is created with, so later
-writes never change a shape. Tasks may differ where zero-padding is exact:
+writes never change a shape. Each site kind says how it stacks (`SiteKind.bank_spec`,
+`bank_leaf`, `paddable`); a kind that does not say cannot be banked. Tasks may differ where
+zero-padding is exact:
 
 * LoRA rank (A's extra columns and B's extra rows are 0) and alpha: B is stored times
   the task's alpha/r, the bank's LoRA scale is 1. Targets may differ: a layer a task
@@ -44,13 +46,9 @@ import numpy as np
 
 from ptune import generate as generate_lib
 from ptune import models, partition
-from ptune.models.sites import IA3, LoRA, Sites
-from ptune.models.sites import Adapter as AdapterSpec
+from ptune.models.sites import KINDS, Sites, kind_of
 
 HEAD = re.compile(r"^(classifier|score)/")
-
-# The one axis along which a task's leaf may be smaller than the bank's (zero-padded, exact).
-PADDABLE_AXIS = {"lora_a": 1, "lora_b": 0, "down": 1, "down_bias": 0, "up": 0}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -86,43 +84,15 @@ class TaskAdapter:
         return "verbalizer" if self.label_ids else "head" if self.head_classes else "generate"
 
 
-def _union_regex(patterns: Sequence[str]) -> str:
-    unique = sorted(set(patterns))
-    return unique[0] if len(unique) == 1 else "|".join(f"(?:{p})" for p in unique)
-
-
 def envelope(sites: dict[str, Sites]) -> Sites:
-    """The smallest sites that hold every task's {name: sites}: max LoRA rank and adapter size,
-    union of targets. Sites that cannot share a bank are an error naming the tasks."""
-    def specs(kind):
-        return {name: getattr(s, kind) for name, s in sites.items() if getattr(s, kind)}
-
-    lora, ia3, adapter = specs("lora"), specs("ia3"), specs("adapter")
-    for kind in ("prompt", "prefix"):
-        lengths = {name: (getattr(s, kind).length if getattr(s, kind) else 0) for name, s in sites.items()}
-        if len(set(lengths.values())) > 1:
-            raise ValueError(f"tasks need {kind} lengths {lengths} (0: none); a bank holds one "
-                             f"{kind} length for all its tasks, since padding would need a per-example position "
-                             f"mask the models lack: bank these tasks separately")
-    for name, s in sites.items():
-        if s.prefix and s.prefix.hidden is not None:
-            raise ValueError(f"task {name!r}: its prefix is in training form (MLP); give the folded form "
-                             "(TaskAdapter.from_trained folds it, or use method.folded)")
-    activations = {a.activation for a in adapter.values()}
-    if len(activations) > 1:
-        used = {n: a.activation for n, a in adapter.items()}
-        raise ValueError(f"tasks' adapters use different activations {used}; a bank's adapters share one "
-                         "activation: bank these tasks separately")
-    rank = max((s.rank for s in lora.values()), default=0)
-    first = next(iter(sites.values()))
-    return Sites(
-        lora=LoRA(rank, float(rank), _union_regex([s.targets for s in lora.values()])) if lora else None,
-        ia3=IA3(_union_regex([s.targets for s in ia3.values()]),
-                _union_regex([s.feedforward for s in ia3.values()])) if ia3 else None,
-        adapter=AdapterSpec(max(s.size for s in adapter.values()),
-                            "houlsby" if any(s.after_attention for s in adapter.values()) else "pfeiffer",
-                            activations.pop()) if adapter else None,
-        prefix=first.prefix, prompt=first.prompt)
+    """The smallest sites that hold every task's {name: sites}, each kind's `bank_spec` (max LoRA rank
+    and adapter size, union of targets...). Sites that cannot share a bank are an error naming the tasks."""
+    present = [name for name in KINDS if any(getattr(s, name) is not None for s in sites.values())]
+    for name in present:
+        if not KINDS[name].implements("bank_spec"):
+            raise KINDS[name].missing("how the adapter bank stacks it", "bank_spec")
+    return Sites(**{name: KINDS[name].bank_spec({task: getattr(s, name) for task, s in sites.items()})
+                    for name in present})
 
 
 class Bank:
@@ -209,38 +179,26 @@ class Bank:
         if adapter.num_classes > self.num_classes:
             raise ValueError(f"task {name!r} has {adapter.num_classes} classes; this bank holds at most "
                              f"{self.num_classes}: create the bank with this task so its envelope holds it")
-        envelope({"the bank": self.sites, name: adapter.sites})   # prompt/prefix/activation agree
-        self._check_ia3_sides(name, adapter.sites)
+        envelope({"the bank": self.sites, name: adapter.sites})   # the kinds' specs can share the bank
         flat = partition.flatten(adapter.params)
         extra = sorted(set(flat) - set(self.identity))
         if extra:
             raise ValueError(f"task {name!r} trains {extra[:3]}, which this bank does not hold (its leaves are "
                              f"e.g. {sorted(self.identity)[:3]}); create the bank with this task among its tasks")
-        scale = adapter.sites.lora.scale if adapter.sites.lora else 1.0
-        rows = {}
-        for path, identity in self.identity.items():
-            if path not in flat:
-                rows[path] = identity
-                continue
-            value = np.asarray(flat[path], identity.dtype)
-            rows[path] = _pad(name, path, value, identity.shape)
-            if path.endswith("/lora_b"):   # the bank's LoRA scale is 1: fold the task's alpha/r into B
-                rows[path] = rows[path] * np.asarray(scale, identity.dtype)
-        return rows
+        return {path: self._row(name, adapter.sites, path, flat[path]) if path in flat else identity
+                for path, identity in self.identity.items()}
 
-    def _check_ia3_sides(self, name: str, sites: Sites):
-        """A layer scaled on its output by one task and on its input by the bank would read wrong scales."""
-        if not (sites.ia3 and self.sites.ia3):
-            return
-        layers = [p.removesuffix("/ia3") for p in self.identity if p.endswith("/ia3")]
-        for layer in layers:
-            if not re.search(sites.ia3.targets, layer):
-                continue
-            on_input = bool(re.search(sites.ia3.feedforward, layer))
-            if on_input != bool(re.search(self.sites.ia3.feedforward, layer)):
-                side = "input" if on_input else "output"
-                raise ValueError(f"task {name!r}: IA3 on {layer} scales the layer's {side}, "
-                                 "another task in the bank the other side; they cannot share a bank")
+    def _row(self, name: str, sites: Sites, path: str, value) -> np.ndarray:
+        """The task's leaf as its kind stores it (LoRA folds alpha/r into B, the bank's LoRA scale being 1),
+        padded to the bank's shape."""
+        identity, kind = self.identity[path], kind_of(path)
+        value = np.asarray(value, identity.dtype)
+        if kind is not None:
+            try:
+                value = kind.bank_leaf(getattr(sites, kind.name), getattr(self.sites, kind.name), path, value)
+            except ValueError as e:
+                raise ValueError(f"task {name!r}: {e}") from None
+        return _pad(name, path, value, identity.shape, kind)
 
     # ---- serving ----------------------------------------------------------------------------------
 
@@ -299,9 +257,10 @@ def _write(state, slot, values):
     return jax.tree.map(lambda x, v: x.at[slot].set(v.astype(x.dtype)), state, values)
 
 
-def _pad(task: str, path: str, value: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
-    """`value` zero-padded to `shape` along the leaf's paddable axis; any other difference is an error."""
-    axis = PADDABLE_AXIS.get(path.rsplit("/", 1)[-1])
+def _pad(task: str, path: str, value: np.ndarray, shape: tuple[int, ...], kind) -> np.ndarray:
+    """`value` zero-padded to `shape` along the leaf's paddable axis (its kind's `paddable`); any other
+    difference is an error."""
+    axis = kind.paddable.get(path.rsplit("/", 1)[-1]) if kind else None
     if HEAD.match(path):
         axis = value.ndim - 1   # head kernel (d, classes), bias (classes,)
     fits = value.ndim == len(shape) and all(v == s or (i == axis and v <= s)

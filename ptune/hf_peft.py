@@ -7,11 +7,14 @@
     export_base("model.gguf", "out/base")                   # a GGUF as a transformers directory
 
 An adapter directory is what `peft.PeftModel.from_pretrained(hf_model, dir)` reads, for the
-`*ForCausalLM` / `*ForSequenceClassification` model of the same base. Supported: LoRA
-(`r`, `lora_alpha`, `use_rslora`), IA3, prompt tuning and prefix tuning (saved, as PEFT
-does, in the direct form: one (num_virtual_tokens, num_layers * 2 * kv_dim) table), plus a
-trained task head as `modules_to_save`. PEFT applies prefixes through `past_key_values`,
+`*ForCausalLM` / `*ForSequenceClassification` model of the same base. Each site kind owns its
+PEFT format (`SiteKind.peft_type`, `peft_export`, `peft_load`, given a `Peft` context with the
+shared conventions); this module owns the directory, the config checks and the task head.
+Built in: LoRA (`r`, `lora_alpha`, `use_rslora`), IA3, prompt tuning and prefix tuning (saved,
+as PEFT does, in the direct form: one (num_virtual_tokens, num_layers * 2 * kv_dim) table), plus
+a trained task head as `modules_to_save`. PEFT applies prefixes through `past_key_values`,
 which transformers' BERT does not take, so BERT prefix adapters are refused both ways.
+Merging folds in every kind that implements `SiteKind.merge` (LoRA, IA3).
 Every write goes to a temporary directory renamed into place: a failure leaves nothing.
 
 `base_model_name_or_path` names a directory `AutoModelForCausalLM.from_pretrained` loads: the
@@ -22,7 +25,7 @@ written once beside the file (`<file>.hf/`, like the tokenizer's `<file>.tokeniz
 from __future__ import annotations
 
 import contextlib
-import dataclasses
+import functools
 import json
 import os
 import pathlib
@@ -37,31 +40,23 @@ from ptune import assets, methods, models, partition
 from ptune.methods import head
 from ptune.models import checkpoints, hf
 from ptune.models.config import ModelConfig
-from ptune.models.sites import Sites
+from ptune.models.sites import KINDS, LINEAR_STAGES, SiteKind, Sites
 
 ADAPTER_CONFIG, ADAPTER_WEIGHTS = "adapter_config.json", "adapter_model.safetensors"
-PEFT_TYPES = {"lora": "LORA", "ia3": "IA3", "prompt": "PROMPT_TUNING", "prefix": "PREFIX_TUNING"}
+# PEFT's prompt-learning types keep one `prompt_embeddings` table; its tuners keep per-module keys.
+PROMPT_LEARNING = ("PROMPT_TUNING", "PREFIX_TUNING", "P_TUNING")
 HEAD = re.compile(head.HEAD)
 HEAD_KEY = re.compile(r"(classifier|score)\.(weight|bias)")   # a head in modules_to_save, not a LoRA on it
 # PEFT prefixes every key with the path of the transformers model inside its PeftModel.
 TUNER_PREFIX, PROMPT_PREFIX = "base_model.model.", "base_model."
 # adapter_config.json keys ptune reads or that do not change the loaded model (bookkeeping, init
-# schemes). Any other key must be off (None, False, {}, []): ptune cannot honour it. Which layers
-# carry LoRA/IA3 is read from the weight file's keys, so the options that select layers
-# (target_modules, layers_to_transform, exclude_modules...) are honoured whatever they say.
+# schemes), besides each kind's `peft_options`. Any other key must be off (None, False, {}, []):
+# ptune cannot honour it. Which layers carry a tuner (LoRA, IA3) is read from the weight file's
+# keys, so the options that select layers (target_modules, layers_to_transform, exclude_modules...)
+# are honoured whatever they say.
 UNDERSTOOD = {"peft_type", "task_type", "base_model_name_or_path", "revision", "inference_mode", "peft_version",
               "auto_mapping", "modules_to_save", "target_modules", "exclude_modules", "fan_in_fan_out",
               "layers_to_transform", "layers_pattern"}
-UNDERSTOOD_BY_TYPE = {
-    "LORA": {"r", "lora_alpha", "use_rslora", "lora_dropout", "bias", "init_lora_weights", "megatron_core",
-             "qalora_group_size"},
-    "IA3": {"feedforward_modules", "init_ia3_weights"},
-    "PROMPT_TUNING": {"num_virtual_tokens", "token_dim", "num_transformer_submodules", "num_attention_heads",
-                      "num_layers", "prompt_tuning_init", "prompt_tuning_init_text", "tokenizer_name_or_path",
-                      "tokenizer_kwargs"},
-    "PREFIX_TUNING": {"num_virtual_tokens", "token_dim", "num_transformer_submodules", "num_attention_heads",
-                      "num_layers", "encoder_hidden_size", "prefix_projection", "init_weights"},
-}
 TASK_TYPES = (None, "CAUSAL_LM", "SEQ_CLS", "FEATURE_EXTRACTION")
 # LoRA initialisations that leave the base weights as they are; the others (PiSSA, OLoRA, CorDA,
 # LoftQ...) subtract the initial adapter from the base, so their adapters need that changed base.
@@ -77,7 +72,7 @@ def export(out_dir, params, method: methods.Method, model_config: ModelConfig, b
     A trained task head goes in as `modules_to_save`. Returns the directory path.
     """
     cfg = model_config
-    kind = _one_peft_kind(method.name, method.sites, cfg.family)
+    kind = _one_peft_kind(method.name, method.sites)
     params, sites = method.folded(params, models.build(cfg, method.sites))
     trained = [p for p, g in partition.flatten(method.labels(params)).items() if g != partition.FROZEN]
     base = [p for p in trained if not (hf.is_site(p) or HEAD.search(p))]
@@ -86,41 +81,14 @@ def export(out_dir, params, method: methods.Method, model_config: ModelConfig, b
                          "cannot hold; write the whole model with save_pretrained_merged instead")
     flat = partition.flatten(params)
     task_type = "SEQ_CLS" if cfg.num_labels else "CAUSAL_LM" if cfg.causal else "FEATURE_EXTRACTION"
-    config = {"peft_type": PEFT_TYPES[kind], "task_type": task_type, "base_model_name_or_path": base_name,
-              "inference_mode": True}
-    if kind in ("prompt", "prefix"):
-        prefix, tensors = PROMPT_PREFIX, {"prompt_embeddings": _prompt_table(kind, flat, cfg)}
-        config.update(num_virtual_tokens=getattr(sites, kind).length, num_layers=cfg.num_layers,
-                      num_transformer_submodules=1)
-        if kind == "prompt":
-            config.update(token_dim=cfg.hidden_size, num_attention_heads=cfg.num_heads, prompt_tuning_init="RANDOM")
-        else:   # PEFT's layout for grouped-query attention: heads and width of the keys/values
-            kv_dim = cfg.num_kv_heads * cfg.head_dim
-            config.update(token_dim=kv_dim, num_attention_heads=cfg.num_kv_heads, encoder_hidden_size=kv_dim,
-                          prefix_projection=False)
-    else:
-        prefix, tensors = TUNER_PREFIX, {}
-        for path, x in flat.items():
-            if path.endswith(("/lora_a", "/lora_b")):
-                tensors[hf.hf_key(path)] = np.asarray(x).T                 # PEFT's nn.Linear: (out, in)
-            elif path.endswith("/ia3"):
-                on_input = re.search(sites.ia3.feedforward, path.rpartition("/")[0])
-                tensors[hf.hf_key(path)] = np.asarray(x).reshape((1, -1) if on_input else (-1, 1))
-        layers = models.linear_layers(params)
-        leaf = "lora_a" if kind == "lora" else "ia3"
-        targeted = [m for m in layers if f"{m}/{leaf}" in flat]
-        config.update(target_modules=_peft_names(targeted, layers),
-                      fan_in_fan_out=cfg.family == "gpt2")   # GPT-2's Conv1D layers store (in, out)
-        if kind == "lora":
-            config.update(r=sites.lora.rank, lora_alpha=sites.lora.alpha, use_rslora=sites.lora.rslora,
-                          lora_dropout=sites.lora.dropout, bias="none")
-        else:
-            on_input = [m for m in targeted if re.search(sites.ia3.feedforward, m)]
-            config.update(feedforward_modules=_peft_names(on_input, layers))
+    options, tensors = kind.peft_export(getattr(sites, kind.name), flat, Peft(cfg))
+    config = {"peft_type": kind.peft_type, "task_type": task_type, "base_model_name_or_path": base_name,
+              "inference_mode": True, **options}
     task_head = {p: flat[p] for p in trained if HEAD.search(p)}
     if task_head:
         tensors.update(hf.to_hf(cfg.family, partition.unflatten(task_head)))
         config["modules_to_save"] = [cfg.head_name]
+    prefix = PROMPT_PREFIX if kind.peft_type in PROMPT_LEARNING else TUNER_PREFIX
     tensors = {(k if k == "prompt_embeddings" else prefix + k): np.ascontiguousarray(v, np.float32)
                for k, v in tensors.items()}
     return _write_dir(out_dir, {ADAPTER_CONFIG: config}, ADAPTER_WEIGHTS, tensors)
@@ -219,29 +187,82 @@ def _head_rows(weights: pathlib.Path) -> int | None:
                      and HEAD_KEY.fullmatch(k.removeprefix(TUNER_PREFIX).removeprefix(PROMPT_PREFIX))), None)
 
 
-def _one_peft_kind(name: str, sites: Sites, family: str) -> str:
-    present = [f.name for f in dataclasses.fields(sites) if getattr(sites, f.name) is not None]
-    if "adapter" in present:
-        raise ValueError(f"method {name!r} has bottleneck adapters, which PEFT has no format for; "
-                         f"export LoRA, IA3, prompt or prefix tuning ({sorted(PEFT_TYPES)})")
-    if len(present) != 1:
-        found = f"sites {present}" if present else "no sites (it changes base weights or none)"
-        raise ValueError(f"method {name!r} has {found}; a PEFT adapter holds exactly one of {sorted(PEFT_TYPES)}: "
+def _one_peft_kind(name: str, sites: Sites) -> SiteKind:
+    kinds = sites.kinds()
+    if len(kinds) != 1:
+        found = f"sites {sites.names()}" if kinds else "no sites (it changes base weights or none)"
+        exportable = sorted(k.name for k in KINDS.values() if k.peft_type)
+        raise ValueError(f"method {name!r} has {found}; a PEFT adapter holds exactly one of {exportable}: "
                          "export each part of a hybrid from a run of that method alone, or merge LoRA/IA3 "
                          "with save_pretrained_merged")
-    if present == ["prefix"] and family == "bert":
-        raise ValueError(f"method {name!r}: PEFT applies prefix tuning through past_key_values, which "
-                         "transformers' BERT models do not accept, so no PEFT model can load a BERT prefix; "
-                         "use prompt tuning or LoRA for BERT")
-    return present[0]
+    kind = kinds[0][0]
+    if not kind.implements("peft_export"):
+        raise kind.missing("its HF PEFT format", "peft_export (with peft_type and peft_load)")
+    return kind
 
 
-def _prompt_table(kind: str, flat: dict, cfg: ModelConfig) -> np.ndarray:
-    """PEFT's `prompt_embeddings`: the soft prompt (L, d), or the prefix (L, layers * 2 * kv_dim)."""
-    if kind == "prompt":
-        return np.asarray(flat["prompt/embedding"])
-    kv = np.asarray(flat["prefix/kv"])                          # (layers, 2, L, kv_dim)
-    return kv.transpose(2, 0, 1, 3).reshape(kv.shape[2], -1)   # PEFT views rows as (layers*2, heads, head_dim)
+class Peft:
+    """PEFT's conventions that site kinds share, for one model `config` (and, when loading, the adapter's
+    `weights` file, named in errors)."""
+
+    def __init__(self, config: ModelConfig, weights: pathlib.Path | None = None):
+        self.config, self.weights = config, weights
+
+    @functools.cached_property
+    def layers(self) -> list[str]:
+        """Module paths of the model's linear layers."""
+        return models.linear_layers(nn.unbox(models.abstract_params(models.build(self.config))))
+
+    def peft_key(self, path: str, names: dict[str, str]) -> str:
+        """A tuner leaf's key without PEFT's model prefix: c_attn/lora_a -> ...c_attn.lora_A.weight, given
+        `names` {PEFT name: ptune leaf name}."""
+        module, _, leaf = path.rpartition("/")
+        return f"{hf.hf_module(module)}.{next(n for n, ours in names.items() if ours == leaf)}"
+
+    def target_modules(self, chosen: list[str]) -> list[str]:
+        """PEFT `target_modules` for `chosen` module paths (see `_peft_names`)."""
+        return _peft_names(chosen, self.layers)
+
+    def names(self, chosen: list[str]) -> list[str]:
+        """ptune `targets` (module-name suffixes) that select exactly `chosen` module paths."""
+        return _suffix_names(chosen, self.layers)
+
+    def tuner_config(self, targeted: list[str]) -> dict:
+        return dict(target_modules=self.target_modules(targeted),
+                    fan_in_fan_out=self.config.family == "gpt2")   # GPT-2's Conv1D layers store (in, out)
+
+    def prompt_config(self, length: int) -> dict:
+        return dict(num_virtual_tokens=length, num_layers=self.config.num_layers, num_transformer_submodules=1)
+
+    def layer_leaves(self, kind: str, tensors: dict, names: dict[str, str]) -> dict:
+        """{ptune leaf path: (file key, array as in the file)} of a tuner's per-module `tensors`, given
+        `names` {PEFT name: ptune leaf name}; a key naming no linear layer is an error."""
+        family = self.config.family
+        by_module = {hf.canonical(family, hf.hf_module(m)): m for m in self.layers}
+        origin = {}
+        for key, x in tensors.items():
+            name = key.removeprefix(TUNER_PREFIX)
+            module, leaf = next(((name[: -len(n) - 1], ours) for n, ours in names.items()
+                                 if name.endswith("." + n)), (None, None))
+            module = by_module.get(hf.canonical(family, module)) if module else None
+            if module is None:
+                raise ValueError(f"{self.weights}: key {key!r} names no {kind} layer of this {family} model (its "
+                                 f"linear layers are e.g. {hf.short_list(by_module)}); the adapter was made for "
+                                 "another architecture")
+            origin[f"{module}/{leaf}"] = key, x
+        return origin
+
+    def prompt_table(self, config: dict, tensors: dict, expected: tuple) -> np.ndarray:
+        """A prompt-learning adapter's `prompt_embeddings`, which must have the `expected` shape."""
+        if set(tensors) != {"prompt_embeddings"}:
+            raise ValueError(f"{self.weights}: a {config['peft_type']} adapter holds prompt_embeddings (and a "
+                             f"task head); found {hf.short_list(tensors)}")
+        table = tensors["prompt_embeddings"]
+        if table.shape != expected:
+            raise ValueError(f"{self.weights}: 'prompt_embeddings' has shape {table.shape} but this "
+                             f"{self.config.family} model expects {expected} (num_virtual_tokens="
+                             f"{config.get('num_virtual_tokens')}); the adapter was made for another model")
+        return table
 
 
 def _peft_names(chosen: list[str], modules: list[str]) -> list[str]:
@@ -266,26 +287,24 @@ def _suffix_names(chosen: list[str], modules: list[str]) -> list[str]:
 # ---------------------------------------------------------------------------------------------- merge
 
 def merge(params, model):
-    """(params, sites): LoRA and IA3 folded into the kernels and biases they modify, their leaves
-    removed; `sites` is the model's without them (build the merged model with it)."""
-    sites, flat = model.sites, partition.flatten(params)
-    out = {}
+    """(params, sites): every site kind that implements `SiteKind.merge` (LoRA, IA3) folded into the
+    kernels and biases it modifies, in float32, its leaves removed; `sites` is the model's without them
+    (build the merged model with it). Kinds wrapping the product merge before those wrapping the layer,
+    as they compute."""
+    mergeable = [(k, s) for stage in LINEAR_STAGES for k, s in model.sites.kinds()
+                 if k.wraps == stage and k.implements("merge")]
+    flat, layers = partition.flatten(params), {}
     for path, x in flat.items():
         module, _, leaf = path.rpartition("/")
-        if leaf in ("lora_a", "lora_b", "ia3"):
-            continue
-        merged = np.asarray(x, np.float32)
-        if leaf == "kernel" and f"{module}/lora_a" in flat:     # W + scale * A B, both (in, out)
-            merged = merged + sites.lora.scale * (np.asarray(flat[f"{module}/lora_a"], np.float32)
-                                                  @ np.asarray(flat[f"{module}/lora_b"], np.float32))
-        if f"{module}/ia3" in flat:
-            scale = np.asarray(flat[f"{module}/ia3"], np.float32)
-            if re.search(sites.ia3.feedforward, module):          # input scaling: rows of W, bias untouched
-                merged = merged * scale[:, None] if leaf == "kernel" else merged
-            else:                                                  # output scaling: columns of W and the bias
-                merged = merged * (scale[None, :] if leaf == "kernel" else scale)
-        out[path] = merged.astype(np.asarray(x).dtype)
-    return partition.unflatten(out), dataclasses.replace(sites, lora=None, ia3=None)
+        layers.setdefault(module, {})[leaf] = np.asarray(x, np.float32)
+    merged = {}
+    for module, leaves in layers.items():
+        for kind, spec in mergeable:
+            if any(kind.owns(f"{module}/{leaf}") for leaf in leaves):
+                leaves = kind.merge(spec, leaves, module)
+        merged.update({f"{module}/{leaf}": x for leaf, x in leaves.items()})
+    out = {p: merged[p].astype(np.asarray(x).dtype) for p, x in flat.items() if p in merged}
+    return partition.unflatten(out), model.sites.without(*(k.name for k, _ in mergeable))
 
 
 def save_pretrained_merged(out_dir, params, model, tokenizer=None):
@@ -293,10 +312,10 @@ def save_pretrained_merged(out_dir, params, model, tokenizer=None):
     plus a transformers `tokenizer`'s files when given (its special token ids go in config.json too,
     so that transformers' `generate` stops at its end token)."""
     params, sites = merge(params, model)
-    left = [f.name for f in dataclasses.fields(sites) if getattr(sites, f.name) is not None]
-    if left:
-        raise ValueError(f"a merged checkpoint holds base weights only, and this model also has {left} sites; "
-                         "export those as a PEFT adapter (hf_peft.export) instead")
+    if sites.specs:
+        raise ValueError(f"a merged checkpoint holds base weights only, and this model also has {sites.names()} "
+                         "sites; export those as a PEFT adapter (hf_peft.export) instead (a site kind that changes "
+                         "linear layers merges if it defines SiteKind.merge)")
     cfg = model.config
     tensors = {k: np.ascontiguousarray(v) for k, v in hf.to_hf(cfg.family, params).items()}
     ids = {f"{k}_token_id": getattr(tokenizer, f"{k}_token_id", None) for k in ("bos", "eos", "pad")}
@@ -351,21 +370,16 @@ def load(adapter_dir, model_config: ModelConfig) -> tuple[methods.Method, dict]:
     """
     cfg, path = model_config, pathlib.Path(adapter_dir)
     config, tensors = _read_adapter(path)
-    peft_type = config.get("peft_type")
-    kind = {v: k for k, v in PEFT_TYPES.items()}.get(peft_type)
+    peft_type, loaders = config.get("peft_type"), {k.peft_type: k for k in KINDS.values() if k.peft_type}
+    kind = loaders.get(peft_type)
     if kind is None:
-        raise ValueError(f"{path / ADAPTER_CONFIG}: peft_type={peft_type!r}; ptune loads "
-                         f"{sorted(PEFT_TYPES.values())}")
-    _check_options(path / ADAPTER_CONFIG, config, cfg)
-    if kind == "prefix" and cfg.family == "bert":
-        raise ValueError(f"{path}: a PEFT prefix-tuning adapter for BERT cannot exist (transformers' BERT takes "
-                         "no past_key_values); this adapter does not belong to a BERT model")
+        raise ValueError(f"{path / ADAPTER_CONFIG}: peft_type={peft_type!r}; ptune loads {sorted(loaders)}")
+    _check_options(path / ADAPTER_CONFIG, config, cfg, kind)
     head_keys = {k for k in tensors
                  if HEAD_KEY.fullmatch(k.removeprefix(TUNER_PREFIX).removeprefix(PROMPT_PREFIX))}
-    if kind in ("prompt", "prefix"):
-        method, origin = _load_prompt(kind, config, tensors, head_keys, cfg, path)
-    else:
-        method, origin = _load_tuner(kind, config, tensors, head_keys, cfg, path)
+    sites = {k: x for k, x in tensors.items() if k not in head_keys}
+    name, options, origin = kind.peft_load(config, sites, Peft(cfg, path / ADAPTER_WEIGHTS))
+    method = methods.get(name, cfg, **options)
     if head_keys:
         method = methods.compose(method, methods.get("head", cfg))
         origin.update(_head_leaves(tensors, head_keys, cfg))
@@ -391,8 +405,8 @@ def _read_adapter(path: pathlib.Path) -> tuple[dict, dict[str, np.ndarray]]:
     return config, tensors
 
 
-def _check_options(where, config: dict, cfg: ModelConfig):
-    understood = UNDERSTOOD | UNDERSTOOD_BY_TYPE[config["peft_type"]]
+def _check_options(where, config: dict, cfg: ModelConfig, kind: SiteKind):
+    understood = UNDERSTOOD | kind.peft_options
     unsupported = {k: v for k, v in config.items() if k not in understood and v not in (None, False, {}, [])}
     if config.get("bias", "none") != "none":
         unsupported["bias"] = config["bias"]
@@ -410,64 +424,6 @@ def _check_options(where, config: dict, cfg: ModelConfig):
     if extra:
         raise ValueError(f"{where}: modules_to_save {sorted(extra)}: ptune trains whole modules only for the "
                          f"task head ({cfg.head_name!r}); save the adapter without them")
-
-
-def _load_prompt(kind, config, tensors, head_keys, cfg: ModelConfig, path):
-    unknown = sorted(set(tensors) - head_keys - {"prompt_embeddings"})
-    if unknown or "prompt_embeddings" not in tensors:
-        raise ValueError(f"{path / ADAPTER_WEIGHTS}: a {config['peft_type']} adapter holds prompt_embeddings "
-                         f"(and a task head); found {hf.short_list(tensors)}")
-    table, length = tensors["prompt_embeddings"], config.get("num_virtual_tokens")
-    if kind == "prompt":
-        method = methods.get("prompt", cfg, length=length, init="uniform")
-        expected = (length, cfg.hidden_size)
-    else:   # PEFT saves the prefix MLP's output, so prefix_projection=True loads as the direct form too
-        method = methods.get("ptuning_v2", cfg, length=length)
-        expected = (length, cfg.num_layers * 2 * cfg.num_kv_heads * cfg.head_dim)
-    if table.shape != expected:
-        raise ValueError(f"{path / ADAPTER_WEIGHTS}: 'prompt_embeddings' has shape {table.shape} but this "
-                         f"{cfg.family} model expects {expected} (num_virtual_tokens={length}); the adapter was "
-                         "made for another model")
-    if kind == "prompt":
-        return method, {"prompt/embedding": ("prompt_embeddings", table)}
-    kv = table.reshape(length, cfg.num_layers, 2, -1).transpose(1, 2, 0, 3)   # (layers, 2, L, kv_dim)
-    return method, {"prefix/kv": ("prompt_embeddings", kv)}
-
-
-def _load_tuner(kind, config, tensors, head_keys, cfg: ModelConfig, path):
-    """LoRA or IA3: which layers the file holds decides the targets; IA3's (1, n) scales are on inputs."""
-    layers = models.linear_layers(nn.unbox(models.abstract_params(models.build(cfg))))
-    by_module = {hf.canonical(cfg.family, hf.hf_module(m)): m for m in layers}
-    suffixes = (".lora_A.weight", ".lora_B.weight") if kind == "lora" else (".ia3_l",)
-    origin, on_input = {}, []   # ptune path -> (file key, value in ptune layout)
-    for key, x in tensors.items():
-        if key in head_keys:
-            continue
-        name = key.removeprefix(TUNER_PREFIX)
-        module, leaf = next(((name[: -len(s)], s) for s in suffixes if name.endswith(s)), (None, None))
-        module = by_module.get(hf.canonical(cfg.family, module)) if module else None
-        if module is None:
-            raise ValueError(f"{path / ADAPTER_WEIGHTS}: key {key!r} names no {kind} layer of this {cfg.family} "
-                             f"model (its linear layers are e.g. {hf.short_list(by_module)}); the adapter was made "
-                             "for another architecture")
-        if kind == "ia3":
-            if x.ndim != 2 or 1 not in x.shape:
-                raise ValueError(f"{path / ADAPTER_WEIGHTS}: {key!r} has shape {x.shape}; PEFT IA3 scales are "
-                                 "(n, 1) or (1, n)")
-            on_input += [module] if x.shape[0] == 1 else []
-            origin[f"{module}/ia3"] = key, x.reshape(-1)
-        else:
-            origin[f"{module}/{'lora_a' if 'lora_A' in leaf else 'lora_b'}"] = key, x.T
-    targeted = sorted({p.rpartition("/")[0] for p in origin})
-    if kind == "lora":
-        # r and lora_alpha default to PEFT's own defaults when a config leaves them out.
-        method = methods.get("lora", cfg, rank=config.get("r", 8), alpha=config.get("lora_alpha", 8),
-                             targets=_suffix_names(targeted, layers), rslora=bool(config.get("use_rslora")),
-                             dropout=config.get("lora_dropout") or 0.0)
-    else:
-        method = methods.get("ia3", cfg, targets=_suffix_names(targeted, layers),
-                             feedforward=_suffix_names(on_input, layers))
-    return method, origin
 
 
 def _head_leaves(tensors, head_keys, cfg: ModelConfig) -> dict:
@@ -488,7 +444,7 @@ def _check_fit(origin: dict, tensors: dict, template, method, path):
               for p, (key, x) in origin.items() if p in shapes and tuple(x.shape) != shapes[p]]
     errors += [f"ptune has no parameter {p} for {key!r}" for p, (key, _) in origin.items() if p not in shapes]
     missing = sorted(trained - set(origin))
-    errors += [f"it lacks {hf.short_list(hf.hf_key(p) for p in missing)}"] if missing else []
+    errors += [f"it lacks weights for ptune's {hf.short_list(missing)}"] if missing else []
     if errors:
         raise ValueError(f"{path / ADAPTER_WEIGHTS} does not fit this model: " + "; ".join(errors)
                          + "; load it with the model config it was made for")

@@ -7,8 +7,9 @@ name maps onto. From that:
 
 * the frozen base (and base weights that train, as in full fine-tuning) is sharded
   by its logical axes: FSDP over ``embed``, tensor parallelism over the rest;
-* method sites (LoRA, prompts, prefixes, adapters, IA3) are replicated, unless their
-  path matches `mesh.shard_sites`;
+* method sites are placed as their kind says (`SiteKind.sharding`): the built-in kinds
+  (LoRA, prompts, prefixes, adapters, IA3) are replicated unless their path matches
+  `mesh.shard_sites`; a kind that does not say cannot be placed on a mesh of several devices;
 * optimizer state is sharded like the parameter it belongs to;
 * a batch is sharded over ``data`` and ``fsdp``, each process feeding its own rows.
 
@@ -28,7 +29,7 @@ from jax.experimental import mesh_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from ptune import partition
-from ptune.models import hf
+from ptune.models.sites import kind_of
 
 AXES = ("data", "fsdp", "tensor")
 BATCH_AXES = ("data", "fsdp")
@@ -159,14 +160,17 @@ def param_shardings(params, boxed_params, mesh: Mesh, mesh_config):
     """NamedShardings for `params` (any subtree of the model's tree, e.g. trainable or frozen).
 
     `boxed_params` is `models.abstract_params(model)`: the logical axis names of every leaf.
-    Sites are replicated unless their path matches `mesh_config.shard_sites`.
+    A site leaf is placed as its kind's `sharding` says: "logical" like a base weight, "replicated"
+    unless its path matches `mesh_config.shard_sites`.
     """
     rules, axes = rules_from_config(mesh_config), logical_axes(boxed_params)
     shard_sites = mesh_config.get("shard_sites", "") or None
 
     def sharding(path, leaf):
-        names = axes.get(path)
-        if hf.is_site(path) and not (shard_sites and re.search(shard_sites, path)):
+        names, kind = axes.get(path), kind_of(path)
+        if kind is not None and kind.sharding is None and mesh.size > 1:
+            raise kind.missing(f"how it is sharded (leaf {path})", "sharding ('replicated' or 'logical')")
+        if kind is not None and kind.sharding != "logical" and not (shard_sites and re.search(shard_sites, path)):
             names = None
         return NamedSharding(mesh, spec_for(leaf.shape, names, rules, mesh))
     return partition.unflatten({p: sharding(p, x) for p, x in partition.flatten(params).items()})

@@ -3,7 +3,7 @@ place one after attention and one after the MLP of every block; Pfeiffer et al. 
 only after the MLP."""
 
 from ptune.methods.base import Method, positive_int
-from ptune.models.layers import ACTIVATIONS
+from ptune.models.ops import ACTIVATIONS
 from ptune.models.sites import Adapter, Sites
 
 PLACEMENTS = ("houlsby", "pfeiffer")

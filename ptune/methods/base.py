@@ -58,8 +58,12 @@ class Method:
         return params
 
     def folded(self, params, model):
-        """(params, sites) in inference form, e.g. prefix MLP evaluated into keys/values."""
+        """(params, sites) in inference form: each site kind's `fold` (e.g. the prefix MLP evaluated into
+        keys/values), then each part's own `fold`."""
         sites = model.sites
+        for kind, spec in sites.kinds():
+            params, folded = kind.fold(spec, params, model.config)
+            sites = dataclasses.replace(sites, **{kind.name: folded})
         for part in self.parts or (self,):
             if part.fold:
                 params, sites = part.fold(params, model.clone(sites=sites))

@@ -5,8 +5,7 @@ its own optimizer group with that learning-rate multiple (LoRA+, Hayou et al., 2
 """
 
 from ptune.methods.base import Method, module_names, number, positive_int
-from ptune.models import DEFAULT_TARGETS
-from ptune.models.sites import LoRA, Sites, targets_regex
+from ptune.models.sites import KINDS, LoRA, Sites, targets_regex
 
 
 def make(model_config, rank: int = 8, alpha: float = 16.0, targets=None, rslora: bool = False,
@@ -15,7 +14,8 @@ def make(model_config, rank: int = 8, alpha: float = 16.0, targets=None, rslora:
     alpha = number("lora", "alpha", alpha, lambda v: v > 0, "> 0")
     dropout = number("lora", "dropout", dropout, lambda v: 0 <= v < 1, "in [0, 1)")
     lr_ratio_b = number("lora", "lr_ratio_b", lr_ratio_b, lambda v: v >= 1, ">= 1")
-    targets = targets_regex(module_names("lora", "targets", targets) or DEFAULT_TARGETS[model_config.family]["lora"])
+    defaults = KINDS["lora"].defaults[model_config.family]
+    targets = targets_regex(module_names("lora", "targets", targets) or defaults["targets"])
     sites = Sites(lora=LoRA(rank, alpha, targets, rslora, dropout))
     if lr_ratio_b == 1:
         return Method("lora", sites, rules=[(r"/lora_[ab]$", "lora")])

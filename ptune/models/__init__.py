@@ -17,18 +17,15 @@ from ptune.models.bert import Bert
 from ptune.models.config import PRESETS, ModelConfig, model_config
 from ptune.models.gpt2 import GPT2
 from ptune.models.llama import Llama
-from ptune.models.sites import Sites
+from ptune.models.sites import KINDS, Sites, is_site
 
 FAMILIES = {"gpt2": GPT2, "llama": Llama, "bert": Bert}
 
-# PEFT's default target modules per family (names matched as path suffixes).
-DEFAULT_TARGETS = {
-    "gpt2": dict(lora=["c_attn"], ia3=["c_attn", "mlp.c_proj"], ia3_feedforward=["mlp.c_proj"]),
-    "llama": dict(lora=["q_proj", "v_proj"], ia3=["k_proj", "v_proj", "down_proj"],
-                  ia3_feedforward=["down_proj"]),
-    "bert": dict(lora=["query", "value"], ia3=["key", "value", "output.dense"],
-                 ia3_feedforward=["output.dense"]),
-}
+# PEFT's default target modules per family, as the built-in kinds declare them (`SiteKind.defaults`):
+# {"gpt2": {"lora": [...], "ia3": [...], "ia3_feedforward": [...]}, ...}.
+DEFAULT_TARGETS = {family: {kind.name if option == "targets" else f"{kind.name}_{option}": names
+                            for kind in KINDS.values() for option, names in kind.defaults.get(family, {}).items()}
+                   for family in FAMILIES}
 
 __all__ = ["DEFAULT_TARGETS", "FAMILIES", "PRESETS", "WORD_EMBEDDINGS", "ModelConfig", "Sites", "build", "init",
            "abstract_params", "from_checkpoint", "linear_layers", "model_config", "init_cache"]
@@ -64,7 +61,7 @@ def init(model: nn.Module, rng, length: int = 8, pretrained: dict | None = None)
                                         rngs={"params": r}, mutable=["params"])[1]["params"]
         params = jax.jit(fill)(rng, pretrained)
     params = nn.unbox(params)
-    check_targets(model, params)
+    check_sites(model, params)
     return params
 
 
@@ -83,15 +80,26 @@ def linear_layers(params) -> list[str]:
             if p.endswith("/kernel") and x.ndim == 2]
 
 
-def check_targets(model: nn.Module, params):
-    """A LoRA or IA3 `targets` pattern that matches no layer is a config error, not a no-op."""
-    for kind, leaf in (("lora", "lora_a"), ("ia3", "ia3")):
-        spec = getattr(model.sites, kind)
-        if spec and not any(p.endswith("/" + leaf) for p in partition.flatten(params)):
-            layers = linear_layers(params)
-            raise ValueError(
-                f"method {kind}: targets {spec.targets!r} match no layer of this {model.config.family} model; "
-                f"linear layers are e.g. {sorted({re.sub(r'_[0-9]+/', '_N/', p) for p in layers})}")
+def check_sites(model: nn.Module, params):
+    """Every kind of the model's sites owns leaves (a `targets` pattern that matches no layer is a config
+    error, not a no-op), and every leaf the sites add is owned by its kind: one that is not would pass
+    for a base weight (sharded, exported and merged as one)."""
+    paths, layers = list(partition.flatten(params)), linear_layers(params)
+    for kind, spec in model.sites.kinds():
+        if any(kind.owns(p) for p in paths):
+            continue
+        if kind.wraps and not any(kind.targets(spec, layer) for layer in layers):
+            names = sorted({re.sub(r"_[0-9]+/", "_N/", p) for p in layers})
+            raise ValueError(f"method {kind.name}: targets {spec.targets!r} match no layer of this "
+                             f"{model.config.family} model; linear layers are e.g. {names}")
+        raise ValueError(f"site kind {kind.name!r}: its leaves pattern {kind.leaves!r} matches no parameter the "
+                         "model grew; make it match the parameters the kind creates")
+    if model.sites.specs:
+        base = partition.flatten(nn.unbox(abstract_params(build(model.config))))
+        stray = [p for p in paths if p not in base and not is_site(p)]
+        if stray:
+            raise ValueError(f"sites {model.sites.names()} added {stray[:3]}, which no site kind's `leaves` "
+                             "pattern matches; widen the pattern of the kind that creates them")
 
 
 def init_cache(model: nn.Module, batch: int, max_len: int):

@@ -8,7 +8,7 @@ import jax.numpy as jnp
 
 from ptune.models import common
 from ptune.models.config import ModelConfig
-from ptune.models.layers import ACTIVATIONS, Adapter, Linear, attend
+from ptune.models.layers import ACTIVATIONS, Linear, attend
 from ptune.models.sites import Sites
 
 _init = lambda axes: nn.with_logical_partitioning(nn.initializers.normal(0.02), axes)
@@ -33,10 +33,11 @@ class BertEmbeddings(nn.Module):
 
 
 class BertOutput(nn.Module):
-    """dense -> dropout -> [adapter] -> LayerNorm(h + residual): HF `attention.output` and `output`."""
+    """dense -> dropout -> [sites after the `where` sublayer] -> LayerNorm(h + residual): HF
+    `attention.output` (where="attention") and `output` (where="mlp")."""
     config: ModelConfig
     sites: Sites
-    adapter: bool
+    where: str
 
     @nn.compact
     def __call__(self, h, residual, deterministic: bool):
@@ -44,8 +45,7 @@ class BertOutput(nn.Module):
         axes = ("heads", "embed") if h.shape[-1] == cfg.hidden_size else ("mlp", "embed")
         h = Linear(cfg.hidden_size, axes, sites=self.sites, dtype=dt, name="dense")(h, deterministic)
         h = nn.Dropout(cfg.dropout)(h, deterministic=deterministic)
-        if self.adapter:
-            h = Adapter(self.sites.adapter, dtype=dt, name="adapter")(h)
+        h = self.sites.sublayer_output(h, self.where, dtype=dt)
         return nn.LayerNorm(cfg.norm_eps, dtype=dt, name="LayerNorm")(h + residual)
 
 
@@ -69,10 +69,10 @@ class BertLayer(nn.Module):
 
     @nn.compact
     def __call__(self, x, p: common.Prepared, layer: int, deterministic: bool):
-        cfg, adapter = self.config, self.sites.adapter
+        cfg = self.config
         h = _Attention(cfg, self.sites, name="attention")(x, p, layer, deterministic)
         i = _Intermediate(cfg, self.sites, name="intermediate")(h, deterministic)
-        return BertOutput(cfg, self.sites, adapter is not None, name="output")(i, h, deterministic)
+        return BertOutput(cfg, self.sites, "mlp", name="output")(i, h, deterministic)
 
 
 class _Attention(nn.Module):
@@ -81,10 +81,8 @@ class _Attention(nn.Module):
 
     @nn.compact
     def __call__(self, x, p: common.Prepared, layer: int, deterministic: bool):
-        adapter = self.sites.adapter
         h = BertSelfAttention(self.config, self.sites, name="self")(x, p, layer, deterministic)
-        return BertOutput(self.config, self.sites, bool(adapter and adapter.after_attention),
-                          name="output")(h, x, deterministic)
+        return BertOutput(self.config, self.sites, "attention", name="output")(h, x, deterministic)
 
 
 class _Intermediate(nn.Module):

@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 
 from ptune.models.config import ModelConfig
-from ptune.models.layers import Linear, PrefixKV, SoftPrompt, contract, param, segment_positions, visible_mask
+from ptune.models.layers import Linear, contract, param, segment_positions, visible_mask
 from ptune.models.sites import Sites
 
 OUTPUTS = ("hidden", "logits", "last_logits", "class", "nll_sum")
@@ -43,8 +43,7 @@ def prepare(model: nn.Module, tok, attention_mask, positions, *, decode: bool, w
     """
     cfg, sites = model.config, model.sites
     B, T = tok.shape[:2]
-    n_prompt = sites.prompt.length if sites.prompt else 0
-    n_prefix = sites.prefix.length if sites.prefix else 0
+    n_prompt, n_prefix = sites.input_tokens, sites.kv_tokens
     attention_mask = jnp.ones((B, T), jnp.int32) if attention_mask is None else attention_mask.astype(jnp.int32)
     if positions is None:
         if decode and not model.is_initializing():
@@ -53,8 +52,8 @@ def prepare(model: nn.Module, tok, attention_mask, positions, *, decode: bool, w
     positions = positions + n_prompt + n_prefix
     kv_mask = jnp.concatenate([jnp.ones((B, n_prompt), attention_mask.dtype), attention_mask], 1)
     this_mask = attention_mask[:, :T]
-    if sites.prompt and with_prompt:
-        prompt = SoftPrompt(n_prompt, cfg.hidden_size, name="prompt")().astype(tok.dtype)
+    if n_prompt and with_prompt:
+        prompt = sites.input_embeddings(cfg).astype(tok.dtype)
         tok = jnp.concatenate([jnp.broadcast_to(prompt, (B,) + prompt.shape), tok], 1)
         prompt_pos = jnp.broadcast_to(jnp.arange(n_prompt) + n_prefix, (B, n_prompt))
         positions = jnp.concatenate([prompt_pos, positions], 1)
@@ -72,13 +71,10 @@ def prepare(model: nn.Module, tok, attention_mask, positions, *, decode: bool, w
     else:
         q_slots, kv_mask = jnp.arange(L), this_mask
     q_slots = jnp.broadcast_to(q_slots, (B, L))
-    prefix = None
-    if sites.prefix:
-        prefix = PrefixKV(sites.prefix, cfg.num_layers, cfg.num_kv_heads, cfg.head_dim,
-                          cfg.hidden_size, name="prefix")()
+    prefix = sites.layer_kv(cfg)
     shared = kv_mask.shape[1] - attention_mask.shape[1]   # the soft prompt's slots lead kv_mask
     visible = visible_mask(kv_mask, q_slots, causal, n_prefix, shared)
-    prepended = n_prompt if (sites.prompt and with_prompt) else 0
+    prepended = n_prompt if with_prompt else 0
     return Prepared(tok, positions, this_mask, visible, prefix, cache_index, prepended)
 
 

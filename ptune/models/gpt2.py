@@ -7,7 +7,7 @@ import jax.numpy as jnp
 
 from ptune.models import common
 from ptune.models.config import ModelConfig
-from ptune.models.layers import ACTIVATIONS, Adapter, Linear, attend
+from ptune.models.layers import ACTIVATIONS, Linear, attend
 from ptune.models.sites import Sites
 
 _EMBED = nn.with_logical_partitioning(nn.initializers.normal(0.02), ("vocab", "embed"))
@@ -49,17 +49,15 @@ class GPT2Block(nn.Module):
 
     @nn.compact
     def __call__(self, x, p: common.Prepared, layer: int, deterministic: bool):
-        cfg, adapter, dt = self.config, self.sites.adapter, self.config.compute_dtype
+        cfg, dt = self.config, self.config.compute_dtype
         drop = nn.Dropout(cfg.dropout)
         h = GPT2Attention(cfg, self.sites, name="attn")(
             nn.LayerNorm(cfg.norm_eps, dtype=dt, name="ln_1")(x), p, layer, deterministic)
-        if adapter and adapter.after_attention:
-            h = Adapter(adapter, dtype=dt, name="attn_adapter")(h)
+        h = self.sites.sublayer_output(h, "attention", dtype=dt, name="attn_{kind}")
         x = x + drop(h, deterministic=deterministic)
         h = GPT2MLP(cfg, self.sites, name="mlp")(nn.LayerNorm(cfg.norm_eps, dtype=dt, name="ln_2")(x),
                                                  deterministic)
-        if adapter:
-            h = Adapter(adapter, dtype=dt, name="mlp_adapter")(h)
+        h = self.sites.sublayer_output(h, "mlp", dtype=dt, name="mlp_{kind}")
         return x + drop(h, deterministic=deterministic)
 
 

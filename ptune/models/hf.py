@@ -8,8 +8,9 @@ in the tables below, never by a per-key list:
     bert/encoder/layer_1/output/LayerNorm/scale    bert.encoder.layer.1.output.LayerNorm.weight
     score/kernel, classifier/bias, lm_head/kernel  score.weight, classifier.bias, lm_head.weight
 
-Site leaves (LoRA, IA3, adapters, soft prompt, prefix) are the methods' parameters: no
-base checkpoint has them, so `to_hf` leaves them out and `from_hf` keeps the template's.
+Site leaves (those a registered site kind owns: LoRA, IA3, adapters, soft prompt, prefix...)
+are the methods' parameters: no base checkpoint has them, so `to_hf` leaves them out and
+`from_hf` keeps the template's. Their PEFT names are the kinds' (see `ptune.hf_peft`).
 """
 
 from __future__ import annotations
@@ -21,16 +22,15 @@ import numpy as np
 
 from ptune import partition
 from ptune.models import WORD_EMBEDDINGS
+from ptune.models.sites import is_site
 
 # Where each family's body sits in `*ForCausalLM` / `*ForSequenceClassification` state dicts.
 # A bare `GPT2Model` / `LlamaModel` / `BertModel` saves its keys without it; we add it back.
 BASE = {"gpt2": "transformer", "llama": "model", "bert": "bert"}
 # Heads outside the body: the LM head (untied decoders) and the task heads.
 LM_HEAD, TASK_HEADS = "lm_head.weight", ("score.", "classifier.")
-# Flax leaf name -> torch parameter name (nn.Dense/Linear, nn.Embed, LayerNorm/RMSNorm), and
-# LoRA/IA3 site leaves -> HF PEFT's names for them (see `ptune.hf_peft`).
-LEAF_NAMES = {"kernel": "weight", "embedding": "weight", "scale": "weight", "bias": "bias",
-              "lora_a": "lora_A.weight", "lora_b": "lora_B.weight", "ia3": "ia3_l"}
+# Flax leaf name -> torch parameter name (nn.Dense/Linear, nn.Embed, LayerNorm/RMSNorm).
+LEAF_NAMES = {"kernel": "weight", "embedding": "weight", "scale": "weight", "bias": "bias"}
 # Flax names list entries `h_3`, `layers_3`, `layer_3`; torch ModuleLists `h.3`, ...
 LIST_ENTRY = re.compile(r"^(h|layers|layer)_(\d+)$")
 # Kernels are (in, out) in Flax and (out, in) in torch's nn.Linear, except in GPT-2's body,
@@ -39,15 +39,9 @@ CONV1D_BODY = {"gpt2": "transformer/"}
 # Older checkpoints' names for the same tensors.
 OLD_NAMES = [(re.compile(r"LayerNorm\.gamma$"), "LayerNorm.weight"),
              (re.compile(r"LayerNorm\.beta$"), "LayerNorm.bias")]
-# Site leaves: ptune paths that have no HF base key.
-SITE = re.compile(r"^(prompt|prefix)/|adapter/|/lora_[ab]$|/ia3$")
 # HF keys skipped on reading: non-parameter buffers (position ids, RoPE frequencies, GPT-2's
 # causal-mask buffers) and BERT's pre-training heads, which ptune does not model.
 IGNORED = re.compile(r"position_ids$|rotary_emb\.inv_freq$|\.attn\.(masked_)?bias$|^cls\.")
-
-
-def is_site(path: str) -> bool:
-    return bool(SITE.search(path))
 
 
 def hf_module(path: str) -> str:

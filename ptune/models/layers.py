@@ -1,83 +1,28 @@
-"""Layers shared by every model family, and the sites they know how to grow.
+"""Layers shared by every model family.
 
-`Linear` grows LoRA and IA3 when its module path matches the site's targets;
-`Adapter`, `SoftPrompt` and `PrefixKV` are whole sites; `attend` is attention
-with optional prefix keys/values and a KV cache. Parameters carry logical axis
-names (``embed``, ``mlp``, ``heads``, ``kv``, ``vocab``) for sharding rules.
+`Linear` is where site kinds that wrap a linear layer attach (`Sites.wrap_linear`); `attend` is
+attention with optional prefix keys/values and a KV cache. Parameters carry logical axis names
+(``embed``, ``mlp``, ``heads``, ``kv``, ``vocab``) for sharding rules.
 """
 
 from __future__ import annotations
 
-import functools
-import re
 from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from ptune.models.sites import Adapter as AdapterSpec
-from ptune.models.sites import Prefix as PrefixSpec
-from ptune.models.sites import Sites
+from ptune.models.ops import ACTIVATIONS, Dtype, contract, matmul, normal, param
+from ptune.models.sites import LinearCall, Sites
 
-Dtype = Any
-normal = nn.initializers.normal
-# PEFT initialises LoRA A like torch.nn.Linear: kaiming_uniform(a=sqrt(5)) = U(±1/sqrt(fan_in)).
-lora_a_init = nn.initializers.variance_scaling(1 / 3, "fan_in", "uniform")
-
-
-def param(module: nn.Module, name: str, init, shape, axes, dtype=jnp.float32):
-    """A parameter annotated with logical axis names (one per dimension)."""
-    return module.param(name, nn.with_logical_partitioning(init, axes), shape, dtype)
-
-
-def contract(spec: str, a, b, dtype):
-    """jnp.einsum(spec, a, b) in the compute `dtype`. Below float32 the operands are cast to
-    `dtype`, multiplied in it and accumulated in float32, in the backward pass too, and the result
-    is float32.
-
-    Accelerators accumulate low-precision products in float32 anyway; XLA:CPU runs bf16 products
-    on its fast (AMX) path only when asked for a float32 result, and JAX's own transpose of such a
-    product mixes a float32 cotangent with a bf16 operand, which falls back to float32: a bf16 step
-    is ~2x faster this way on a CPU with AMX (BUILD_NOTES, issue 8). The casts happen inside, so
-    the backward pass keeps the operands as given (a float32 weight is live anyway; a bf16 copy
-    of every weight would not be) and a float32 weight's gradient is never rounded to bf16."""
-    if jnp.dtype(dtype) == jnp.float32:
-        return jnp.einsum(spec, a.astype(dtype), b.astype(dtype))
-    return _accumulate_f32(spec, jnp.dtype(dtype), a, b)
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
-def _accumulate_f32(spec, dtype, a, b):
-    return jnp.einsum(spec, a.astype(dtype), b.astype(dtype), preferred_element_type=jnp.float32)
-
-
-def _accumulate_f32_forward(spec, dtype, a, b):
-    return _accumulate_f32(spec, dtype, a, b), (a, b)
-
-
-def _accumulate_f32_backward(spec, dtype, operands, g):
-    """Each operand's gradient is the product of the cotangent (in `dtype`) with the other operand,
-    accumulated in float32 and returned in the operand's own dtype (every index of a spec here is
-    in two of its three terms, so each gradient is one product)."""
-    a, b = operands
-    (sa, sb), out = spec.split("->")[0].split(","), spec.split("->")[1]
-    g, a_low, b_low = g.astype(dtype), a.astype(dtype), b.astype(dtype)
-    da = jnp.einsum(f"{out},{sb}->{sa}", g, b_low, preferred_element_type=jnp.float32)
-    db = jnp.einsum(f"{sa},{out}->{sb}", a_low, g, preferred_element_type=jnp.float32)
-    return da.astype(a.dtype), db.astype(b.dtype)
-
-
-_accumulate_f32.defvjp(_accumulate_f32_forward, _accumulate_f32_backward)
-
-
-def matmul(x, w, dtype):
-    """x @ w over x's last axis, in the compute `dtype` (see `contract`), the result in `dtype`."""
-    return contract("...i,io->...o", x, w, dtype).astype(dtype)
+__all__ = ["ACTIVATIONS", "Linear", "attend", "contract", "matmul", "param", "rope", "segment_positions",
+           "visible_mask"]
 
 
 class Linear(nn.Module):
-    """y = x @ kernel + bias, with LoRA and IA3 grown where the sites target this layer."""
+    """y = x @ kernel + bias, inside the site kinds that target this layer: those that wrap the product
+    x @ kernel (LoRA) add to it before the bias, those that wrap the layer (IA3) see the bias too."""
     features: int
     axes: tuple[str | None, str | None] = ("embed", "mlp")
     use_bias: bool = True
@@ -87,96 +32,17 @@ class Linear(nn.Module):
 
     @nn.compact
     def __call__(self, x, deterministic: bool = True):
-        path = "/".join(self.path)
-        lora, ia3 = self.sites.lora, self.sites.ia3
-        lora = lora if lora and re.search(lora.targets, path) else None
-        ia3 = ia3 if ia3 and re.search(ia3.targets, path) else None
-        ia3_on_input = bool(ia3 and re.search(ia3.feedforward, path))
-        d_in = x.shape[-1]
         # Base parameters first: Flax derives each parameter's init RNG from the creation
         # order, so sites created later leave the base initialisation unchanged.
-        kernel = param(self, "kernel", self.kernel_init, (d_in, self.features), self.axes)
+        kernel = param(self, "kernel", self.kernel_init, (x.shape[-1], self.features), self.axes)
         bias = param(self, "bias", nn.initializers.zeros, (self.features,), (self.axes[1],)) if self.use_bias else None
-        x = x.astype(self.dtype)
-        if ia3:
-            size, axis = (d_in, self.axes[0]) if ia3_on_input else (self.features, self.axes[1])
-            scale = param(self, "ia3", nn.initializers.ones, (size,), (axis,)).astype(self.dtype)
-        if ia3_on_input:
-            x = x * scale
-        y = matmul(x, kernel, self.dtype)
-        if lora:
-            a = param(self, "lora_a", lora_a_init, (d_in, lora.rank), (self.axes[0], None))
-            b = param(self, "lora_b", nn.initializers.zeros, (lora.rank, self.features), (None, self.axes[1]))
-            h = nn.Dropout(lora.dropout)(x, deterministic=deterministic)
-            y = y + matmul(matmul(h, a, self.dtype), b * lora.scale, self.dtype)
-        if bias is not None:
-            y = y + bias.astype(self.dtype)
-        if ia3 and not ia3_on_input:
-            y = y * scale
-        return y
+        call = LinearCall(self, kernel, deterministic)
+        product = self.sites.wrap_linear("product", lambda h: matmul(h, kernel, self.dtype), call)
 
-
-# HF `hidden_act` names. "gelu" is the exact (erf) GELU; flax's nn.gelu defaults to the tanh form.
-ACTIVATIONS = {"relu": nn.relu, "gelu": lambda x: nn.gelu(x, approximate=False),
-               "gelu_new": lambda x: nn.gelu(x, approximate=True),
-               "gelu_pytorch_tanh": lambda x: nn.gelu(x, approximate=True),
-               "silu": nn.silu, "swish": nn.silu, "tanh": jnp.tanh}
-
-
-class Adapter(nn.Module):
-    """Houlsby/Pfeiffer bottleneck: x + up(act(down(x))), up initialised to 0 (identity)."""
-    spec: AdapterSpec
-    dtype: Dtype = jnp.float32
-
-    @nn.compact
-    def __call__(self, x):
-        d, m, zeros, dt = x.shape[-1], self.spec.size, nn.initializers.zeros, self.dtype
-        x = x.astype(dt)
-        h = matmul(x, param(self, "down", normal(1e-3), (d, m), ("embed", None)), dt)
-        h = ACTIVATIONS[self.spec.activation](h + param(self, "down_bias", zeros, (m,), (None,)).astype(dt))
-        h = matmul(h, param(self, "up", zeros, (m, d), (None, "embed")), dt)
-        return x + h + param(self, "up_bias", zeros, (d,), ("embed",)).astype(dt)
-
-
-class SoftPrompt(nn.Module):
-    """L trainable input embeddings (Lester et al.), uniform in [-0.5, 0.5] until a method re-initialises them."""
-    length: int
-    features: int
-
-    @nn.compact
-    def __call__(self):
-        init = lambda key, shape, dtype: jax.random.uniform(key, shape, dtype, -0.5, 0.5)
-        return param(self, "embedding", init, (self.length, self.features), (None, "embed"))
-
-
-class PrefixKV(nn.Module):
-    """Per-layer key/value prefixes, shape (layers, 2, L, kv_heads, head_dim), float32.
-
-    They do not depend on the batch, so they are computed in float32 whatever the
-    compute dtype; `attend` casts them to the keys' dtype.
-
-    With ``spec.hidden`` they come from Li & Liang's reparameterisation
-    (embedding -> Linear -> tanh -> Linear), which `ptune.methods.prefix.fold`
-    evaluates once to give the direct form (a single ``kv`` parameter).
-    """
-    spec: PrefixSpec
-    num_layers: int
-    kv_heads: int
-    head_dim: int
-    d_model: int
-
-    @nn.compact
-    def __call__(self):
-        L, width = self.spec.length, self.num_layers * 2 * self.kv_heads * self.head_dim
-        shape = (self.num_layers, 2, L, self.kv_heads, self.head_dim)
-        if self.spec.hidden is None:
-            kv = param(self, "kv", normal(0.02), (self.num_layers, 2, L, self.kv_heads * self.head_dim),
-                       ("layers", None, None, "kv"))
-            return kv.reshape(shape)
-        e = param(self, "embedding", normal(0.02), (L, self.d_model), (None, "embed"))
-        h = jnp.tanh(nn.Dense(self.spec.hidden, name="mlp_in")(e))
-        kv = nn.Dense(width, name="mlp_out")(h)                       # (L, layers*2*kv)
-        return kv.reshape(L, self.num_layers, 2, self.kv_heads, self.head_dim).transpose(1, 2, 0, 3, 4)
+        def layer(h):
+            y = product(h)
+            return y if bias is None else y + bias.astype(self.dtype)
+        return self.sites.wrap_linear("layer", layer, call)(x.astype(self.dtype))
 
 
 def rope(x, positions, theta: float):

@@ -8,7 +8,7 @@ import flax.linen as nn
 
 from ptune.models import common
 from ptune.models.config import ModelConfig
-from ptune.models.layers import ACTIVATIONS, Adapter, Linear, attend, rope
+from ptune.models.layers import ACTIVATIONS, Linear, attend, rope
 from ptune.models.sites import Sites
 
 _EMBED = nn.with_logical_partitioning(nn.initializers.normal(0.02), ("vocab", "embed"))
@@ -53,16 +53,14 @@ class LlamaBlock(nn.Module):
 
     @nn.compact
     def __call__(self, x, p: common.Prepared, layer: int, deterministic: bool):
-        cfg, adapter, dt = self.config, self.sites.adapter, self.config.compute_dtype
+        cfg, dt = self.config, self.config.compute_dtype
         h = LlamaAttention(cfg, self.sites, name="self_attn")(
             nn.RMSNorm(cfg.norm_eps, dtype=dt, name="input_layernorm")(x), p, layer, deterministic)
-        if adapter and adapter.after_attention:
-            h = Adapter(adapter, dtype=dt, name="attn_adapter")(h)
+        h = self.sites.sublayer_output(h, "attention", dtype=dt, name="attn_{kind}")
         x = x + h
         h = LlamaMLP(cfg, self.sites, name="mlp")(
             nn.RMSNorm(cfg.norm_eps, dtype=dt, name="post_attention_layernorm")(x), deterministic)
-        if adapter:
-            h = Adapter(adapter, dtype=dt, name="mlp_adapter")(h)
+        h = self.sites.sublayer_output(h, "mlp", dtype=dt, name="mlp_{kind}")
         return x + h
 
 

@@ -76,7 +76,7 @@ def test_ia3_targets_matching_no_layer(abstract):
     model = models.build(GPT2, method.sites)
     _, params = abstract("gpt2-tiny", method.sites, 2)
     with pytest.raises(ValueError, match=r"method ia3: targets '\(\^\|/\)\(nowhere\)\$' match no layer"):
-        models.check_targets(model, params)
+        models.check_sites(model, params)
 
 
 @pytest.mark.parametrize("name,path,first,second", [
