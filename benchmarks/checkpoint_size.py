@@ -16,7 +16,7 @@ import time
 import jax
 import numpy as np
 
-from ptune import checkpoint, partition, train
+from ptune import builder, checkpoint, compute, partition
 from ptune.config import base_config, with_method
 
 
@@ -25,19 +25,19 @@ def bench(method: str, model: str, source: str):
     config.model.update(preset=model, checkpoint=source)
     config.task.options = {"n_train": 16, "n_eval": 16}
     config.checkpoint.every_steps = 1
-    run = train.setup(config)
+    run = builder.setup(config)
     rng = np.random.default_rng(0)
     trainable, _ = partition.split(run.params, run.labels)
     trainable, opt_state = jax.tree.map(lambda x: (0.02 * rng.standard_normal(x.shape)).astype(x.dtype),
                                         (trainable, run.tx.init(trainable)))
     with tempfile.TemporaryDirectory() as workdir:
-        checkpoints = checkpoint.Checkpoints(workdir, run, train.dropout_key(0))
+        checkpoints = checkpoint.Checkpoints(workdir, run, compute.dropout_key(0))
         t0 = time.perf_counter()
         sizes = checkpoints.save(1, trainable, opt_state)
         save_s = time.perf_counter() - t0
         checkpoints.close()
         t0 = time.perf_counter()
-        reopened = checkpoint.Checkpoints(workdir, run, train.dropout_key(0))   # validates, restores, checks sha256
+        reopened = checkpoint.Checkpoints(workdir, run, compute.dropout_key(0))   # validates, restores, checks sha256
         restore_s = time.perf_counter() - t0 - reopened.base_hash_seconds
     return sizes, save_s, restore_s, checkpoints.base_hash_seconds
 

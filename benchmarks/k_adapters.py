@@ -20,7 +20,7 @@ import time
 import jax
 import numpy as np
 
-from ptune import multi, partition, train
+from ptune import builder, compute, multi, partition
 from ptune.config import base_config, with_method
 from ptune.data import batching
 
@@ -44,9 +44,9 @@ def timed(args, step, state, batch_at):
 
 
 def single(args, learning_rate):
-    run = train.setup(config(args, learning_rate))
+    run = builder.setup(config(args, learning_rate))
     trainable, frozen = partition.split(run.params, run.labels)
-    train_step, rng = train.make_train_step(run), jax.random.key(0)
+    train_step, rng = compute.make_train_step(run), jax.random.key(0)
     step = lambda state, batch: train_step(*state, frozen, batch, rng)[:2]
     batch_at = lambda i: batching.batch_at(run.data["train"], i, args.batch, 0)
     return timed(args, step, (trainable, run.tx.init(trainable)), batch_at)

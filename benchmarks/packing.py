@@ -34,7 +34,7 @@ import time
 import jax
 import jax.numpy as jnp
 
-from ptune import partition, train
+from ptune import builder, compute, partition
 from ptune.config import base_config, with_method, with_task
 from ptune.data import batching
 from ptune.data.packing import padding_fraction
@@ -84,7 +84,7 @@ def main():
     config.model.checkpoint = args.checkpoint
     config.task.max_length = max(lengths)
     config.train.batch_size = args.batch
-    run = train.setup(config)
+    run = builder.setup(config)
     if run.task.kind not in batching.KINDS_THAT_PACK:
         raise SystemExit(f"error: task {args.task!r} is a {run.task.kind} task; packing serves "
                          f"{batching.KINDS_THAT_PACK}")
@@ -92,7 +92,7 @@ def main():
           f"{len(run.task.split('train'))} train examples), batch {args.batch}, "
           f"median of {args.steps} steps after warm-up")
     print(f"{'max_length':>10} {'layout':<7}{'rows':>7}{'padding':>9}{'step s':>8}{'real tok/s':>12}{'loss tok/s':>12}")
-    step = train.make_train_step(run)
+    step = compute.make_train_step(run)
     for length in lengths:
         for packed in (False, True):
             arrays = encode(run, length, packed)

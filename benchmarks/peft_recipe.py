@@ -29,7 +29,6 @@ Each (method, seed) appends one JSON line to --out; lines already there are skip
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import os
 import sys
@@ -38,8 +37,6 @@ import time
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-
-import numpy as np  # noqa: E402
 
 # Not prefix: PEFT 0.21's prefix tuning refuses BERT under transformers 5 ("Model does not support past
 # key values which are required for prefix tuning."), so it has no MiniLM reference here.
@@ -65,11 +62,11 @@ def peft_config(method: str, num_virtual: int = 20):
 
 def ptune_data(study, task: str, method: str, lr: float, seed: int):
     """The study's config for this point and ptune's encoded train/validation/test arrays."""
-    from ptune import config as config_lib, train
+    from ptune import builder, config as config_lib
     config = config_lib.override(study.get_config(f"select:{task}"),
                                  {"method": method, "optim.learning_rate": lr, "seed": seed}, "peft_recipe")
-    run = train.setup(config)
-    encode = train.encoder(config, run.task, run.template, run.tokenizer, run.model.config.family)
+    run = builder.setup(config)
+    encode = builder.encoder(config, run.task, run.template, run.tokenizer, run.model.config.family)
     return config, {**run.data, "test": encode(run.task.split("test"))}
 
 

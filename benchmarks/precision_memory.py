@@ -5,8 +5,8 @@
 Variants (config.model keys): f32; bf16 compute (dtype); bf16 frozen base (frozen_dtype);
 both; remat (remat=full, f32). Each run is its own subprocess, so its peak RSS is its own;
 the variants run alternately for --rounds rounds and the table shows medians over rounds.
-Random weights (preset gpt2), LM loss on the synthetic_lm task, AdamW, through `train.setup`
-and `train.make_train_step`. Columns: frozen-leaf bytes; RSS after setup; peak RSS while
+Random weights (preset gpt2), LM loss on the synthetic_lm task, AdamW, through `builder.setup`
+and `compute.make_train_step`. Columns: frozen-leaf bytes; RSS after setup; peak RSS while
 training steps run (the high-water mark is reset after the first, compiling, step); compile
 time; XLA's own temporary-buffer estimate for the step (`memory_analysis`, allocator-independent);
 median step time. The machine this ran on may be shared: compare medians, not single runs.
@@ -39,7 +39,7 @@ def rss_mb(field: str) -> float:
 def measure(variant: str, args) -> dict:
     import jax
 
-    from ptune import partition, train
+    from ptune import builder, compute, partition
     from ptune.config import base_config, with_method
     from ptune.data import batching
 
@@ -50,13 +50,13 @@ def measure(variant: str, args) -> dict:
     config.task.options = {"n_train": args.batch * (args.steps + 1), "n_eval": 8}
     config.task.max_length = args.length
     config.train.update(steps=args.steps + 1, batch_size=args.batch, progress=False)
-    run = train.setup(config)
+    run = builder.setup(config)
     trainable, frozen = partition.split(run.params, run.labels)
     opt_state = run.tx.init(trainable)
     rss_setup = rss_mb("VmRSS")
     batch = lambda i: batching.batch_at(run.data["train"], i, args.batch, 0)
     t0 = time.perf_counter()
-    step = train.make_train_step(run).lower(trainable, opt_state, frozen, batch(0), jax.random.key(0)).compile()
+    step = compute.make_train_step(run).lower(trainable, opt_state, frozen, batch(0), jax.random.key(0)).compile()
     compile_s = time.perf_counter() - t0
 
     def train_step(i):

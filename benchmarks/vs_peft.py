@@ -160,7 +160,7 @@ def step_dots(shape: str) -> list[dict]:
 # ------------------------------------------------------------------------------------------ ptune
 
 def ptune_setup(shape: str, method: str, dtype: str, remat: str = "none"):
-    from ptune import train
+    from ptune import builder
     from ptune.config import base_config, with_method
     config = with_method(base_config(), method)
     config.model.update(preset=shape, dtype=dtype, remat=remat)
@@ -168,7 +168,7 @@ def ptune_setup(shape: str, method: str, dtype: str, remat: str = "none"):
     config.optim.learning_rate = LR
     config.train.update(steps=1, batch_size=BATCH, progress=False)
     config.checkpoint.every_steps = 1
-    return train.setup(config)
+    return builder.setup(config)
 
 
 def ptune_step(shape: str, method: str, dtype: str, remat: str = "none"):
@@ -179,14 +179,14 @@ def ptune_step(shape: str, method: str, dtype: str, remat: str = "none"):
     import jax
     import numpy as np
 
-    from ptune import partition, train
+    from ptune import compute, partition
     run = ptune_setup(shape, method, dtype, remat)
     ids = np.random.default_rng(0).integers(0, run.model.config.vocab_size, (BATCH, LENGTH)).astype(np.int32)
     batch = {"input_ids": ids, "attention_mask": np.ones_like(ids), "loss_mask": np.ones_like(ids)}
     trainable, frozen = partition.split(run.params, run.labels)
     state = [trainable, run.tx.init(trainable)]
     t0 = time.perf_counter()
-    step = train.make_train_step(run).lower(*state, frozen, batch, jax.random.key(0)).compile()
+    step = compute.make_train_step(run).lower(*state, frozen, batch, jax.random.key(0)).compile()
     compile_s = time.perf_counter() - t0
 
     def one():
@@ -196,11 +196,11 @@ def ptune_step(shape: str, method: str, dtype: str, remat: str = "none"):
 
 
 def ptune_train(shape: str, method: str, dtype: str, steps: int, warmup: int, remat: str) -> dict:
-    from ptune import checkpoint, train
+    from ptune import checkpoint, compute
     run, step, state, one, compile_s = ptune_step(shape, method, dtype, remat)
     trainable_count = run.summary.trainable   # before the step donates run.params' arrays
     tmp = tempfile.TemporaryDirectory()
-    checkpoints = checkpoint.Checkpoints(tmp.name, run, train.dropout_key(0))   # reads run.params: before donation
+    checkpoints = checkpoint.Checkpoints(tmp.name, run, compute.dropout_key(0))   # reads run.params: before donation
     first, median = timed(one, steps, warmup)
     saved = checkpoints.save(1, *state)
     checkpoints.close()

@@ -21,7 +21,7 @@ from typing import Any
 import jax
 import ml_collections
 
-from ptune import checkpoint, evals, partition, sharding, train
+from ptune import builder, checkpoint, compute, evals, partition, sharding, train
 from ptune import config as config_lib
 from ptune import generate as generate_lib
 from ptune.data import batching, tasks
@@ -53,7 +53,7 @@ def setup(config: ml_collections.ConfigDict) -> Tuner:
     if not isinstance(config, ml_collections.ConfigDict):
         raise ValueError(f"setup: config is a {type(config).__name__}, not an ml_collections ConfigDict; make one "
                          "with ptune.load_config(spec, {'dotted.key': value, ...})")
-    return Tuner(train.setup(config))
+    return Tuner(builder.setup(config))
 
 
 def load_adapter(workdir: str, which: str | int = "latest") -> Tuner:
@@ -62,7 +62,7 @@ def load_adapter(workdir: str, which: str | int = "latest") -> Tuner:
     scripts/train.py (or `ptune.train.train_and_evaluate`) trained; the frozen base is rebuilt from
     the run's config and must be the one it was trained on (its sha256 is checked)."""
     config, trainable, record = checkpoint.load_adapter(workdir, which)
-    run = train.setup(config)
+    run = builder.setup(config, training=False)   # no optimizer state: it evaluates, predicts, generates
     base = checkpoint.base_record(config, partition.split(run.params, run.labels)[1])
     checkpoint.check_base(record["base"], base, f"{workdir}/{checkpoint.DIRECTORY}/{record['step']}",
                           config.checkpoint.allow_base_mismatch)
@@ -77,17 +77,17 @@ class Tuner:
     prompt template of the run), `summary` (parameter counts per label), `step` (steps trained).
     """
 
-    def __init__(self, run: train.Run, trainable=None, step: int = 0, loaded_from: str | None = None):
+    def __init__(self, run: builder.Run, trainable=None, step: int = 0, loaded_from: str | None = None):
         self.config, self.task, self.method, self.model = run.config, run.task, run.method, run.model
         self.tokenizer, self.template, self.summary = run.tokenizer, run.template, run.summary
         self.step, self._run, self._loaded_from = step, run, loaded_from
         fresh, frozen = partition.split(run.params, run.labels)
         # As train.train_and_evaluate lays a run out, so that the steps equal the launcher's. The
         # train step donates the trainable arrays, so run.params is not used after this.
-        self._where = train.layout(run, fresh, frozen)
+        self._where = compute.layout(run, fresh, frozen)
         self._trainable = sharding.put(fresh if trainable is None else trainable, self._where.trainable)
         self._frozen = sharding.put(frozen, self._where.frozen)
-        self._eval_step = train.make_eval_step(run, self._where)
+        self._eval_step = compute.make_eval_step(run, self._where)
         self._opt_state = self._step_fn = self._classify = None   # built when first needed
         self._pending = []   # the step's non-finite flag (see train.check_finite)
 
@@ -132,8 +132,8 @@ class Tuner:
                              f"{self._loaded_from} further, raise config.train.steps and rerun scripts/train.py on it "
                              "(it resumes from its newest checkpoint)")
         if self._step_fn is None:   # as train._train starts a run
-            self._opt_state = train.init_opt_state(run, self._where, self._trainable)
-            self._step_fn = train.make_step_fn(run, self._where, self._frozen, self._pending)
+            self._opt_state = compute.init_opt_state(run, self._where, self._trainable)
+            self._step_fn = compute.make_step_fn(run, self._where, self._frozen, self._pending)
 
         def step_fn(state, step):
             (self._trainable, self._opt_state), metrics = self._step_fn(state, step)
@@ -157,7 +157,7 @@ class Tuner:
         launcher evaluates: `loss` and `accuracy` (classification) or `perplexity`, with `count`
         (examples, or predicted tokens)."""
         split = self.config.train.eval_split if split is None else split
-        return train.evaluate(self._run, self.params, self._split(split), self._eval_step, self._where)
+        return compute.evaluate(self._run, self.params, self._split(split), self._eval_step, self._where)
 
     def _split(self, split) -> str:
         """`split`, encoded as setup encodes the run's splits (once)."""
@@ -165,7 +165,7 @@ class Tuner:
         if not isinstance(split, str):
             raise ValueError(f"evaluate: split={split!r} must be a split name; splits: {sorted(task.splits)}")
         if data.get(split) is None:   # (a method that trains nothing has no encoded train split)
-            encode = train.encoder(self.config, task, self.template, self.tokenizer, self.model.config.family)
+            encode = builder.encoder(self.config, task, self.template, self.tokenizer, self.model.config.family)
             data[split] = encode(task.split(split))
         return split
 

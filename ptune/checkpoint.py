@@ -270,7 +270,7 @@ class Checkpoints:
 
     def resume(self, trainable, opt_state, where=None):
         """(start step, trainable, opt_state): the restored state, laid out by `where` (a
-        `train.Layout`; host arrays without one), or the fresh state at step 0 when there is
+        `compute.Layout`; host arrays without one), or the fresh state at step 0 when there is
         nothing to resume."""
         if not self.restored:
             return 0, trainable, opt_state

@@ -146,7 +146,7 @@ def check(config) -> None:
     if clip is not None and (isinstance(clip, bool) or not isinstance(clip, (int, float)) or
                              not (math.isfinite(clip) and clip >= 0)):
         raise ValueError(f"config.optim.clip_norm={clip!r} must be a finite number >= 0 (0: no clipping)")
-    try:   # the default group; each label's group is checked by train.optimizer_group
+    try:   # the default group; each label's group is checked by builder.optimizer_group
         Group(**{k: v for k, v in config.optim.items() if k not in ("groups", "clip_norm")})
     except (TypeError, ValueError) as e:
         raise ValueError(f"config.optim.{e}") from None

@@ -102,7 +102,7 @@ def export_workdir(workdir, out_dir, which: str | int = "latest", merge: bool = 
     run's checkpoint; a random-init preset has no loadable base, so its name is written and
     `how_to_load` says so (refusing would also refuse ptune's own `load` of the adapter).
     Returns the directory path."""
-    from ptune import checkpoint, train
+    from ptune import builder, checkpoint
     _require_new_dir(pathlib.Path(out_dir))   # before minutes of loading, not after
     if base is not None:
         if merge:
@@ -112,7 +112,7 @@ def export_workdir(workdir, out_dir, which: str | int = "latest", merge: bool = 
             raise ValueError(f"base {base!r} has no config.json; pass a transformers model directory, e.g. one "
                              "written by `python scripts/assets.py export-hf smollm2 DIR`")
     config, trainable, _ = checkpoint.load_adapter(workdir, which)
-    run = train.setup(config)
+    run = builder.setup(config, training=False)
     _, frozen = partition.split(run.params, run.labels)
     params = partition.merge(trainable, frozen)
     if merge:

@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ptune import checkpoint, partition, stopping, train
+from ptune import builder, checkpoint, compute, partition, stopping, train
 from ptune import workdir as workdir_lib
 from ptune.data import batching
 
@@ -39,7 +39,7 @@ def batchable(key: str) -> bool:
 @dataclasses.dataclass
 class Multi:
     """K runs set up to train together; `trainable` and `opt_state` have a leading axis K."""
-    runs: list[train.Run]        # per point; `params` hold shapes only (the arrays are below)
+    runs: list[builder.Run]        # per point; `params` hold shapes only (the arrays are below)
     trainable: dict
     opt_state: Any
     frozen: dict                 # shared, or stacked along axis 0 when the points' bases differ
@@ -69,7 +69,7 @@ def differing_keys(a, b) -> list[str]:
 
 
 def setup(configs) -> Multi:
-    """Set up every config (train.setup validates each) and stack their trainable subtrees.
+    """Set up every config (builder.setup validates each) and stack their trainable subtrees.
 
     Errors name the config keys at fault: points whose shapes differ (trainable leaves or
     batches), or that differ in a key vmap cannot batch (see `batchable`).
@@ -78,13 +78,13 @@ def setup(configs) -> Multi:
         raise ValueError(f"vmapping needs at least 2 points, got {len(configs)}")
     runs, trainables, opt_states, frozens = [], [], [], []
     for i, config in enumerate(configs):
-        run = train.setup(config)
+        run = builder.setup(config)
         if run.mesh.size > 1:
             raise ValueError(f"vmapped points run on one device, but config.mesh of point {i} spans "
                              f"{run.mesh.size}; set config.mesh.data=1 (fsdp and tensor too) or run without --vmap")
         if not run.method.trains:
             raise ValueError(f"method {run.method.name!r} trains nothing; there is nothing to vmap")
-        run = dataclasses.replace(run, tx=train.optimizer(config, run.method, run.labels, inject=True))
+        run = dataclasses.replace(run, tx=builder.optimizer(config, run.method, run.labels, inject=True))
         trainable, frozen = partition.split(run.params, run.labels)
         if i:
             _check_compatible(runs[0], trainables[0], run, trainable, i)
@@ -110,7 +110,7 @@ def _equal(a, b) -> bool:
         np.array_equal(x, y) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
 
 
-def _check_compatible(first: train.Run, first_trainable, run: train.Run, trainable, i: int):
+def _check_compatible(first: builder.Run, first_trainable, run: builder.Run, trainable, i: int):
     keys = differing_keys(first.config, run.config)
 
     def fail(what):
@@ -137,12 +137,12 @@ def _check_compatible(first: train.Run, first_trainable, run: train.Run, trainab
 
 
 def make_train_step(multi: Multi, chunk: int | None = None):
-    """jit(vmap(train.train_step_fn)): every argument but a shared frozen base has a leading axis K.
+    """jit(vmap(compute.train_step_fn)): every argument but a shared frozen base has a leading axis K.
 
     `chunk`: how many points are computed at once (default: all K). Activation memory grows with
     it; smaller chunks run one after another inside the step (lax.map), trading speed for memory.
     """
-    step = train.train_step_fn(multi.runs[0])   # the points differ only in values vmap batches
+    step = compute.train_step_fn(multi.runs[0])   # the points differ only in values vmap batches
     if chunk is None or chunk >= len(multi.runs):
         return jax.jit(jax.vmap(step, in_axes=(0, 0, multi.frozen_axis, 0, 0)), donate_argnums=(0, 1))
 
@@ -169,12 +169,12 @@ def train_and_evaluate(configs, workdirs, chunk: int | None = None) -> list[dict
 
 def _train_and_evaluate(multi: Multi, workdirs, chunk: int | None) -> list[dict]:
     runs, tc = multi.runs, multi.runs[0].config.train
-    started = [train.start(run, workdir) for run, workdir in zip(runs, workdirs)]
+    started = [workdir_lib.start(run, workdir) for run, workdir in zip(runs, workdirs)]
     if runs[0].config.checkpoint.every_steps:
         print(f"note: the {len(runs)} vmapped points write no checkpoints (config.checkpoint is not used)", flush=True)
-    train_step, eval_step = make_train_step(multi, chunk), train.make_eval_step(runs[0])
+    train_step, eval_step = make_train_step(multi, chunk), compute.make_eval_step(runs[0])
     seeds = [run.config.seed for run in runs]
-    dropout_keys = jnp.stack([train.dropout_key(s) for s in seeds])
+    dropout_keys = jnp.stack([compute.dropout_key(s) for s in seeds])
     fold_in = jax.vmap(jax.random.fold_in, in_axes=(0, None))
 
     def step_fn(state, step):
@@ -200,7 +200,7 @@ def _train_and_evaluate(multi: Multi, workdirs, chunk: int | None) -> list[dict]
                 writer.write(done, "train", metrics)
                 final["train_loss"] = metrics["loss"]
             if done % tc.eval_every == 0 or done == tc.steps:
-                evaluated[i] = train.evaluate(runs[i], multi.point(state[0], i), tc.eval_split, eval_step)
+                evaluated[i] = compute.evaluate(runs[i], multi.point(state[0], i), tc.eval_split, eval_step)
                 writer.write(done, tc.eval_split, evaluated[i])
         if best and (done % tc.eval_every == 0 or done == tc.steps):
             best.update(done, evaluated, state[0])
@@ -211,5 +211,5 @@ def _train_and_evaluate(multi: Multi, workdirs, chunk: int | None) -> list[dict]
         trained, evaluated = best.trainable, best.metrics
         for i, (_, final) in enumerate(started):
             final.update(best.final(i, done))
-    return [train.finish(run, writer, final, workdir, metrics, multi.point(trained, i))
+    return [workdir_lib.finish(run, writer, final, workdir, metrics, multi.point(trained, i))
             for i, (run, (writer, final), workdir, metrics) in enumerate(zip(runs, started, workdirs, evaluated))]

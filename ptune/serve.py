@@ -16,12 +16,11 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Sequence
 
-import jax
 import numpy as np
 
 from ptune import bank as bank_lib
 from ptune import config as config_lib
-from ptune import checkpoint, models, partition, train
+from ptune import builder, checkpoint, models, partition
 from ptune.data import batching, tasks
 from ptune.data.templates import Template
 
@@ -103,17 +102,15 @@ def load(workdirs: dict[str, str], which: str | int = "latest", capacity: int | 
         raise ValueError(f"the tasks were trained on different bases {identities}; one bank serves one base: "
                          "serve them separately")
     first = next(iter(loaded.values()))[0]
-    model_cfg, state, tokenizer = train.base_model(first)
-    base_model = models.build(model_cfg)
-    rng = jax.random.fold_in(jax.random.key(first.seed), 0)   # as train.setup draws a random-init base
-    base = models.init(base_model, rng) if state is None else models.from_checkpoint(base_model, state, rng)
+    model_cfg, state, tokenizer = builder.base_model(first)
+    base = builder.base_params(first, models.build(model_cfg), state)
     adapters, served = {}, {}
     for name, (config, trainable, record) in loaded.items():
         task = tasks.get(config.task.name, **config.task.options.to_dict())
-        objective = train.objective_for(task, model_cfg.family, config.task.objective)
+        objective = builder.objective_for(task, model_cfg.family, config.task.objective)
         task_cfg = dataclasses.replace(model_cfg, num_labels=task.num_classes if objective == "head" else 0)
-        method = train.run_method(config, task_cfg, objective)
-        template = train.run_template(config, task, method)
+        method = builder.run_method(config, task_cfg, objective)
+        template = builder.run_template(config, task, method)
         frozen = {p: x for p, x in partition.flatten(base).items() if p not in partition.flatten(trainable)}
         checkpoint.check_base(record["base"], checkpoint.base_record(config, partition.unflatten(frozen)),
                               f"{workdirs[name]} (task {name!r})")

@@ -18,10 +18,16 @@ import os
 import shutil
 import socket
 import time
+from typing import TYPE_CHECKING
 
 import jax
 
-from ptune import partition
+from ptune import evals, partition
+from ptune.data import tasks
+
+if TYPE_CHECKING:
+    from ptune.builder import Run
+    from ptune.compute import Layout
 
 FINAL = "final_metrics.json"   # written last: the mark of a finished run
 
@@ -104,3 +110,62 @@ def contents(workdir: str) -> str:
             name += "/"
         names.append(name)
     return ", ".join(names)
+
+
+class MetricWriter:
+    """Metrics to `metrics.jsonl` and TensorBoard event files in the workdir (process 0 only:
+    in a multi-host job every process holds the same replicated metrics)."""
+
+    def __init__(self, workdir: str):
+        self.active = jax.process_index() == 0
+        if self.active:
+            from tensorboardX import SummaryWriter
+            self.jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a")
+            self.tb = SummaryWriter(workdir)
+
+    def write(self, step: int, split: str, metrics: dict):
+        if not self.active:
+            return
+        self.jsonl.write(json.dumps({"step": step, "split": split, **metrics}) + "\n")
+        self.jsonl.flush()
+        for k, v in metrics.items():
+            self.tb.add_scalar(f"{split}/{k}", v, step)
+
+    def close(self):
+        if self.active:
+            self.jsonl.close()
+            self.tb.close()
+
+
+def start(run: Run, workdir: str) -> tuple[MetricWriter, dict]:
+    """Print the summary and write config.json (process 0); returns the metric writer and the
+    final metrics known before training. The workdir must have passed `workdir.prepare`."""
+    summary = run.summary
+    if jax.process_index() == 0:
+        print(f"method {run.method.name} on {run.config.model.checkpoint or run.config.model.preset} "
+              f"(mesh {dict(run.mesh.shape)}):\n{summary}", flush=True)
+        with open(os.path.join(workdir, "config.json"), "w") as f:
+            f.write(run.config.to_json_best_effort(indent=2))
+        with open(os.path.join(workdir, "task.json"), "w") as f:   # what predictions' class indices mean
+            json.dump({"name": run.task.name, "kind": run.task.kind,
+                       "label_names": list(tasks.class_names(run.task, run.template)), "template": run.template.text, "verbalizer": list(run.template.verbalizer),
+                       "files": run.task.files}, f, indent=2)
+    return MetricWriter(workdir), {"method": run.method.name, "steps": run.config.train.steps,
+                                   "trainable_params": summary.trainable,
+                                   "trainable_percent": 100 * summary.trainable_fraction}
+
+
+def finish(run: Run, writer: MetricWriter, final: dict, workdir: str, metrics: dict, params,
+           where: Layout | None = None) -> dict:
+    """Add the final evaluation's `metrics` and the evaluation suite's (config.eval, on the final
+    `params`) and write final_metrics.json (the mark of a finished run); print them and what the
+    workdir holds."""
+    final.update({f"{run.config.train.eval_split}_{k}": v for k, v in metrics.items()})
+    final.update(evals.run_suite(run, params, workdir, where))
+    writer.close()
+    if jax.process_index() == 0:
+        with open(os.path.join(workdir, FINAL), "w") as f:
+            json.dump(final, f, indent=2)
+        print(" ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in final.items()), flush=True)
+        print(f"wrote {workdir}: {contents(workdir)}", flush=True)
+    return final

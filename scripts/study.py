@@ -116,9 +116,9 @@ def multitask(workdir: str):
     import numpy as np
     from safetensors.numpy import load_file, save_file
 
-    from ptune import bank, config, partition, train
+    from ptune import bank, builder, config, partition, train
     s = study()
-    runs = {task: train.setup(config.override(s.get_config("encoder"), {
+    runs = {task: builder.setup(config.override(s.get_config("encoder"), {
         "method": "lora", "task.name": task, "task.options": options, "task.max_length": 64}, task))
         for task, (options, *_) in s.ENCODER_TASKS.items()}
     rng = np.random.default_rng(0)

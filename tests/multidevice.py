@@ -17,7 +17,7 @@ jax.config.update("jax_num_cpu_devices", 8)
 
 import numpy as np  # noqa: E402
 
-from ptune import partition, sharding, train  # noqa: E402
+from ptune import builder, compute, partition, sharding  # noqa: E402
 from ptune.config import base_config, with_method  # noqa: E402
 from ptune.data import batching  # noqa: E402
 
@@ -43,10 +43,10 @@ def config_for(method: str, preset: str, optimizer: str):
 def one_step(run, trainable, frozen, batch, mesh_shape):
     run.config.mesh.update(dict(zip(sharding.AXES, mesh_shape)))
     run = dataclasses.replace(run, mesh=sharding.make_mesh(run.config.mesh))
-    where = train.layout(run, trainable, frozen)
+    where = compute.layout(run, trainable, frozen)
     t, f = sharding.put(trainable, where.trainable), sharding.put(frozen, where.frozen)
     opt_state = jax.jit(run.tx.init, out_shardings=where.opt_state)(t)
-    new, _, metrics = train.make_train_step(run, where)(t, opt_state, f, sharding.put_batch(batch, where.batch),
+    new, _, metrics = compute.make_train_step(run, where)(t, opt_state, f, sharding.put_batch(batch, where.batch),
                                                         jax.random.key(0))
     held = {"kernels": 0, "other": 0}
     for path, x in partition.flatten(f).items():
@@ -60,7 +60,7 @@ def main(out_path, *methods):
     for spec in methods:
         method, optimizer = (spec.split(":") + ["sgd"])[:2]
         method, preset = (method.split("@") + ["gpt2-tiny"])[:2]
-        run = train.setup(config_for(method, preset, optimizer))
+        run = builder.setup(config_for(method, preset, optimizer))
         trainable, frozen = jax.tree.map(np.asarray, partition.split(run.params, run.labels))
         batch = batching.batch_at(run.data["train"], 0, 8, 0)
         full = {k: sum(partition.nbytes(x) for p, x in partition.flatten(frozen).items()

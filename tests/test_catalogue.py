@@ -19,10 +19,10 @@ from typing import Callable, NamedTuple
 
 import pytest
 
-from ptune import assets, checkpoint, train
+from ptune import assets, builder, checkpoint, train
 from ptune import workdir as workdir_lib
 from ptune.config import base_config, with_method
-from test_checkpoint import setup_once, snapshot   # setup_once: runs of one config share one train.setup
+from test_checkpoint import setup_once, snapshot   # setup_once: runs of one config share one builder.setup
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NAN = float("nan")
@@ -112,7 +112,7 @@ def verify_spoiled_data(bench):
 def full_disk(bench):
     """4 kB free: less than the tiny run's checkpoints need."""
     bench.monkeypatch.setattr(shutil, "disk_usage", lambda path: shutil._ntuple_diskusage(10**12, 10**12 - 4096, 4096))
-    run = train.setup(tiny_config())
+    run = builder.setup(tiny_config())
     return lambda: workdir_lib.prepare(str(bench.workdir / "run"), checkpoint.space_needed(run))
 
 
@@ -235,7 +235,7 @@ ROWS = [
     config_row("grad_accum not dividing the batch", r"config.train.grad_accum=3", r"dividing config.train.batch_size=4",
                **{"train.grad_accum": 3}),
     Row("batch not divisible by the devices",
-        lambda bench: lambda: train.check_batch_sizes(tiny_config().train, 8),
+        lambda bench: lambda: builder.check_batch_sizes(tiny_config().train, 8),
         r"config.train.batch_size=4 \(in 1 micro-batch\(es\)\) is not divisible by the 8 data-parallel devices",
         r"use a multiple of 8"),
     # data

@@ -13,7 +13,7 @@ import jax
 import numpy as np
 import pytest
 
-from ptune import checkpoint, partition, train
+from ptune import builder, checkpoint, compute, partition, train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -114,9 +114,9 @@ def assert_trees_equal(a, b):
 
 @pytest.fixture(scope="module", autouse=True)
 def setup_once():
-    """`train.setup` compiles the model's init (seconds on this CPU); runs of one config share it.
+    """`builder.setup` compiles the model's init (seconds on this CPU); runs of one config share it.
     Each gets its own parameter arrays: training donates them."""
-    runs, setup = {}, train.setup
+    runs, setup = {}, builder.setup
 
     def cached(config):
         key = config.to_json()
@@ -124,9 +124,9 @@ def setup_once():
             runs[key] = setup(config)
         return dataclasses.replace(runs[key], params=jax.tree.map(np.array, runs[key].params))
 
-    train.setup = cached
+    builder.setup = cached
     yield
-    train.setup = setup
+    builder.setup = setup
 
 
 @pytest.fixture(scope="module")
@@ -146,14 +146,14 @@ def trained(reference, tmp_path):
 
 def open_checkpoints(workdir, run=None, **config_changes):
     """`Checkpoints` of `workdir` for the reference run, or `run`, with config changes."""
-    run = run or train.setup(launch_config())
+    run = run or builder.setup(launch_config())
     config = copy.deepcopy(run.config)
     config.update_from_flattened_dict(config_changes)
-    return checkpoint.Checkpoints(str(workdir), dataclasses.replace(run, config=config), train.dropout_key(0))
+    return checkpoint.Checkpoints(str(workdir), dataclasses.replace(run, config=config), compute.dropout_key(0))
 
 
 def test_save_restore_round_trip_is_bitwise(tmp_path):
-    run = train.setup(launch_config())
+    run = builder.setup(launch_config())
     checkpoints = open_checkpoints(tmp_path, **{"checkpoint.every_steps": 2})
     trainable, frozen = partition.split(run.params, run.labels)
     rng = np.random.default_rng(0)   # every leaf away from its init value, Adam's count included
@@ -180,7 +180,7 @@ def test_save_restore_round_trip_is_bitwise(tmp_path):
 
 
 def test_keep_last_n_and_keep_best(tmp_path):
-    run = train.setup(launch_config())
+    run = builder.setup(launch_config())
     checkpoints = open_checkpoints(tmp_path, **{"checkpoint.every_steps": 1, "checkpoint.keep_best": 2})
     trainable, _ = partition.split(run.params, run.labels)
     opt_state = run.tx.init(trainable)
@@ -194,7 +194,7 @@ def test_keep_last_n_and_keep_best(tmp_path):
 def test_a_drop_cut_short_leaves_only_trash(tmp_path, monkeypatch):
     """Orbax renames a step it drops into the trash (atomic); a kill while ptune empties the trash
     leaves a partial directory only there, and the next open removes it."""
-    run = train.setup(launch_config())
+    run = builder.setup(launch_config())
     trainable, _ = partition.split(run.params, run.labels)
     opt_state = run.tx.init(trainable)
     keep_one = {"checkpoint.every_steps": 1, "checkpoint.keep": 1, "checkpoint.keep_best": 0}
@@ -352,7 +352,7 @@ def test_a_second_ctrl_c_exits_at_once_and_loses_nothing(uninterrupted, tmp_path
 
 def test_different_base_resumes_when_allowed(trained, capsys):
     """The refusal is in tests/test_catalogue.py."""
-    run = train.setup(launch_config())
+    run = builder.setup(launch_config())
     run.params["transformer"]["h_0"]["mlp"]["c_fc"]["kernel"][0, 0] += 1.0   # this run's own numpy copy
     assert open_checkpoints(trained, run, **{"checkpoint.allow_base_mismatch": True}).start_step == 8
     assert "warning: the frozen base differs" in capsys.readouterr().out

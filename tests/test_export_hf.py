@@ -18,7 +18,8 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 peft = pytest.importorskip("peft")
 
-from ptune import assets, checkpoint, hf_peft, methods, models, partition, train  # noqa: E402
+from ptune import assets, builder, checkpoint, hf_peft, methods, models, partition, train  # noqa: E402
+from ptune.data import batching  # noqa: E402
 from ptune.models import checkpoints, hf  # noqa: E402
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "scripts"))
@@ -114,7 +115,7 @@ def test_adapter_names_its_hf_directory_base_and_exports_without_warnings(make_c
     assert "warn" not in capfd.readouterr().err.lower()
     assert json.loads((out / hf_peft.ADAPTER_CONFIG).read_text())["base_model_name_or_path"] == str(tmp_path / "base")
 
-    run = train.setup(config)
+    run = builder.setup(config)
     params = partition.merge(checkpoint.load_adapter("run")[1], partition.split(run.params, run.labels)[1])
     ids = np.asarray([run.tokenizer.tokenizer(TEXTS[0])["input_ids"]])
     want = np.asarray(run.model.apply({"params": params}, ids))
@@ -166,7 +167,7 @@ def test_smollm2_adapter_loads_in_peft_from_its_config(make_config, tmp_path):
     base = json.loads((out / hf_peft.ADAPTER_CONFIG).read_text())["base_model_name_or_path"]
     assert base == str(assets.path("smollm2")) + ".hf"
     loaded = _run_printed(hf_peft.how_to_load(out))
-    run = train.setup(config)
+    run = builder.setup(config)
     params = partition.merge(checkpoint.load_adapter(str(tmp_path / "run"))[1],
                              partition.split(run.params, run.labels)[1])
     ids = np.asarray([loaded["tokenizer"](TEXTS[0])["input_ids"]])
@@ -215,3 +216,15 @@ def test_preset_exports_say_what_loads(make_config, tmp_path):
     lines = hf_peft.how_to_load(merged)
     assert "AutoTokenizer" not in lines
     assert _run_printed(lines)["model"].config.model_type == "gpt2"
+
+
+def test_export_builds_no_data_and_no_optimizer(make_config, tmp_path, monkeypatch):
+    """Exporting an adapter rebuilds only its base and method: no split is tokenised, no optimizer built."""
+    train.train_and_evaluate(make_config("lora", steps=1), str(tmp_path / "run"))
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("export tokenised data or built an optimizer")
+    monkeypatch.setattr(batching, "encode", refuse)
+    monkeypatch.setattr(builder, "optimizer", refuse)
+    out = hf_peft.export_workdir(tmp_path / "run", tmp_path / "peft")
+    assert (out / hf_peft.ADAPTER_CONFIG).is_file()

@@ -183,7 +183,7 @@ def test_merged_lora_and_ia3_load_in_transformers(preset):
 
 
 def test_config_round_trips_through_hf():
-    """num_labels belongs to the task, not the checkpoint: loading leaves it to the run (train.setup)."""
+    """num_labels belongs to the task, not the checkpoint: loading leaves it to the run (builder.setup)."""
     for cfg in (_config("gpt2-tiny"), _config("llama-tiny"), _config("bert-tiny"),
                 models.model_config("llama-tiny", qkv_bias=True, tie_embeddings=True, num_labels=2)):
         assert checkpoints.config_from_hf(checkpoints.config_to_hf(cfg)) == dataclasses.replace(cfg, num_labels=0)
@@ -292,13 +292,13 @@ def test_load_refuses_truncated_and_mismatched_files():
 
 def test_trained_run_exports_and_merges(make_config, tmp_path):
     """scripts/export.py's core: a run's checkpoint -> PEFT adapter and merged checkpoint, which agree."""
-    from ptune import train
+    from ptune import builder, train
     config = make_config("lora", steps=3)
     config.optim.learning_rate = 1e-2
     train.train_and_evaluate(config, str(tmp_path / "run"))
     adapter = hf_peft.export_workdir(tmp_path / "run", tmp_path / "peft")
     merged = hf_peft.export_workdir(tmp_path / "run", tmp_path / "merged", merge=True)
-    run = train.setup(config)
+    run = builder.setup(config)
     cfg = run.model.config
     base = partition.unflatten({p: x for p, x in partition.flatten(run.params).items() if not hf.is_site(p)})
     base_dir = hf_peft.save_pretrained_merged(tmp_path / "base", base, models.build(cfg))

@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from ptune import optim, partition, train
+from ptune import builder, compute, optim, partition
 from ptune.optim import Group
 from ptune.partition import FROZEN, PartitionError
 
@@ -48,7 +48,7 @@ def test_non_finite_or_non_positive_learning_rate(lr):
 def _steps(run, n):
     trainable, frozen = partition.split(run.params, run.labels)
     opt_state = run.tx.init(trainable)
-    step = train.make_train_step(run)
+    step = compute.make_train_step(run)
     from ptune.data import batching
     for i in range(n):
         batch = batching.batch_at(run.data["train"], i, 4, 0)
@@ -57,7 +57,7 @@ def _steps(run, n):
 
 
 def test_frozen_leaves_bitwise_unchanged_and_trainable_moved(make_config):
-    run = train.setup(make_config("lora", steps=4))
+    run = builder.setup(make_config("lora", steps=4))
     before = {k: np.asarray(v) for k, v in partition.flatten(run.params).items()}
     trainable, frozen, _ = _steps(run, 4)
     after_frozen = partition.flatten(frozen)
@@ -74,7 +74,7 @@ def test_frozen_leaves_bitwise_unchanged_and_trainable_moved(make_config):
     ("prompt", {}, 2),
 ])
 def test_optimizer_state_holds_only_trainable(make_config, method, options, floats_per_param):
-    run = train.setup(make_config(method, **options))
+    run = builder.setup(make_config(method, **options))
     trainable, _ = partition.split(run.params, run.labels)
     state = run.tx.init(trainable)
     assert optim.state_size(state) == floats_per_param * run.summary.trainable
@@ -84,7 +84,7 @@ def test_optimizer_state_holds_only_trainable(make_config, method, options, floa
 def test_sgd_without_momentum_has_no_state(make_config):
     config = make_config("ia3")
     config.optim.optimizer = "sgd"
-    run = train.setup(config)
+    run = builder.setup(config)
     assert optim.state_size(run.tx.init(partition.split(run.params, run.labels)[0])) == 0
 
 
@@ -100,7 +100,7 @@ def _weight_gradient_dots(run, trainable, frozen, batch):
 
 def test_no_gradient_is_computed_for_frozen_weights(make_config):
     # c_fc's kernel is (64, 256); only its weight gradient produces a 64x256 dot.
-    run = train.setup(make_config("lora"))
+    run = builder.setup(make_config("lora"))
     from ptune.data import batching
     batch = batching.batch_at(run.data["train"], 0, 4, 0)
     trainable, frozen = partition.split(run.params, run.labels)

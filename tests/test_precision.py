@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from ptune import methods, models, objectives, partition, train
+from ptune import builder, compute, methods, models, objectives, partition
 from ptune.data import batching
 
 FAMILIES = ["gpt2-tiny", "llama-tiny", "bert-tiny"]
@@ -121,12 +121,12 @@ def test_bf16_products_accumulate_in_f32_in_both_passes(preset):
 
 def test_bf16_compute_over_a_bf16_frozen_base_trains_in_f32(make_config):
     """The low-memory setting: frozen leaves stored in bf16, bf16 compute, and float32 trainable
-    parameters and optimizer state, through `train.setup` and one training step."""
+    parameters and optimizer state, through `builder.setup` and one training step."""
     runs = {}
     for dtype in ("float32", "bfloat16"):
         config = make_config("lora+prompt", "llama-tiny")
         config.model.update(dtype=dtype, frozen_dtype=dtype)
-        runs[dtype] = train.setup(config)
+        runs[dtype] = builder.setup(config)
     run, reference = runs["bfloat16"], runs["float32"]
     trainable, frozen = partition.split(run.params, run.labels)
     assert float_dtypes(frozen) == {"bfloat16"} and float_dtypes(trainable) == {"float32"}
@@ -134,7 +134,7 @@ def test_bf16_compute_over_a_bf16_frozen_base_trains_in_f32(make_config):
     assert run.summary.trainable_bytes == reference.summary.trainable_bytes
 
     batch = batching.batch_at(run.data["train"], 0, 4, 0)
-    trainable, opt_state, metrics = train.make_train_step(run)(trainable, run.tx.init(trainable), frozen, batch,
+    trainable, opt_state, metrics = compute.make_train_step(run)(trainable, run.tx.init(trainable), frozen, batch,
                                                                jax.random.key(0))
     assert float_dtypes(trainable) == {"float32"} and float_dtypes(opt_state) == {"float32"}
     loss = float(metrics["loss_sum"] / metrics["count"])   # the loss before the update
@@ -189,10 +189,10 @@ def test_remat_lowers_a_cpu_training_steps_memory(make_config):
         config = make_config("lora", "llama-tiny")
         config.model.update(remat=remat, num_layers=6)
         config.train.batch_size = 8
-        run = train.setup(config)
+        run = builder.setup(config)
         trainable, frozen = partition.split(run.params, run.labels)
         batch = batching.batch_at(run.data["train"], 0, 8, 0)
-        step = train.make_train_step(run).lower(trainable, run.tx.init(trainable), frozen, batch,
+        step = compute.make_train_step(run).lower(trainable, run.tx.init(trainable), frozen, batch,
                                                 jax.random.key(0)).compile()
         temp[remat] = step.memory_analysis().temp_size_in_bytes
     assert temp["full"] < 0.85 * temp["none"], temp

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from ptune import checkpoint, generate, objectives, partition, serve, train
+from ptune import builder, checkpoint, generate, objectives, partition, serve, train
 
 
 def _workdirs(tmp_path, make_config):
@@ -17,7 +17,7 @@ def _workdirs(tmp_path, make_config):
 
 
 def _trained(config, workdir):
-    run = train.setup(config)
+    run = builder.setup(config)
     _, trainable, _ = checkpoint.load_adapter(workdir)
     return run, partition.merge(trainable, partition.split(run.params, run.labels)[1])
 

@@ -14,7 +14,7 @@ import jax
 import numpy as np
 import pytest
 
-from ptune import sharding, train
+from ptune import builder, sharding
 from ptune.config import base_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -67,21 +67,21 @@ def test_mesh_and_batch_errors_name_the_fix(make_config):
     config = make_config("lora")
     config.mesh.update(data=3, fsdp=1, tensor=1)
     with pytest.raises(ValueError, match=r"does not divide the 1 devices"):
-        train.setup(config)
+        builder.setup(config)
     config.mesh.update(data=-1, fsdp=-1)
     with pytest.raises(ValueError, match="at most one -1"):
-        train.setup(config)
+        builder.setup(config)
     config.mesh.update(data=1, fsdp=1)
     config.train.grad_accum = 3
     with pytest.raises(ValueError, match=r"grad_accum=3 must be a positive integer dividing config.train.batch_size=4"):
-        train.setup(config)
+        builder.setup(config)
 
 
 def test_batch_not_divisible_by_data_parallel_devices():
     config = base_config()
     config.train.update(batch_size=12, grad_accum=2)
     with pytest.raises(ValueError, match=r"batch_size=12 .* not divisible by the 8 data-parallel devices.*of 16"):
-        train.check_batch_sizes(config.train, 8)
+        builder.check_batch_sizes(config.train, 8)
 
 
 def test_logical_axis_without_rule_and_unknown_mesh_axis():

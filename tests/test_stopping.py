@@ -7,7 +7,7 @@ import os
 import numpy as np
 import pytest
 
-from ptune import checkpoint, evals, multi, partition, train
+from ptune import builder, checkpoint, compute, evals, multi, partition, train
 
 
 def records(workdir, split):
@@ -43,18 +43,18 @@ def test_a_run_ends_on_its_best_parameters(make_config, tmp_path, monkeypatch):
     assert final["best_step"] == best["step"] and final["stopped_step"] == 24
     assert final["validation_loss"] == best["loss"]
     assert best["step"] != 24, "the recipe should make the last evaluation not the best; change it"
-    run = train.setup(config)
-    again = train.evaluate(run, seen["params"], "validation")
+    run = builder.setup(config)
+    again = compute.evaluate(run, seen["params"], "validation")
     assert again["loss"] == pytest.approx(best["loss"], rel=1e-6)
-    encode = train.encoder(config, run.task, run.template, run.tokenizer, run.model.config.family)
+    encode = builder.encoder(config, run.task, run.template, run.tokenizer, run.model.config.family)
     run.data["test"] = encode(run.task.split("test"))
-    assert final["test_accuracy"] == train.evaluate(run, seen["params"], "test")["accuracy"]
+    assert final["test_accuracy"] == compute.evaluate(run, seen["params"], "test")["accuracy"]
 
 
 def scripted_evaluations(monkeypatch, losses):
-    """train.evaluate returns the next of `losses` (the training is real; only the verdict is scripted)."""
+    """compute.evaluate returns the next of `losses` (the training is real; only the verdict is scripted)."""
     it = iter(losses)
-    monkeypatch.setattr(train, "evaluate", lambda *a, **k: {"loss": next(it), "accuracy": 0.5, "count": 32})
+    monkeypatch.setattr(compute, "evaluate", lambda *a, **k: {"loss": next(it), "accuracy": 0.5, "count": 32})
 
 
 def test_a_resumed_run_keeps_the_best_from_before_its_checkpoint(make_config, tmp_path, monkeypatch):
@@ -81,7 +81,7 @@ def test_a_resumed_run_keeps_the_best_from_before_its_checkpoint(make_config, tm
     assert (resumed["best_step"], resumed["stopped_step"]) == (6, 18)
     at_6 = partition.flatten(checkpoint.load_adapter(str(tmp_path / "whole"), 6)[1])
     for params in (seen[0], seen[-1]):   # the whole run's final suite, the resumed run's
-        trained = partition.flatten(partition.split(params, train.setup(config).labels)[0])
+        trained = partition.flatten(partition.split(params, builder.setup(config).labels)[0])
         assert all(np.array_equal(np.asarray(trained[p]), at_6[p]) for p in at_6)
 
 
@@ -115,4 +115,4 @@ def test_patience_keeps_the_best_checkpoint_and_checks_its_metric(make_config, t
     assert checkpoint.load_adapter(str(tmp_path), "best")[2]["step"] == 2
     config.checkpoint.best_metric = "perplexity"
     with pytest.raises(ValueError, match="best_metric='perplexity' is not an eval metric"):
-        train.setup(config)
+        builder.setup(config)

@@ -152,3 +152,30 @@ def test_report_stage_keeps_only_the_records_it_reads(tmp_path):
     assert not (records / "encoder" / unfinished.name).exists() and not (records / "cost").exists()
     assert (records / "cost.json").exists() and (docs / "RESULTS.md").exists()
     assert f"--workdir {records}" in (docs / "RESULTS.md").read_text()
+
+
+# ---- the converged study (issue 21) ---------------------------------------------------------------
+
+def test_converged_study_selects_a_rate_per_method_then_trains_two_more_seeds_at_it(tmp_path):
+    study = load("experiments/study_converged.py")
+    config = study.get_config("select:sentiment")
+    assert (config.train.patience, config.train.eval_every, config.train.steps) == (2, 150, 1500)
+    jobs = sweep.vmap_groups(sweep.points(config, study.get_sweep("select:sentiment")))
+    assert len(jobs) == len(study.GRID)   # one vmapped job per method: its learning rates, seed 0
+    for job in jobs:
+        assert {p.config.seed for p in job} == {0} and len({p.config.method.name for p in job}) == 1
+        assert sorted(p.config.optim.learning_rate for p in job) == study.GRID[job[0].config.method.name]
+    # A select workdir where LoRA's middle rate won on validation, and a tie broken towards the smaller rate.
+    for method, lr, accuracy in [("lora", 2e-4, 0.90), ("lora", 5e-4, 0.93), ("lora", 1e-3, 0.92),
+                                 ("full", 2e-5, 0.91), ("full", 5e-5, 0.91)]:
+        point = tmp_path / f"{method}-{lr}"
+        point.mkdir()
+        (point / "config.json").write_text(json.dumps({"optim": {"learning_rate": lr}}))
+        (point / "final_metrics.json").write_text(json.dumps({"method": method, "validation_accuracy": accuracy}))
+    assert study.chosen_rates(str(tmp_path)) == {"lora": 5e-4, "full": 2e-5}
+    seeds = study.get_sweep(f"seeds:sentiment:{tmp_path}:lora")
+    assert [(p["optim.learning_rate"], p["seed"]) for p in seeds] == [(5e-4, 1), (5e-4, 2)]
+    with pytest.raises(ValueError, match=r"no finished selection for \['prompt'\]"):
+        study.get_sweep(f"seeds:sentiment:{tmp_path}:prompt")
+    hybrid = study.get_sweep("select:sentiment:lora+prompt")[0]
+    assert hybrid["optim.groups.prompt.learning_rate"] == 10 * hybrid["optim.learning_rate"]

@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from ptune import multi, partition, sweep, train
+from ptune import compute, multi, partition, sweep, train
 from ptune.data import batching
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -141,7 +141,7 @@ def test_vmapped_points_equal_separate_runs(make_config, tmp_path, monkeypatch):
     for c in configs:   # the final evaluation suite runs per point in both paths
         c.eval.splits = "test"
     final_params = []   # the parameters of every evaluation: here only the one after the last step
-    evaluate = train.evaluate
+    evaluate = compute.evaluate
 
     def keep_params(run, params, *args, **kwargs):
         final_params.append(jax.tree.map(np.asarray, partition.split(params, run.labels)[0]))

@@ -9,7 +9,7 @@ import jax
 import numpy as np
 import pytest
 
-from ptune import checkpoint, partition, train
+from ptune import builder, checkpoint, compute, partition, train
 from ptune.data import batching
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -25,11 +25,11 @@ def test_one_step_every_method_every_family(make_config, method, preset):
     config = make_config(method, preset)
     if method == "head":
         config.task.objective = "head"
-    run = train.setup(config)
+    run = builder.setup(config)
     trainable, frozen = partition.split(run.params, run.labels)
     opt_state = run.tx.init(trainable)
     batch = batching.batch_at(run.data["train"], 0, 4, 0)
-    new, _, metrics = train.make_train_step(run)(jax.tree.map(np.array, trainable), opt_state, frozen, batch,
+    new, _, metrics = compute.make_train_step(run)(jax.tree.map(np.array, trainable), opt_state, frozen, batch,
                                                   jax.random.key(0))
     assert np.isfinite(float(metrics["loss_sum"])) and float(metrics["count"]) == 4
     changed = [p for p, v in partition.flatten(new).items()
@@ -41,8 +41,8 @@ def test_lm_objective_on_decoders(make_config):
     for preset in ("gpt2-tiny", "llama-tiny"):
         config = make_config("lora", preset)
         config.task.name = "synthetic_lm"
-        run = train.setup(config)
-        metrics = train.evaluate(run, run.params, "validation")
+        run = builder.setup(config)
+        metrics = compute.evaluate(run, run.params, "validation")
         # A random model is near-uniform over the 260-byte vocabulary.
         assert 150 < metrics["perplexity"] < 400
 
@@ -125,7 +125,7 @@ def test_custom_method_from_outside_the_package(tmp_path):
     config = module.get_config()
     config.train.update(steps=3, batch_size=4, progress=False, log_every=1)
     config.task.options = {"n_train": 32, "n_eval": 16}
-    run = train.setup(config)
+    run = builder.setup(config)
     assert run.summary.count == {"norm": 640, "lora": 2560, "frozen": run.summary.total - 3200}
     final = train.train_and_evaluate(config, str(tmp_path))
     assert final["trainable_params"] == 3200 and np.isfinite(final["train_loss"])
@@ -161,7 +161,7 @@ def test_generation_task_trains_on_outputs(make_config, tmp_path):
 def test_optimizer_group_override(make_config):
     config = make_config("lora", lr_ratio_b=4.0)
     config.optim.groups = {"lora": {"learning_rate": 0.01}}
-    run = train.setup(config)
+    run = builder.setup(config)
     assert partition.groups(run.labels) == ["lora", "lora_b"]
 
 
@@ -173,7 +173,7 @@ def test_gradient_accumulation_equals_the_whole_batch(make_config, task):
     config.task.name = task
     config.optim.update(optimizer="sgd", learning_rate=1.0)   # update = gradient: nothing scaled away
     config.train.batch_size = 8
-    run = train.setup(config)
+    run = builder.setup(config)
     trainable, frozen = jax.tree.map(np.asarray, partition.split(run.params, run.labels))
     batch = batching.batch_at(run.data["train"], 0, 8, 0)
     if task == "synthetic_lm":
@@ -181,7 +181,7 @@ def test_gradient_accumulation_equals_the_whole_batch(make_config, task):
     results = []
     for accum in (1, 4):
         config.train.grad_accum = accum
-        step = train.make_train_step(dataclasses.replace(run, config=config))
+        step = compute.make_train_step(dataclasses.replace(run, config=config))
         t = jax.tree.map(np.copy, trainable)
         results.append(step(t, run.tx.init(t), frozen, batch, jax.random.key(0)))
     (one, _, m1), (four, _, m4) = results

@@ -24,7 +24,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from ptune import train
+from ptune import builder, train
 from ptune.config import base_config, with_method, with_task
 from ptune.data import batching, files, tasks
 from ptune.data.templates import Template
@@ -438,7 +438,7 @@ def test_registered_builder_through_get_and_with_task(monkeypatch):
     config.model.checkpoint, config.model.preset, config.task.objective = "", "gpt2-tiny", "head"
     config.task.max_length = 16
     config.train.update(batch_size=4, eval_batch_size=2)
-    run = train.setup(config)
+    run = builder.setup(config)
     assert run.task.name == "files" and run.data["train"]["input_ids"].shape == (20, 16)
     assert run.data["train"]["labels"].tolist() == [i % 2 for i in range(20)]
 

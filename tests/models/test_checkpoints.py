@@ -9,7 +9,7 @@ import pytest
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
-from ptune import assets, train  # noqa: E402
+from ptune import assets, builder  # noqa: E402
 from ptune.config import base_config, with_method  # noqa: E402
 from ptune.models import build, checkpoints  # noqa: E402
 
@@ -60,4 +60,4 @@ def test_tokenizer_that_does_not_fit_the_vocabulary(tiny_bert_dir):
     run = with_method(base_config(), "lora")
     run.model.checkpoint = str(tiny_bert_dir)
     with pytest.raises(ValueError, match="has 30522 tokens but the model's vocabulary is 1000"):
-        train.setup(run)
+        builder.setup(run)
