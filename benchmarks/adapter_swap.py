@@ -21,6 +21,10 @@ import numpy as np
 from ptune import bank as bank_lib
 from ptune import methods, models, partition
 
+from ptune import cli  # noqa: E402
+
+cli.set_xla_flags()   # as the launchers, before JAX starts
+
 
 def random_lora(cfg, seed: int, rank: int = 8):
     """(model, TaskAdapter) with random LoRA weights of the method's shapes (B nonzero)."""

@@ -19,6 +19,10 @@ import numpy as np
 from ptune import builder, checkpoint, compute, partition
 from ptune.config import base_config, with_method
 
+from ptune import cli  # noqa: E402
+
+cli.set_xla_flags()   # as the launchers, before JAX starts
+
 
 def bench(method: str, model: str, source: str):
     config = with_method(base_config(), method)

@@ -24,6 +24,10 @@ from ptune import builder, compute, multi, partition
 from ptune.config import base_config, with_method
 from ptune.data import batching
 
+from ptune import cli  # noqa: E402
+
+cli.set_xla_flags()   # as the launchers, before JAX starts
+
 def config(args, learning_rate):
     c = with_method(base_config(), "lora", rank=8)
     c.model.preset = args.preset

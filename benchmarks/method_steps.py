@@ -15,6 +15,10 @@ import numpy as np
 
 from ptune import methods, models, objectives, optim, partition
 
+from ptune import cli  # noqa: E402
+
+cli.set_xla_flags()   # as the launchers, before JAX starts
+
 METHODS = ["full", "bitfit", "lora", "adapter", "prefix", "prompt", "ptuning_v2", "ia3", "manual", "lora+prompt"]
 
 

@@ -34,6 +34,10 @@ import os
 import sys
 import time
 
+from ptune import cli  # noqa: E402
+
+cli.set_xla_flags()   # as the launchers, before JAX starts
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)

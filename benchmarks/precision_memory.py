@@ -19,6 +19,10 @@ import subprocess
 import sys
 import time
 
+from ptune import cli  # noqa: E402
+
+cli.set_xla_flags()   # as the launchers, before JAX starts
+
 VARIANTS = {
     "f32": {},
     "bf16 compute": {"dtype": "bfloat16"},

@@ -29,6 +29,10 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import vs_peft  # noqa: E402  (the benchmark's step: one definition of the measured work)
 
+from ptune import cli  # noqa: E402
+
+cli.set_xla_flags()   # as the launchers, before JAX starts
+
 INSTRUCTION = re.compile(r"^\s*(?:ROOT )?%?([\w.\-]+) = (.+?) ([a-z][\w\-]*)\((.*)$")
 CONTAINERS = {"while", "conditional", "call"}
 

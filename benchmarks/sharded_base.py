@@ -14,6 +14,10 @@ jax.config.update("jax_num_cpu_devices", 8)
 from ptune import methods, models, partition, sharding  # noqa: E402
 from ptune.config import base_config  # noqa: E402
 
+from ptune import cli  # noqa: E402
+
+cli.set_xla_flags()   # as the launchers, before JAX starts
+
 MESHES = [(8, 1, 1), (4, 2, 1), (2, 2, 2), (1, 8, 1), (1, 2, 4), (1, 1, 8)]
 
 

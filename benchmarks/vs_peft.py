@@ -43,6 +43,10 @@ import sys
 import tempfile
 import time
 
+from ptune import cli  # noqa: E402
+
+cli.set_xla_flags()   # as the launchers, before JAX starts
+
 BATCH, LENGTH, VIRTUAL = 8, 128, 20
 PROMPT_LEN, NEW_TOKENS = 32, 64
 LR = 1e-4

@@ -47,7 +47,7 @@ def load_config(spec: str | None = None, overrides: Mapping[str, Any] | None = N
 
 
 def setup(config: ml_collections.ConfigDict) -> Tuner:
-    """A `Tuner` for `config` (from `load_config`), built by `ptune.train.setup`: it validates the
+    """A `Tuner` for `config` (from `load_config`), built by `ptune.builder.setup`: it validates the
     whole config (one-line ValueErrors naming the key and the fix), loads the model and the data,
     labels the parameters and builds the optimizer. Writes nothing."""
     if not isinstance(config, ml_collections.ConfigDict):

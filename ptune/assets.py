@@ -117,6 +117,8 @@ from typing import NamedTuple
 
 import numpy as np
 
+from ptune.atomic import atomic_write
+
 SPLITS = ("train", "validation", "test")
 SEED = 0
 FRACTIONS = (0.8, 0.1, 0.1)
@@ -250,26 +252,6 @@ def sha256(path: str | os.PathLike) -> str:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
     return h.hexdigest()
-
-
-@contextlib.contextmanager
-def atomic_write(path: str | os.PathLike, mode: str = "w", **kwargs):
-    """Open a temporary file beside `path`; rename it to `path` only if the block succeeds.
-
-    On an exception the temporary file is removed and `path` is left as it was."""
-    path = pathlib.Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, mode, **({"encoding": "utf-8"} if "b" not in mode else {}) | kwargs) as f:
-            yield f
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
 
 
 def _install_dir(staged: pathlib.Path, final: pathlib.Path) -> None:

@@ -45,21 +45,22 @@ class Run:
         return partition.summary(self.params, self.labels)
 
 
-def objective_for(task: tasks.Task, family: str, requested: str) -> str:
+def objective_for(task: tasks.Task, model_cfg: models.ModelConfig, requested: str) -> str:
     if requested not in ("auto",) + objectives.OBJECTIVES:
         raise ValueError(f"config.task.objective={requested!r}; choose auto or one of {objectives.OBJECTIVES}")
     if task.kind in ("lm", "generate", "chat"):   # generate, chat: LM loss on the output / assistant turns
         if requested not in ("auto", "lm"):
             raise ValueError(f"task {task.name!r} is {task.kind}; objective {requested!r} does not apply")
-        if family == "bert":
-            raise ValueError(f"task {task.name!r} needs a causal model; {family} is an encoder")
+        if not model_cfg.causal:
+            raise ValueError(f"task {task.name!r} needs a causal model; {model_cfg.family} is an encoder")
         return "lm"
     if requested == "lm":
         raise ValueError(f"task {task.name!r} is classification; use objective verbalizer or head")
     if requested == "auto":
-        return "head" if family == "bert" else "verbalizer"
-    if requested == "verbalizer" and family == "bert":
-        raise ValueError("objective 'verbalizer' needs a language-model head; the bert family has none: use 'head'")
+        return "verbalizer" if model_cfg.causal else "head"
+    if requested == "verbalizer" and not model_cfg.causal:
+        raise ValueError(f"objective 'verbalizer' needs a language-model head; the {model_cfg.family} family has "
+                         "none: use 'head'")
     return requested
 
 
@@ -129,7 +130,7 @@ def setup(config, training: bool = True) -> Run:
     task_cfg = config.task
     task = tasks.get(task_cfg.name, **task_cfg.options.to_dict())
     model_cfg, state, tokenizer = base_model(config)
-    objective = objective_for(task, model_cfg.family, task_cfg.objective)
+    objective = objective_for(task, model_cfg, task_cfg.objective)
     checkpoint.check_options(config, objective)
     if objective == "head":
         model_cfg = dataclasses.replace(model_cfg, num_labels=task.num_classes)

@@ -33,7 +33,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers as policies
 
-from ptune import partition, sharding
+from ptune import atomic, partition, sharding
 
 DIRECTORY = "checkpoints"
 FORMAT = 1
@@ -375,11 +375,7 @@ def truncate_metrics(workdir: str, step: int):
     kept = [line for line in lines if line.endswith("\n") and json.loads(line)["step"] <= step]
     if len(kept) == len(lines):
         return
-    with open(path + ".tmp", "w") as f:
-        f.writelines(kept)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(path + ".tmp", path)
+    atomic.write_text(path, "".join(kept))
 
 
 def load_adapter(workdir: str, which: str | int = "latest"):

@@ -1,15 +1,40 @@
 """The frame every launcher in scripts/ shares around its work."""
 
+import os
 import re
 import signal
 import sys
+import warnings
 
 from absl import app, flags, logging
 from ml_collections.config_flags import config_flags
 
 
+# XLA:CPU's default, concurrency-optimised scheduler runs the backward pass's independent ops side
+# by side by keeping every layer's forward activations alive at once: it undoes `model.remat` and
+# holds 8-24% more step memory for no measured speed (BUILD_NOTES, issue 8). XLA reads this flag
+# from XLA_FLAGS only (a per-jit compiler option is ignored), when its first backend starts.
+# Accelerator backends ignore it.
+SCHEDULER = "--xla_cpu_enable_concurrency_optimized_scheduler"
+
+
+def set_xla_flags():
+    """Switch XLA:CPU's memory-hungry scheduler off in XLA_FLAGS, unless the user chose it there; the
+    launchers call this before JAX starts (`import ptune` changes no environment variable: call it
+    first thing in your own programs to get the same step memory as the launchers)."""
+    flags_now = os.environ.get("XLA_FLAGS", "")
+    if SCHEDULER in flags_now:
+        return
+    os.environ["XLA_FLAGS"] = f"{flags_now} {SCHEDULER}=false".strip()
+    from jax._src import xla_bridge
+    if getattr(xla_bridge, "backends_are_initialized", lambda: False)():
+        warnings.warn(f"JAX's backends started before ptune.cli.set_xla_flags(), so XLA:CPU keeps its "
+                      f"memory-hungry scheduler (model.remat has no effect on CPU): call it first, or set "
+                      f"XLA_FLAGS='{SCHEDULER}=false'", stacklevel=2)
+
+
 def run(main):
-    """`app.run` a function of no arguments: a bad flag or stray argument is refused, Orbax's per-save INFO
+    """`app.run` a function of no arguments, after `set_xla_flags`: a bad flag or stray argument is refused, Orbax's per-save INFO
     logs are hidden unless --verbosity is given, a ValueError (bad input) becomes one
     `error:` line on stderr and exit status 2, and a training run stopped by SIGTERM or Ctrl-C
     (`train.Preempted`, after saving) one `preempted:` line and exit status 143 or 130, the status
@@ -32,6 +57,7 @@ def run(main):
             print("interrupted: stopped by Ctrl-C (SIGINT) before training or after its last save; rerun the "
                   "same command to resume", file=sys.stderr)
             sys.exit(128 + signal.SIGINT)
+    set_xla_flags()
     app.run(absl_main, flags_parser=_parse_flags)
 
 

@@ -54,8 +54,9 @@ def check(run) -> None:
         except ValueError as e:
             raise ValueError(f"config.eval.templates: task {run.task.name!r} template {i}: {e}") from None
     if cfg.lm_task:
-        if run.model.config.family == "bert":
-            raise ValueError(f"config.eval.lm_task={cfg.lm_task!r} needs a causal model; bert is an encoder")
+        if not run.model.config.causal:
+            raise ValueError(f"config.eval.lm_task={cfg.lm_task!r} needs a causal model; "
+                             f"{run.model.config.family} is an encoder")
         if tasks.get(cfg.lm_task).kind != "lm":
             raise ValueError(f"config.eval.lm_task={cfg.lm_task!r} is not a language-modelling task")
 

@@ -107,7 +107,7 @@ def load(workdirs: dict[str, str], which: str | int = "latest", capacity: int | 
     adapters, served = {}, {}
     for name, (config, trainable, record) in loaded.items():
         task = tasks.get(config.task.name, **config.task.options.to_dict())
-        objective = builder.objective_for(task, model_cfg.family, config.task.objective)
+        objective = builder.objective_for(task, model_cfg, config.task.objective)
         task_cfg = dataclasses.replace(model_cfg, num_labels=task.num_classes if objective == "head" else 0)
         method = builder.run_method(config, task_cfg, objective)
         template = builder.run_template(config, task, method)

@@ -23,6 +23,7 @@ import os
 import re
 from collections.abc import Mapping, Sequence
 
+from ptune import atomic
 from ptune import config as config_lib
 from ptune import multi
 from ptune import workdir as workdir_lib
@@ -105,17 +106,10 @@ def collect(workdir: str, points: Sequence[Point]) -> list[dict]:
         if finished(workdir, p):
             with open(os.path.join(workdir, p.name, workdir_lib.FINAL)) as f:
                 rows.append({"point": p.name, **p.overrides, **json.load(f)})
-    _atomic_write(os.path.join(workdir, "results.jsonl"), "".join(json.dumps(r) + "\n" for r in rows))
+    atomic.write_text(os.path.join(workdir, "results.jsonl"), "".join(json.dumps(r) + "\n" for r in rows))
     table = io.StringIO()
     writer = csv.DictWriter(table, list(dict.fromkeys(k for r in rows for k in r)))
     writer.writeheader()
     writer.writerows(rows)
-    _atomic_write(os.path.join(workdir, "results.csv"), table.getvalue())
+    atomic.write_text(os.path.join(workdir, "results.csv"), table.getvalue())
     return rows
-
-
-def _atomic_write(path: str, text: str):
-    tmp = f"{path}.{os.getpid()}.tmp"
-    with open(tmp, "w", newline="") as f:
-        f.write(text)
-    os.replace(tmp, path)

@@ -31,7 +31,8 @@ def train_and_evaluate(config, workdir: str) -> dict:
     with workdir_lib.owned(workdir):
         # Opening validates and reads the newest checkpoint: a run that cannot resume (another method,
         # shape, base or data order) stops here, before anything in the workdir changes.
-        checkpoints = checkpoint.Checkpoints(workdir, run, compute.dropout_key(config.seed)) if run.method.trains else None
+        checkpoints = (checkpoint.Checkpoints(workdir, run, compute.dropout_key(config.seed))
+                       if run.method.trains else None)
         done = workdir_lib.finished(workdir)
         if done is not None and not (run.method.trains and config.train.steps > done["steps"]):
             if jax.process_index() == 0:
@@ -67,7 +68,8 @@ def _run(run: Run, workdir: str, checkpoints: checkpoint.Checkpoints | None) -> 
                                         stop_requested)
         checkpoints.close()
     else:
-        metrics = compute.evaluate(run, partition.merge(trainable, frozen), run.config.train.eval_split, eval_step, where)
+        metrics = compute.evaluate(run, partition.merge(trainable, frozen), run.config.train.eval_split, eval_step,
+                                   where)
         writer.write(0, run.config.train.eval_split, metrics)
     return workdir_lib.finish(run, writer, final, workdir, metrics, partition.merge(trainable, frozen), where)
 

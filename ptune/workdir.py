@@ -148,7 +148,8 @@ def start(run: Run, workdir: str) -> tuple[MetricWriter, dict]:
             f.write(run.config.to_json_best_effort(indent=2))
         with open(os.path.join(workdir, "task.json"), "w") as f:   # what predictions' class indices mean
             json.dump({"name": run.task.name, "kind": run.task.kind,
-                       "label_names": list(tasks.class_names(run.task, run.template)), "template": run.template.text, "verbalizer": list(run.template.verbalizer),
+                       "label_names": list(tasks.class_names(run.task, run.template)),
+                       "template": run.template.text, "verbalizer": list(run.template.verbalizer),
                        "files": run.task.files}, f, indent=2)
     return MetricWriter(workdir), {"method": run.method.name, "steps": run.config.train.steps,
                                    "trainable_params": summary.trainable,

@@ -18,7 +18,7 @@ os.environ.setdefault("MPLBACKEND", "Agg")
 
 from absl import flags
 
-from ptune import cli, config, sweep
+from ptune import atomic, cli, config, sweep
 
 flags.DEFINE_string("workdir", None, "The study's directory (scripts/study.py --workdir).")
 flags.DEFINE_string("docs", "docs", "Where RESULTS.md and results/*.png go.")
@@ -557,9 +557,7 @@ class Report:
                             "## What ran", "The sweeps' points (experiments/study.py) that these results hold; a "
                             "point not run is missing from every table below.", planned, *self.out]) + "\n"
         path = os.path.join(self.docs, "RESULTS.md")
-        with open(path + ".tmp", "w") as f:
-            f.write(text)
-        os.replace(path + ".tmp", path)
+        atomic.write_text(path, text)
         print(f"wrote {path} and {len([b for b in self.out if b.startswith('![')])} plots")
 
 

@@ -194,9 +194,8 @@ def read_json(path: str, lines: bool = False):
 
 
 def _write_json(path: str, value):
-    with open(path + ".tmp", "w") as f:
-        json.dump(value, f, indent=1)
-    os.replace(path + ".tmp", path)
+    from ptune import atomic
+    atomic.write_text(path, json.dumps(value, indent=1))
 
 
 def main():

@@ -1,6 +1,9 @@
 import pytest
 
+from ptune import cli
 from ptune.config import base_config, with_method
+
+cli.set_xla_flags()   # as the launchers do, before JAX starts (remat and memory tests depend on it)
 
 
 @pytest.fixture

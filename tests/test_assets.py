@@ -11,7 +11,7 @@ import shutil
 
 import pytest
 
-from ptune import assets
+from ptune import assets, atomic
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -50,16 +50,16 @@ def leftovers(cache):
 
 def test_atomic_write_replaces_only_on_success(tmp_path):
     target = tmp_path / "out.json"
-    with assets.atomic_write(target) as f:
+    with atomic.atomic_write(target) as f:
         f.write("old")
     with pytest.raises(RuntimeError):
-        with assets.atomic_write(target) as f:
+        with atomic.atomic_write(target) as f:
             f.write("half-written")
             raise RuntimeError("interrupted")
     assert target.read_text() == "old"
     assert [p.name for p in tmp_path.iterdir()] == ["out.json"]
     with pytest.raises(RuntimeError):
-        with assets.atomic_write(tmp_path / "new.json") as f:
+        with atomic.atomic_write(tmp_path / "new.json") as f:
             f.write("x")
             raise RuntimeError("interrupted")
     assert not (tmp_path / "new.json").exists() and [p.name for p in tmp_path.iterdir()] == ["out.json"]

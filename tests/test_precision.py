@@ -198,13 +198,20 @@ def test_remat_lowers_a_cpu_training_steps_memory(make_config):
     assert temp["full"] < 0.85 * temp["none"], temp
 
 
-def test_a_backend_started_before_ptune_is_imported_is_reported(tmp_path):
-    """The scheduler flag only counts before JAX's first backend starts: say so, and how to fix it."""
+def test_importing_ptune_changes_no_environment_and_the_launchers_flag_is_reported_when_late(tmp_path):
+    """`import ptune` leaves XLA_FLAGS alone; the launchers' set_xla_flags only counts before JAX's first
+    backend starts: it says so, and how to fix it; a user's own setting of the flag wins."""
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
     python = lambda code: subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
                                          cwd=tmp_path)
-    done = python("import jax; jax.devices(); import ptune")
-    assert done.returncode == 0 and "import ptune first" in done.stderr, done.stderr
+    done = python("import os, ptune, ptune.api; print(os.environ.get('XLA_FLAGS'))")
+    assert done.returncode == 0 and done.stdout.strip() == "None", done.stderr
+    done = python("import jax; jax.devices(); from ptune import cli; cli.set_xla_flags()")
+    assert done.returncode == 0 and "call it first" in done.stderr, done.stderr
+    env["XLA_FLAGS"] = "--xla_cpu_enable_concurrency_optimized_scheduler=true"   # the user's choice wins
+    done = python("import jax; jax.devices(); from ptune import cli; cli.set_xla_flags(); import os; "
+                  "print(os.environ['XLA_FLAGS'])")
+    assert done.stdout.strip() == env["XLA_FLAGS"] and "call it first" not in done.stderr, done.stderr
     env["XLA_FLAGS"] = "--xla_cpu_enable_concurrency_optimized_scheduler=true"   # the user's choice wins
     done = python("import jax; jax.devices(); import ptune, os; print(os.environ['XLA_FLAGS'])")
     assert done.stdout.strip() == env["XLA_FLAGS"] and "import ptune first" not in done.stderr, done.stderr

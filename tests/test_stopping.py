@@ -15,6 +15,13 @@ def records(workdir, split):
         return [r for r in map(json.loads, f) if r["split"] == split]
 
 
+def suite_params(monkeypatch) -> list:
+    """The parameters each final evaluation suite measures, in order."""
+    seen, suite = [], evals.run_suite
+    monkeypatch.setattr(evals, "run_suite", lambda run, params, *a: seen.append(params) or suite(run, params, *a))
+    return seen
+
+
 def test_a_run_that_stops_improving_stops_after_patience_evaluations(make_config, tmp_path):
     # A learning rate too small to change any float32 loss: no evaluation after the first is better.
     config = make_config("lora", steps=20)
@@ -34,9 +41,7 @@ def test_a_run_ends_on_its_best_parameters(make_config, tmp_path, monkeypatch):
     config.optim.learning_rate = 0.3   # large enough that validation loss goes up and down
     config.train.update(eval_every=2, patience=100)
     config.eval.splits = "test"
-    seen = {}
-    suite = evals.run_suite
-    monkeypatch.setattr(evals, "run_suite", lambda run, params, *a: seen.update(params=params) or suite(run, params, *a))
+    seen = suite_params(monkeypatch)
     final = train.train_and_evaluate(config, str(tmp_path))
     evaluated = records(tmp_path, "validation")
     best = min(evaluated, key=lambda r: r["loss"])
@@ -44,11 +49,11 @@ def test_a_run_ends_on_its_best_parameters(make_config, tmp_path, monkeypatch):
     assert final["validation_loss"] == best["loss"]
     assert best["step"] != 24, "the recipe should make the last evaluation not the best; change it"
     run = builder.setup(config)
-    again = compute.evaluate(run, seen["params"], "validation")
+    again = compute.evaluate(run, seen[0], "validation")
     assert again["loss"] == pytest.approx(best["loss"], rel=1e-6)
     encode = builder.encoder(config, run.task, run.template, run.tokenizer, run.model.config.family)
     run.data["test"] = encode(run.task.split("test"))
-    assert final["test_accuracy"] == compute.evaluate(run, seen["params"], "test")["accuracy"]
+    assert final["test_accuracy"] == compute.evaluate(run, seen[0], "test")["accuracy"]
 
 
 def scripted_evaluations(monkeypatch, losses):
@@ -65,9 +70,7 @@ def test_a_resumed_run_keeps_the_best_from_before_its_checkpoint(make_config, tm
     config.optim.learning_rate = 1e-2
     config.train.update(eval_every=3, patience=4)
     config.checkpoint.update(every_steps=3, keep=1, keep_best=1, best_metric="loss")
-    seen = []
-    suite = evals.run_suite
-    monkeypatch.setattr(evals, "run_suite", lambda run, params, *a: seen.append(params) or suite(run, params, *a))
+    seen = suite_params(monkeypatch)
     scripted_evaluations(monkeypatch, losses)
     whole = train.train_and_evaluate(config, str(tmp_path / "whole"))
     assert (whole["best_step"], whole["stopped_step"]) == (6, 18)   # 9, 12, 15, 18 not better

@@ -32,7 +32,7 @@ class ModelConfig:
     num_labels: int = 0                 # task head size; 0 = no head
     dropout: float = 0.0
     dtype: str = "float32"              # compute dtype; parameters stay float32 and are cast at use
-    frozen_dtype: str = "float32"       # storage of the frozen leaves (see ptune.train.setup)
+    frozen_dtype: str = "float32"       # storage of the frozen leaves (see ptune.builder.setup)
     remat: str = "none"                 # one of REMAT
 
     def __post_init__(self):
