@@ -258,8 +258,8 @@ KEY = "base_model.model.transformer.h.0.attn.c_attn.lora_A.weight"
 
 
 @pytest.mark.parametrize("edit_config,edit_tensors,message", [
-    (lambda c: c.update(use_dora=True, bias="all"), None,
-     r"option\(s\) ptune does not support: bias='all', use_dora=True; save the adapter without them"),
+    (lambda c: c.update(layer_replication=[[0, 1]], bias="all"), None,
+     r"option\(s\) ptune does not support: bias='all', layer_replication=\[\[0, 1\]\]; save the adapter without"),
     (lambda c: c.update(init_lora_weights="pissa", lora_bias=True), None,
      "init_lora_weights='pissa', lora_bias=True; save the adapter without them"),
     (lambda c: c.update(peft_type="LOHA"), None, r"peft_type='LOHA'; ptune loads"),

@@ -11,6 +11,7 @@ from ptune.models.sites.base import (KINDS, LINEAR_STAGES, LinearCall, MissingHo
                                      kind_of, register, targets_regex, union_regex)
 # The built-in kinds register as they are imported, in this order.
 from ptune.models.sites.lora import LoRA  # noqa: I001
+from ptune.models.sites import dora  # noqa: F401  (registers "dora"; its spec is LoRA's)
 from ptune.models.sites.ia3 import IA3
 from ptune.models.sites.adapter import Adapter
 from ptune.models.sites.prefix import Prefix
