@@ -10,10 +10,12 @@ An adapter directory is what `peft.PeftModel.from_pretrained(hf_model, dir)` rea
 `*ForCausalLM` / `*ForSequenceClassification` model of the same base. Each site kind owns its
 PEFT format (`SiteKind.peft_type`, `peft_export`, `peft_load`, given a `Peft` context with the
 shared conventions); this module owns the directory, the config checks and the task head.
-Built in: LoRA (`r`, `lora_alpha`, `use_rslora`), IA3, prompt tuning and prefix tuning (saved,
-as PEFT does, in the direct form: one (num_virtual_tokens, num_layers * 2 * kv_dim) table), plus
-a trained task head as `modules_to_save`. PEFT applies prefixes through `past_key_values`,
-which transformers' BERT does not take, so BERT prefix adapters are refused both ways.
+Built in: LoRA (`r`, `lora_alpha`, `use_rslora`), IA3, prompt tuning, P-tuning (its encoder
+folded, as PEFT saves it) and prefix tuning (saved, as PEFT does, in the direct form: one
+(num_virtual_tokens, num_layers * 2 * kv_dim) table), plus a trained task head as `modules_to_save`.
+A method without sites that trains norm layers in place exports as LN tuning (PEFT's trained
+copies of them; the format is `methods.ln_tuning.PEFT`'s). PEFT applies prefixes through
+`past_key_values`, which transformers' BERT does not take, so BERT prefix adapters are refused both ways.
 Merging folds in every kind that implements `SiteKind.merge` (LoRA, IA3).
 Every write goes to a temporary directory renamed into place: a failure leaves nothing.
 
@@ -37,7 +39,7 @@ import flax.linen as nn
 import numpy as np
 
 from ptune import assets, methods, models, partition
-from ptune.methods import head
+from ptune.methods import head, ln_tuning
 from ptune.models import checkpoints, hf
 from ptune.models.config import ModelConfig
 from ptune.models.sites import KINDS, LINEAR_STAGES, SiteKind, Sites
@@ -72,16 +74,20 @@ def export(out_dir, params, method: methods.Method, model_config: ModelConfig, b
     A trained task head goes in as `modules_to_save`. Returns the directory path.
     """
     cfg = model_config
-    kind = _one_peft_kind(method.name, method.sites)
     params, sites = method.folded(params, models.build(cfg, method.sites))
     trained = [p for p, g in partition.flatten(method.labels(params)).items() if g != partition.FROZEN]
     base = [p for p in trained if not (hf.is_site(p) or HEAD.search(p))]
-    if base:
-        raise ValueError(f"method {method.name!r} trains base weights (e.g. {base[0]}), which a PEFT adapter "
-                         "cannot hold; write the whole model with save_pretrained_merged instead")
+    if not sites.specs and ln_tuning.PEFT.holds(base, cfg):   # norm layers trained in place: LN tuning's copies
+        kind, spec = ln_tuning.PEFT, base
+    else:
+        kind = _one_peft_kind(method.name, sites)
+        if base:
+            raise ValueError(f"method {method.name!r} trains base weights (e.g. {base[0]}), which a PEFT adapter "
+                             "cannot hold; write the whole model with save_pretrained_merged instead")
+        spec = getattr(sites, kind.name)
     flat = partition.flatten(params)
     task_type = "SEQ_CLS" if cfg.num_labels else "CAUSAL_LM" if cfg.causal else "FEATURE_EXTRACTION"
-    options, tensors = kind.peft_export(getattr(sites, kind.name), flat, Peft(cfg))
+    options, tensors = kind.peft_export(spec, flat, Peft(cfg))
     config = {"peft_type": kind.peft_type, "task_type": task_type, "base_model_name_or_path": base_name,
               "inference_mode": True, **options}
     task_head = {p: flat[p] for p in trained if HEAD.search(p)}
@@ -219,13 +225,14 @@ class Peft:
         module, _, leaf = path.rpartition("/")
         return f"{hf.hf_module(module)}.{next(n for n, ours in names.items() if ours == leaf)}"
 
-    def target_modules(self, chosen: list[str]) -> list[str]:
-        """PEFT `target_modules` for `chosen` module paths (see `_peft_names`)."""
-        return _peft_names(chosen, self.layers)
+    def target_modules(self, chosen: list[str], modules: list[str] | None = None) -> list[str]:
+        """PEFT `target_modules` for `chosen` module paths among `modules` (default: the linear layers; see
+        `_peft_names`)."""
+        return _peft_names(chosen, self.layers if modules is None else modules)
 
-    def names(self, chosen: list[str]) -> list[str]:
-        """ptune `targets` (module-name suffixes) that select exactly `chosen` module paths."""
-        return _suffix_names(chosen, self.layers)
+    def names(self, chosen: list[str], modules: list[str] | None = None) -> list[str]:
+        """ptune `targets` (module-name suffixes) that select exactly `chosen` among `modules` (the linear layers)."""
+        return _suffix_names(chosen, self.layers if modules is None else modules)
 
     def tuner_config(self, targeted: list[str]) -> dict:
         return dict(target_modules=self.target_modules(targeted),
@@ -234,11 +241,12 @@ class Peft:
     def prompt_config(self, length: int) -> dict:
         return dict(num_virtual_tokens=length, num_layers=self.config.num_layers, num_transformer_submodules=1)
 
-    def layer_leaves(self, kind: str, tensors: dict, names: dict[str, str]) -> dict:
+    def layer_leaves(self, kind: str, tensors: dict, names: dict[str, str], modules: list[str] | None = None) -> dict:
         """{ptune leaf path: (file key, array as in the file)} of a tuner's per-module `tensors`, given
-        `names` {PEFT name: ptune leaf name}; a key naming no linear layer is an error."""
+        `names` {PEFT name: ptune leaf name}; a key naming none of `modules` (the linear layers) is an error."""
         family = self.config.family
-        by_module = {hf.canonical(family, hf.hf_module(m)): m for m in self.layers}
+        modules = self.layers if modules is None else modules
+        by_module = {hf.canonical(family, hf.hf_module(m)): m for m in modules}
         origin = {}
         for key, x in tensors.items():
             name = key.removeprefix(TUNER_PREFIX)
@@ -246,8 +254,8 @@ class Peft:
                                  if name.endswith("." + n)), (None, None))
             module = by_module.get(hf.canonical(family, module)) if module else None
             if module is None:
-                raise ValueError(f"{self.weights}: key {key!r} names no {kind} layer of this {family} model (its "
-                                 f"linear layers are e.g. {hf.short_list(by_module)}); the adapter was made for "
+                raise ValueError(f"{self.weights}: key {key!r} names no {kind} layer of this {family} model (the "
+                                 f"candidates are e.g. {hf.short_list(by_module)}); the adapter was made for "
                                  "another architecture")
             origin[f"{module}/{leaf}"] = key, x
         return origin
@@ -370,7 +378,8 @@ def load(adapter_dir, model_config: ModelConfig) -> tuple[methods.Method, dict]:
     """
     cfg, path = model_config, pathlib.Path(adapter_dir)
     config, tensors = _read_adapter(path)
-    peft_type, loaders = config.get("peft_type"), {k.peft_type: k for k in KINDS.values() if k.peft_type}
+    peft_type = config.get("peft_type")
+    loaders = {k.peft_type: k for k in (*KINDS.values(), ln_tuning.PEFT) if k.peft_type}
     kind = loaders.get(peft_type)
     if kind is None:
         raise ValueError(f"{path / ADAPTER_CONFIG}: peft_type={peft_type!r}; ptune loads {sorted(loaders)}")

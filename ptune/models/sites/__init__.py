@@ -16,6 +16,7 @@ from ptune.models.sites.ia3 import IA3
 from ptune.models.sites.adapter import Adapter
 from ptune.models.sites.prefix import Prefix
 from ptune.models.sites.prompt import Prompt
+from ptune.models.sites.ptuning import PTuning
 
-__all__ = ["IA3", "KINDS", "LINEAR_STAGES", "Adapter", "LinearCall", "LoRA", "MissingHook", "Prefix", "Prompt",
-           "SiteKind", "Sites", "is_site", "kind_of", "register", "targets_regex", "union_regex"]
+__all__ = ["IA3", "KINDS", "LINEAR_STAGES", "Adapter", "LinearCall", "LoRA", "MissingHook", "PTuning", "Prefix",
+           "Prompt", "SiteKind", "Sites", "is_site", "kind_of", "register", "targets_regex", "union_regex"]
