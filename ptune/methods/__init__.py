@@ -10,7 +10,8 @@ from __future__ import annotations
 import inspect
 from collections.abc import Callable, Mapping
 
-from ptune.methods import adapter, bitfit, full, head, ia3, lora, manual, prefix, prompt, ptuning_v2
+from ptune.methods import (adapter, bitfit, full, head, ia3, loha, lokr, lora, manual, prefix, prompt, ptuning_v2,
+                           vera)
 from ptune.methods.base import InitContext, Method, compose
 from ptune.models.config import ModelConfig
 
@@ -18,7 +19,7 @@ __all__ = ["REGISTRY", "InitContext", "Method", "compose", "from_config", "get",
 
 REGISTRY: dict[str, Callable[..., Method]] = {
     m.__name__.rsplit(".", 1)[-1]: m.make
-    for m in (full, bitfit, head, lora, adapter, prefix, prompt, ptuning_v2, ia3, manual)
+    for m in (full, bitfit, head, lora, adapter, prefix, prompt, ptuning_v2, ia3, manual, vera, loha, lokr)
 }
 
 
