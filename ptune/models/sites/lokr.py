@@ -16,7 +16,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from ptune.models.ops import param
-from ptune.models.sites import lora
+from ptune.models.sites import loha, lora
 from ptune.models.sites.base import register
 from ptune.models.sites.delta import DeltaKind, shared_bank_spec
 
@@ -71,9 +71,10 @@ class LoKrKind(DeltaKind):
         uniform, leaves = lora.lora_a_init, {}
         for side, ((fan_in, fan_out), full) in spec.factors(features_in, layer.features).items():
             first = nn.initializers.zeros if side == "w1" else uniform   # W1 = 0: the identity
-            shapes = ({f"lokr_{side}": ((fan_in, fan_out), first)} if full else
-                      {f"lokr_{side}_a": ((spec.rank, fan_out), first), f"lokr_{side}_b": ((fan_in, spec.rank), uniform)})
-            leaves.update({name: param(layer, name, init, shape, (None, None)) for name, (shape, init) in shapes.items()})
+            r, name = spec.rank, f"lokr_{side}"
+            shapes = ({name: ((fan_in, fan_out), first)} if full else
+                      {f"{name}_a": ((r, fan_out), first), f"{name}_b": ((fan_in, r), uniform)})
+            leaves.update({n: param(layer, n, init, shape, (None, None)) for n, (shape, init) in shapes.items()})
         return leaves
 
     def delta(self, spec: LoKr, w):
@@ -85,8 +86,8 @@ class LoKrKind(DeltaKind):
                     decompose_factor=spec.decompose_factor, rank_dropout=0.0, module_dropout=0.0)
 
     def options(self, config: dict) -> dict:
-        return dict(rank=config.get("r", 8), alpha=config.get("alpha", 8),   # PEFT's defaults
-                    decompose_both=bool(config.get("decompose_both")), decompose_factor=config.get("decompose_factor", -1))
+        return dict(loha.KIND.options(config), decompose_both=bool(config.get("decompose_both")),   # r, alpha as LoHa's
+                    decompose_factor=config.get("decompose_factor", -1))
 
     def bank_spec(self, specs):
         """One rank and factoring for all tasks (they decide which factors are full), the union of

@@ -54,6 +54,7 @@ def projections(seed: int, rank: int, projection: tuple[int, int]) -> tuple[np.n
         span = np.float64(bound - -bound)               # torch computes to - from in float32
         unit = (words[start:start + n] & (2**24 - 1)).astype(np.float64) / 2**24
         out.append((unit * span - np.float64(bound)).astype(np.float32).reshape(shape))
+        out[-1].flags.writeable = False   # cached: shared by every caller
         start += n
     return out[0], out[1]
 
@@ -110,7 +111,8 @@ class VeRAKind(DeltaKind):
                     vera_dropout=spec.dropout, bias="none")
 
     def options(self, config: dict) -> dict:
-        return dict(rank=config.get("r", 256), projection_seed=config.get("projection_prng_key", 0),   # PEFT's defaults
+        # PEFT's defaults: r = 256, projection_prng_key = 0, d_initial = 0.1.
+        return dict(rank=config.get("r", 256), projection_seed=config.get("projection_prng_key", 0),
                     d_initial=config.get("d_initial", 0.1), dropout=config.get("vera_dropout") or 0.0)
 
     def peft_export(self, spec: VeRA, flat: dict, ctx):
@@ -121,14 +123,13 @@ class VeRAKind(DeltaKind):
     def peft_load(self, config: dict, tensors: dict, ctx):
         saved = {key: tensors[key] for key in PEFT_PROJECTIONS.values() if key in tensors}
         name, options, origin = super().peft_load(config, {k: x for k, x in tensors.items() if k not in saved}, ctx)
-        projection = projection_shape(ctx.config, targets_regex(options["targets"]))
-        drawn = dict(zip(PEFT_PROJECTIONS.values(), projections(options["projection_seed"], options["rank"], projection)))
+        seed, shape = options["projection_seed"], projection_shape(ctx.config, targets_regex(options["targets"]))
+        drawn = dict(zip(PEFT_PROJECTIONS.values(), projections(seed, options["rank"], shape)))
         for key, x in saved.items():
             if x.shape != drawn[key].shape or not np.array_equal(x, drawn[key].astype(x.dtype)):
                 raise ValueError(f"{ctx.weights}: {key!r} {x.shape} is not the projection PEFT draws from "
-                                 f"projection_prng_key={options['projection_seed']} for these layers {drawn[key].shape}; "
-                                 "ptune regenerates VeRA's projections from the key, so it loads adapters whose "
-                                 "projections PEFT drew itself")
+                                 f"projection_prng_key={seed} for these layers {drawn[key].shape}; ptune redraws "
+                                 "VeRA's projections from the key, so it loads adapters whose projections PEFT drew")
         return name, options, origin
 
     def bank_spec(self, specs):
