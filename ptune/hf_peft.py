@@ -95,8 +95,9 @@ def export(out_dir, params, method: methods.Method, model_config: ModelConfig, b
         tensors.update(hf.to_hf(cfg.family, partition.unflatten(task_head)))
         config["modules_to_save"] = [cfg.head_name]
     prefix = PROMPT_PREFIX if kind.peft_type in PROMPT_LEARNING else TUNER_PREFIX
-    tensors = {(k if k == "prompt_embeddings" else prefix + k): np.ascontiguousarray(v, np.float32)
-               for k, v in tensors.items()}
+    # A key a kind gives under PEFT's top prefix (VeRA's shared base_model.vera_A) is whole already.
+    tensors = {(k if k == "prompt_embeddings" or k.startswith(PROMPT_PREFIX) else prefix + k):
+               np.ascontiguousarray(v, np.float32) for k, v in tensors.items()}
     return _write_dir(out_dir, {ADAPTER_CONFIG: config}, ADAPTER_WEIGHTS, tensors)
 
 

@@ -262,7 +262,7 @@ KEY = "base_model.model.transformer.h.0.attn.c_attn.lora_A.weight"
      r"option\(s\) ptune does not support: bias='all', layer_replication=\[\[0, 1\]\]; save the adapter without"),
     (lambda c: c.update(init_lora_weights="pissa", lora_bias=True), None,
      "init_lora_weights='pissa', lora_bias=True; save the adapter without them"),
-    (lambda c: c.update(peft_type="LOHA"), None, r"peft_type='LOHA'; ptune loads"),
+    (lambda c: c.update(peft_type="BOFT"), None, r"peft_type='BOFT'; ptune loads"),
     (lambda c: c.update(modules_to_save=["wte"]), None, r"modules_to_save \['wte'\]"),
     (lambda c: c.update(task_type="SEQ_2_SEQ_LM"), None, "task_type='SEQ_2_SEQ_LM'"),
     (lambda c: c.update(r=3), None,

@@ -10,8 +10,8 @@ from __future__ import annotations
 import inspect
 from collections.abc import Callable, Mapping
 
-from ptune.methods import (adapter, bitfit, dora, full, head, ia3, ln_tuning, lora, manual, prefix, prompt,
-                           ptuning, ptuning_v2)
+from ptune.methods import (adapter, bitfit, dora, full, head, ia3, ln_tuning, loha, lokr, lora, manual, prefix,
+                           prompt, ptuning, ptuning_v2, vera)
 from ptune.methods.base import InitContext, Method, compose
 from ptune.models.config import ModelConfig
 
@@ -19,7 +19,8 @@ __all__ = ["REGISTRY", "InitContext", "Method", "compose", "from_config", "get",
 
 REGISTRY: dict[str, Callable[..., Method]] = {
     m.__name__.rsplit(".", 1)[-1]: m.make
-    for m in (full, bitfit, head, lora, adapter, prefix, prompt, ptuning_v2, ia3, manual, dora, ptuning, ln_tuning)
+    for m in (full, bitfit, head, lora, adapter, prefix, prompt, ptuning_v2, ia3, manual, dora, ptuning, ln_tuning, vera,
+              loha, lokr)
 }
 
 

@@ -17,6 +17,10 @@ from ptune.models.sites.adapter import Adapter
 from ptune.models.sites.prefix import Prefix
 from ptune.models.sites.prompt import Prompt
 from ptune.models.sites.ptuning import PTuning
+from ptune.models.sites.vera import VeRA
+from ptune.models.sites.loha import LoHa
+from ptune.models.sites.lokr import LoKr
 
-__all__ = ["IA3", "KINDS", "LINEAR_STAGES", "Adapter", "LinearCall", "LoRA", "MissingHook", "PTuning", "Prefix",
-           "Prompt", "SiteKind", "Sites", "is_site", "kind_of", "register", "targets_regex", "union_regex"]
+__all__ = ["IA3", "KINDS", "LINEAR_STAGES", "Adapter", "LinearCall", "LoHa", "LoKr", "LoRA", "MissingHook", "PTuning",
+           "Prefix", "Prompt", "SiteKind", "Sites", "VeRA", "is_site", "kind_of", "register", "targets_regex",
+           "union_regex"]
