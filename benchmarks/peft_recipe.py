@@ -43,7 +43,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 # Not prefix: PEFT 0.21's prefix tuning refuses BERT under transformers 5 ("Model does not support past
-# key values which are required for prefix tuning."), so it has no MiniLM reference here.
+# key values which are required for prefix tuning."): PEFT injects prefixes through the KV cache, which
+# transformers' encoders no longer take (huggingface/peft PR 2989), so MiniLM has no PEFT prefix reference.
 METHODS = ["full", "lora", "prompt", "ia3"]
 
 

@@ -90,7 +90,7 @@ def with_method(config: ml_collections.ConfigDict, name: str, **options) -> ml_c
             raise ValueError(f"unknown method {part!r}; choose one of {sorted(methods.REGISTRY)}")
         params = list(inspect.signature(methods.REGISTRY[part]).parameters.values())[1:]
         # A None default becomes a typed placeholder so --config.method.<option>=... can set it.
-        return {p.name: config_dict.placeholder(str) if p.default is None else p.default for p in params}
+        return {p.name: _placeholder(p) if p.default is None else p.default for p in params}
 
     parts = name.split("+")
     if len(parts) == 1:
@@ -99,6 +99,11 @@ def with_method(config: ml_collections.ConfigDict, name: str, **options) -> ml_c
         body = {p: {**defaults(p), **options.get(p, {})} for p in parts}
     config.method = ml_collections.ConfigDict({"name": name, **body}, type_safe=False)
     return config
+
+
+def _placeholder(parameter: inspect.Parameter):
+    """A config placeholder typed by a builder's parameter annotation (`int | None` -> int, else str)."""
+    return config_dict.placeholder(int if "int" in str(parameter.annotation) else str)
 
 
 def with_task(config: ml_collections.ConfigDict, name: str, **options) -> ml_collections.ConfigDict:
@@ -113,7 +118,7 @@ def with_task(config: ml_collections.ConfigDict, name: str, **options) -> ml_col
     defaults = {}
     for p in inspect.signature(tasks.REGISTRY[name]).parameters.values():
         if p.default is None:   # a typed placeholder, so that an override can set it
-            defaults[p.name] = config_dict.placeholder(int if "int" in str(p.annotation) else str)
+            defaults[p.name] = _placeholder(p)
         elif p.default is not inspect.Parameter.empty:
             defaults[p.name] = p.default
     config.task.name = name

@@ -101,23 +101,20 @@ def load(workdirs: dict[str, str], which: str | int = "latest", capacity: int | 
     if len({repr(sorted(i.items())) for i in identities.values()}) > 1:
         raise ValueError(f"the tasks were trained on different bases {identities}; one bank serves one base: "
                          "serve them separately")
+    adapters, served = {}, {}
+    for name, (config, trainable, record) in loaded.items():
+        # The run rebuilt as it was set up (its method's frozen leaves too, e.g. PiSSA's initial factors),
+        # so that its frozen part is checked, and folded with the adapter, as training saw it.
+        run = builder.setup(config, training=False)
+        frozen = partition.split(run.params, run.labels)[1]
+        checkpoint.check_base(record["base"], checkpoint.base_record(config, frozen),
+                              f"{workdirs[name]} (task {name!r})")
+        adapters[name] = bank_lib.TaskAdapter.from_trained(run.method, run.model, partition.merge(trainable, frozen),
+                                                           run.label_ids or ())
+        kind = "classify" if run.task.kind == "classify" else "generate"
+        served[name] = ServedTask(kind, run.template, config.task.max_length, tasks.class_names(run.task, run.template))
     first = next(iter(loaded.values()))[0]
     model_cfg, state, tokenizer = builder.base_model(first)
     base = builder.base_params(first, models.build(model_cfg), state)
-    adapters, served = {}, {}
-    for name, (config, trainable, record) in loaded.items():
-        task = tasks.get(config.task.name, **config.task.options.to_dict())
-        objective = builder.objective_for(task, model_cfg, config.task.objective)
-        task_cfg = dataclasses.replace(model_cfg, num_labels=task.num_classes if objective == "head" else 0)
-        method = builder.run_method(config, task_cfg, objective)
-        template = builder.run_template(config, task, method)
-        frozen = {p: x for p, x in partition.flatten(base).items() if p not in partition.flatten(trainable)}
-        checkpoint.check_base(record["base"], checkpoint.base_record(config, partition.unflatten(frozen)),
-                              f"{workdirs[name]} (task {name!r})")
-        label_ids = template.label_ids(tokenizer) if objective == "verbalizer" else ()
-        adapters[name] = bank_lib.TaskAdapter.from_trained(method, models.build(task_cfg, method.sites), trainable,
-                                                           label_ids)
-        kind = "classify" if task.kind == "classify" else "generate"
-        served[name] = ServedTask(kind, template, config.task.max_length, tasks.class_names(task, template))
     bank = bank_lib.Bank(model_cfg, base, adapters, capacity)
     return Server(bank, tokenizer, served, batch_size, max_new_tokens)

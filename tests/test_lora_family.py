@@ -14,10 +14,8 @@ import test_bank
 import test_hf_peft as hp   # a tiny base saved as HF, torch forwards, logit differences (imports peft)
 from ptune import bank as bank_lib
 from ptune import hf_peft, methods, models, partition
-from ptune.methods import dora as dora_method
 from ptune.methods.base import InitContext
 from ptune.models import sites
-from ptune.models.sites import dora as dora_kind
 from test_checkpoint import losses
 
 torch, peft = hp.torch, hp.peft
@@ -25,17 +23,6 @@ TINY = ["gpt2-tiny", "llama-tiny", "bert-tiny"]
 # Every targeted layer kind per family (GPT-2's fused c_attn and Conv1D mlp.c_proj; LLaMA's GQA k/v).
 TARGETS = {"gpt2-tiny": ["c_attn", "mlp.c_proj"], "llama-tiny": ["q_proj", "v_proj", "down_proj"],
            "bert-tiny": ["query", "value"]}
-
-
-@pytest.fixture(autouse=True, scope="module")
-def built_in_dora():
-    """experiments/dora_outside.py registers its own "dora" kind and method over the built-in ones in the process
-    that loads it (tests/test_open_sites.py does); these tests are of the built-in ones."""
-    saved = sites.KINDS["dora"], methods.REGISTRY["dora"]
-    sites.register(dora_kind.KIND)
-    methods.register("dora", dora_method.make)
-    yield
-    sites.KINDS["dora"], methods.REGISTRY["dora"] = saved
 
 
 def _started(preset, name, seed=0, **options):

@@ -43,14 +43,14 @@ def dora_config():
 
 
 def _dora(cfg, **options):
-    method = methods.get("dora", cfg, **options)
+    method = methods.get("mydora", cfg, **options)
     return method, models.build(cfg, method.sites)
 
 
 def test_the_experiment_defines_kind_and_method_in_40_lines():
     source = open(EXPERIMENT).read().splitlines()
     first = source.index("@dataclasses.dataclass(frozen=True)")
-    last = source.index('methods.register("dora", make)')
+    last = source.index('methods.register("mydora", make)')
     assert last - first + 1 <= 40
 
 
@@ -58,7 +58,7 @@ def test_dora_starts_as_the_identity(dora_config):
     cfg = models.model_config("gpt2-tiny")
     method, model = _dora(cfg)
     params, plain = models.init(model, jax.random.key(0)), models.build(cfg)
-    dora_leaves = [p for p in partition.flatten(params) if sites.kind_of(p) is sites.KINDS["dora"]]
+    dora_leaves = [p for p in partition.flatten(params) if sites.kind_of(p) is sites.KINDS["mydora"]]
     assert len(dora_leaves) == 3 * cfg.num_layers   # m, A, B on every c_attn
     base = models.init(plain, jax.random.key(0))
     np.testing.assert_array_equal(model.apply({"params": params}, IDS), plain.apply({"params": base}, IDS))
@@ -95,7 +95,7 @@ import jax
 jax.config.update("jax_num_cpu_devices", 8)
 from ptune import config
 config.load_module(sys.argv[2])
-sys.argv = ["multidevice.py", sys.argv[1], "dora"]
+sys.argv = ["multidevice.py", sys.argv[1], "mydora"]
 runpy.run_path("tests/multidevice.py", run_name="__main__")
 """
 
@@ -105,7 +105,7 @@ def test_dora_shards_on_8_devices_like_one(tmp_path):
     out = tmp_path / "steps.json"
     subprocess.run([sys.executable, "-c", SHARDED, str(out), EXPERIMENT], check=True, cwd=ROOT, timeout=600,
                    env={**os.environ, "PYTHONPATH": ROOT})
-    meshes = json.loads(out.read_text())["dora"]["meshes"]
+    meshes = json.loads(out.read_text())["mydora"]["meshes"]
     assert set(meshes) == {"8x1x1", "2x2x2", "1x2x4"}
     for mesh, row in meshes.items():
         assert row["loss_diff"] <= 1e-5 and row["param_diff"] <= 1e-5, (mesh, row)
@@ -115,17 +115,17 @@ def test_dora_shards_on_8_devices_like_one(tmp_path):
 def test_dora_serves_in_the_bank_beside_lora_tasks(dora_config):
     cfg, base = test_bank._base("gpt2-tiny")
     runs, adapters = test_bank._tasks(cfg, base, {
-        "dora": ("dora", {"rank": 4}, (65, 66)),
+        "mydora": ("mydora", {"rank": 4}, (65, 66)),
         "lora4": ("lora", {"rank": 4, "alpha": 8.0}, (70, 71, 72)),
         "lora8_mlp": ("lora", {"rank": 8, "targets": ["c_fc"]}, (80, 81))})
     bank = bank_lib.Bank(cfg, base, adapters, capacity=4)
-    assert bank.sites.names() == ["lora", "dora"]
-    test_bank._check_mixed_batch(bank, runs, ["dora", "lora4", "dora", "lora8_mlp", "lora4"], test_bank.PROMPTS)
+    assert bank.sites.names() == ["lora", "mydora"]
+    test_bank._check_mixed_batch(bank, runs, ["mydora", "lora4", "mydora", "lora8_mlp", "lora4"], test_bank.PROMPTS)
 
 
 def test_dora_merges_into_the_kernels(dora_config):
     cfg, base = test_bank._base("gpt2-tiny")
-    model, method, params = test_bank._trained(cfg, base, "dora", 0, rank=4)
+    model, method, params = test_bank._trained(cfg, base, "mydora", 0, rank=4)
     merged, left = hf_peft.merge(params, model)
     assert left == models.Sites() and not any(sites.is_site(p) for p in partition.flatten(merged))
     np.testing.assert_allclose(models.build(cfg).apply({"params": merged}, IDS),

@@ -179,3 +179,25 @@ def test_converged_study_selects_a_rate_per_method_then_trains_two_more_seeds_at
         study.get_sweep(f"seeds:sentiment:{tmp_path}:prompt")
     hybrid = study.get_sweep("select:sentiment:lora+prompt")[0]
     assert hybrid["optim.groups.prompt.learning_rate"] == 10 * hybrid["optim.learning_rate"]
+
+
+def test_converged_study_other_tasks_use_sentiments_rates_and_kshot_trains_to_convergence(tmp_path):
+    study = load("experiments/study_converged.py")
+    for method, lr in [("full", 5e-5), ("lora", 5e-4), ("prompt", 3e-2)]:
+        point = tmp_path / method
+        point.mkdir()
+        (point / "config.json").write_text(json.dumps({"optim": {"learning_rate": lr}}))
+        (point / "final_metrics.json").write_text(json.dumps({"method": method, "validation_accuracy": 0.9}))
+    topic = study.get_sweep(f"transfer:topic:{tmp_path}")
+    assert [(p["method"], p["optim.learning_rate"], p["seed"]) for p in topic][:3] == [
+        ("full", 5e-5, 0), ("full", 5e-5, 1), ("full", 5e-5, 2)] and len(topic) == 9
+    config = study.get_config(f"transfer:topic:{tmp_path}")
+    assert (config.task.name, config.task.options.k_shot, config.train.eval_every) == ("topic", 32, 50)
+    shots = study.get_sweep(f"kshot:16:{tmp_path}:lora")
+    assert [p["task.options"]["shot_seed"] for p in shots] == [13, 21, 42, 87, 100]
+    jobs = sweep.vmap_groups(sweep.points(study.get_config(f"kshot:16:{tmp_path}"), shots))
+    assert len(jobs) == 1   # the five draws train as one vmapped job
+    small = study.get_config(f"kshot:16:{tmp_path}")   # 32 examples: 2 steps an epoch
+    assert (small.train.steps, small.train.eval_every) == (study.MIN_STEPS, study.MIN_EVAL_STEPS)
+    with pytest.raises(ValueError, match=r"no finished selection for \['ia3', 'prefix'\]"):
+        study.get_sweep(f"transfer:spam:{tmp_path}")

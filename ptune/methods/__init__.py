@@ -19,8 +19,8 @@ __all__ = ["REGISTRY", "InitContext", "Method", "compose", "from_config", "get",
 
 REGISTRY: dict[str, Callable[..., Method]] = {
     m.__name__.rsplit(".", 1)[-1]: m.make
-    for m in (full, bitfit, head, lora, adapter, prefix, prompt, ptuning_v2, ia3, manual, dora, ptuning, ln_tuning, vera,
-              loha, lokr)
+    for m in (full, bitfit, head, lora, adapter, prefix, prompt, ptuning_v2, ia3, manual, dora, ptuning, ln_tuning,
+              vera, loha, lokr)
 }
 
 
