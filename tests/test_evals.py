@@ -33,6 +33,7 @@ def suite_config(make_config, method="lora", **evals):
     return config
 
 
+@pytest.mark.slow   # default-suite budget; CI runs it
 def test_template_accuracies_equal_runs_on_each_template(make_config, paraphrased, tmp_path):
     final = train.train_and_evaluate(suite_config(make_config, "manual", templates=True, predictions=True,
                                                   splits="test"), str(tmp_path / "suite"))

@@ -70,6 +70,7 @@ def uninterrupted(dora_config, tmp_path_factory):
     return workdir, train.train_and_evaluate(dora_config, str(workdir))
 
 
+@pytest.mark.slow   # default-suite budget; CI runs it
 def test_dora_trains_and_resumes_exactly(dora_config, uninterrupted, tmp_path, monkeypatch):
     """A SIGTERM during step index 4 saves step 5 and stops; the rerun equals the uninterrupted run."""
     train_losses = [loss for _, split, loss, _ in losses(uninterrupted[0]) if split == "train"]

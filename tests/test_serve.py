@@ -22,6 +22,7 @@ def _trained(config, workdir):
     return run, partition.merge(trainable, partition.split(run.params, run.labels)[1])
 
 
+@pytest.mark.slow   # default-suite budget; CI runs it
 def test_mixed_requests_match_each_run_alone(tmp_path, make_config):
     dirs, configs = _workdirs(tmp_path, make_config)
     server = serve.load(dirs, batch_size=4, max_new_tokens=5)

@@ -34,6 +34,7 @@ def test_a_run_that_stops_improving_stops_after_patience_evaluations(make_config
     assert final["validation_loss"] == records(tmp_path, "validation")[0]["loss"]
 
 
+@pytest.mark.slow   # default-suite budget; CI runs it
 def test_a_run_ends_on_its_best_parameters(make_config, tmp_path, monkeypatch):
     """The final evaluation suite (here the test split) measures the best evaluation's parameters,
     not the last step's."""
@@ -62,6 +63,7 @@ def scripted_evaluations(monkeypatch, losses):
     monkeypatch.setattr(compute, "evaluate", lambda *a, **k: {"loss": next(it), "accuracy": 0.5, "count": 32})
 
 
+@pytest.mark.slow   # default-suite budget; CI runs it
 def test_a_resumed_run_keeps_the_best_from_before_its_checkpoint(make_config, tmp_path, monkeypatch):
     """Best at step 6, checkpoint at 12, resumed to 24: the run ends on step 6's parameters, as the
     uninterrupted run does; stopping counts the evaluations from before the resume."""
@@ -88,6 +90,7 @@ def test_a_resumed_run_keeps_the_best_from_before_its_checkpoint(make_config, tm
         assert all(np.array_equal(np.asarray(trained[p]), at_6[p]) for p in at_6)
 
 
+@pytest.mark.slow   # default-suite budget; CI runs it
 def test_vmapped_points_stop_one_by_one_and_end_on_their_best(make_config, tmp_path):
     configs = []
     for lr in (1e-12, 0.3):   # the first stops at once, the second trains on

@@ -170,6 +170,7 @@ def test_vmapped_points_equal_separate_runs(make_config, tmp_path, monkeypatch):
                              for i in (0, 1)))
 
 
+@pytest.mark.slow   # default-suite budget; CI runs it
 def test_points_with_one_seed_share_the_frozen_base_and_chunks_compute_the_same(make_config):
     m = multi.setup([_point_config(make_config, 0, lr) for lr in (1e-3, 1e-2, 3e-2)])
     assert m.frozen_axis is None

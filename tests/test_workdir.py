@@ -38,6 +38,7 @@ def test_the_lock_of_a_killed_run_is_stale_and_taken_over(tmp_path):
         assert f"pid {os.getpid()} " in (tmp_path / ".lock.0").read_text()
 
 
+@pytest.mark.slow   # default-suite budget; CI runs it
 def test_a_finished_workdir_is_left_as_it_is_and_more_steps_resume(tmp_path, capsys):
     """A rerun of a finished run changes nothing and returns its metrics; asking for more steps
     resumes from its last checkpoint, with the steps an uninterrupted run of that length takes."""
@@ -73,6 +74,7 @@ def test_an_unfinished_run_without_checkpoints_starts_afresh_without_stale_recor
     assert len(steps) == len(set(steps)) and 9.0 not in [loss for _, _, loss, _ in losses(tmp_path)]
 
 
+@pytest.mark.slow   # default-suite budget; CI runs it
 def test_two_launches_on_one_workdir_never_interleave(tmp_path):
     """The second launch, started while the first trains, exits 2 naming the first; the first's
     metrics.jsonl holds every record once."""
