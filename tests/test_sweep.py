@@ -146,7 +146,7 @@ def test_vmapped_points_equal_separate_runs(make_config, tmp_path, monkeypatch):
     def keep_params(run, params, *args, **kwargs):
         final_params.append(jax.tree.map(np.asarray, partition.split(params, run.labels)[0]))
         return evaluate(run, params, *args, **kwargs)
-    monkeypatch.setattr(train, "evaluate", keep_params)
+    monkeypatch.setattr(compute, "evaluate", keep_params)
 
     vmapped = multi.train_and_evaluate(configs, [str(tmp_path / f"v{i}") for i in range(3)])
     separate = [train.train_and_evaluate(c, str(tmp_path / f"s{i}")) for i, c in enumerate(configs)]
