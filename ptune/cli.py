@@ -34,8 +34,8 @@ def set_xla_flags():
 
 
 def run(main):
-    """`app.run` a function of no arguments, after `set_xla_flags`: a bad flag or stray argument is refused, Orbax's per-save INFO
-    logs are hidden unless --verbosity is given, a ValueError (bad input) becomes one
+    """`app.run` a function of no arguments, after `set_xla_flags`: a bad flag or stray argument is
+    refused, Orbax's per-save INFO logs are hidden unless --verbosity is given, a ValueError (bad input) becomes one
     `error:` line on stderr and exit status 2, and a training run stopped by SIGTERM or Ctrl-C
     (`train.Preempted`, after saving) one `preempted:` line and exit status 143 or 130, the status
     of a process that signal ends, so that schedulers and retry loops treat the run as unfinished."""
