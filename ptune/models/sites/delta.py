@@ -9,6 +9,7 @@ in torch's (out, in) layout and ptune's kernels are (in, out), so ptune stores t
 
 from __future__ import annotations
 
+import abc
 import dataclasses
 from collections.abc import Mapping, Sequence
 
@@ -18,27 +19,28 @@ from ptune.models.ops import matmul
 from ptune.models.sites.base import SiteKind, union_regex
 
 
-class DeltaKind(SiteKind):
+class DeltaKind(SiteKind, abc.ABC):
+    """A kind subclass must define the four abstract hooks (instantiating it fails otherwise)."""
     wraps, sharding = "product", "replicated"
     peft_names: Sequence[str] = ()        # the leaves PEFT saves per module, named as PEFT names them
     scaled_leaves: Sequence[str] = ()     # the factor the bank multiplies by a task's scale (alpha / r)
     on_conv1d = False                     # whether PEFT wraps GPT-2's Conv1D layers (it does for VeRA only)
 
+    @abc.abstractmethod
     def create(self, spec, layer, features_in: int) -> dict:
         """{leaf name: array} of one layer, created on `layer` (an nn.Module: axes, features)."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def delta(self, spec, leaves: Mapping):
         """dW (in, out) of one layer from its leaves (jax or numpy arrays)."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def peft_config(self, spec) -> dict:
         """adapter_config.json entries of `spec` besides the targets."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def options(self, config: dict) -> dict:
         """The method's options, besides targets, from a PEFT adapter_config.json."""
-        raise NotImplementedError
 
     def linear(self, spec, call, x, inner):
         return inner(x) + matmul(x, self.delta(spec, self.create(spec, call.layer, x.shape[-1])), call.layer.dtype)
