@@ -18,10 +18,9 @@ import flax.linen as nn
 import jax
 import numpy as np
 
-from ptune import bank as bank_lib
-from ptune import methods, models, partition
-
 from ptune import cli  # noqa: E402
+from ptune import methods, models, partition  # noqa: E402
+from ptune.inference import bank as bank_lib  # noqa: E402
 
 cli.set_xla_flags()   # as the launchers, before JAX starts
 

@@ -16,10 +16,10 @@ import time
 import jax
 import numpy as np
 
-from ptune import builder, checkpoint, compute, partition
-from ptune.config import base_config, with_method
-
 from ptune import cli  # noqa: E402
+from ptune import partition  # noqa: E402
+from ptune.config import base_config, with_method  # noqa: E402
+from ptune.training import builder, checkpoint, compute
 
 cli.set_xla_flags()   # as the launchers, before JAX starts
 

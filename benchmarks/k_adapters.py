@@ -1,4 +1,4 @@
-"""K LoRA adapters trained at once (ptune.multi, vmapped over one frozen base) vs K sequential
+"""K LoRA adapters trained at once (ptune.training.multi, vmapped over one frozen base) vs K sequential
 runs vs one run, on a GPT-2-small-shaped model with random weights.
 
     python benchmarks/k_adapters.py [--k 8 --batch 8 --length 128 --steps 5 --chunks 8]
@@ -20,11 +20,11 @@ import time
 import jax
 import numpy as np
 
-from ptune import builder, compute, multi, partition
-from ptune.config import base_config, with_method
-from ptune.data import batching
-
 from ptune import cli  # noqa: E402
+from ptune import partition  # noqa: E402
+from ptune.config import base_config, with_method  # noqa: E402
+from ptune.data import batching
+from ptune.training import builder, compute, multi
 
 cli.set_xla_flags()   # as the launchers, before JAX starts
 

@@ -13,9 +13,9 @@ import time
 import jax
 import numpy as np
 
-from ptune import methods, models, objectives, optim, partition
-
 from ptune import cli  # noqa: E402
+from ptune import methods, models, optim, partition  # noqa: E402
+from ptune.training import objectives  # noqa: E402
 
 cli.set_xla_flags()   # as the launchers, before JAX starts
 

@@ -4,7 +4,7 @@
 
 The task's train split is encoded at each max_length once padded (an example per row) and once
 packed (ptune.data.packing, segment ids in attention_mask); the jitted training step
-(ptune.compute.make_train_step) then runs on the first `--steps` batches of each after a warm-up
+(ptune.training.compute.make_train_step) then runs on the first `--steps` batches of each after a warm-up
 step. Padded and packed batches have one shape, so they share one compile and cost the same per
 step: packing gains by the tokens each row carries. Per max_length and layout it prints the rows,
 the padding fraction of the split, the median step time and the medians over steps of tokens/s:
@@ -34,12 +34,12 @@ import time
 import jax
 import jax.numpy as jnp
 
-from ptune import builder, compute, partition
-from ptune.config import base_config, with_method, with_task
+from ptune import cli  # noqa: E402
+from ptune import partition  # noqa: E402
+from ptune.config import base_config, with_method, with_task  # noqa: E402
 from ptune.data import batching
 from ptune.data.packing import padding_fraction
-
-from ptune import cli  # noqa: E402
+from ptune.training import builder, compute
 
 cli.set_xla_flags()   # as the launchers, before JAX starts
 

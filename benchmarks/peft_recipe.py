@@ -67,7 +67,8 @@ def peft_config(method: str, num_virtual: int = 20):
 
 def ptune_data(study, task: str, method: str, lr: float, seed: int):
     """The study's config for this point and ptune's encoded train/validation/test arrays."""
-    from ptune import builder, config as config_lib
+    from ptune import config as config_lib
+    from ptune.training import builder
     config = config_lib.override(study.get_config(f"select:{task}"),
                                  {"method": method, "optim.learning_rate": lr, "seed": seed}, "peft_recipe")
     run = builder.setup(config)

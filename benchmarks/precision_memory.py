@@ -43,9 +43,10 @@ def rss_mb(field: str) -> float:
 def measure(variant: str, args) -> dict:
     import jax
 
-    from ptune import builder, compute, partition
+    from ptune import partition
     from ptune.config import base_config, with_method
     from ptune.data import batching
+    from ptune.training import builder, compute
 
     config = with_method(base_config(), args.method)
     config.model.preset = "gpt2"

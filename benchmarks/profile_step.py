@@ -81,7 +81,7 @@ def main():
     ap.add_argument("--shape", default="gpt2", choices=vs_peft.SHAPES)
     ap.add_argument("--method", default="full", choices=vs_peft.METHODS)
     ap.add_argument("--dtype", default="float32", choices=vs_peft.DTYPES)
-    from ptune.models.config import REMAT
+    from ptune.models.model_config import REMAT
     ap.add_argument("--remat", default="none", choices=REMAT, help="the step's model.remat policy")
     ap.add_argument("--steps", type=int, default=3, help="traced steps (after 2 untraced)")
     ap.add_argument("--top", type=int, default=25, help="how many of the slowest ops to list")

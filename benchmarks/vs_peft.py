@@ -164,8 +164,8 @@ def step_dots(shape: str) -> list[dict]:
 # ------------------------------------------------------------------------------------------ ptune
 
 def ptune_setup(shape: str, method: str, dtype: str, remat: str = "none"):
-    from ptune import builder
     from ptune.config import base_config, with_method
+    from ptune.training import builder
     config = with_method(base_config(), method)
     config.model.update(preset=shape, dtype=dtype, remat=remat)
     config.task.update(name="synthetic_lm", options={"n_train": 8, "n_eval": 8}, max_length=LENGTH)
@@ -183,7 +183,8 @@ def ptune_step(shape: str, method: str, dtype: str, remat: str = "none"):
     import jax
     import numpy as np
 
-    from ptune import compute, partition
+    from ptune import partition
+    from ptune.training import compute
     run = ptune_setup(shape, method, dtype, remat)
     ids = np.random.default_rng(0).integers(0, run.model.config.vocab_size, (BATCH, LENGTH)).astype(np.int32)
     batch = {"input_ids": ids, "attention_mask": np.ones_like(ids), "loss_mask": np.ones_like(ids)}
@@ -200,7 +201,7 @@ def ptune_step(shape: str, method: str, dtype: str, remat: str = "none"):
 
 
 def ptune_train(shape: str, method: str, dtype: str, steps: int, warmup: int, remat: str) -> dict:
-    from ptune import checkpoint, compute
+    from ptune.training import checkpoint, compute
     run, step, state, one, compile_s = ptune_step(shape, method, dtype, remat)
     trainable_count = run.summary.trainable   # before the step donates run.params' arrays
     tmp = tempfile.TemporaryDirectory()
@@ -218,7 +219,7 @@ def ptune_train(shape: str, method: str, dtype: str, steps: int, warmup: int, re
 def ptune_generate(shape: str, method: str, batch: int, steps: int) -> dict:
     import numpy as np
 
-    from ptune import generate
+    from ptune.inference import generate
     run = ptune_setup(shape, method, "float32")
     prompts = np.random.default_rng(0).integers(0, run.model.config.vocab_size, (batch, PROMPT_LEN)).tolist()
     go = lambda: generate.generate(run.model, run.params, prompts, NEW_TOKENS, eos_id=-1, pad_id=0)
@@ -234,10 +235,10 @@ def torch_model(shape: str, method: str):
     import torch
     import transformers
 
-    from ptune.models import DEFAULT_TARGETS, checkpoints, model_config
+    from ptune.models import DEFAULT_TARGETS, model_config, pretrained
     torch.manual_seed(0)
     cfg = model_config(shape)
-    hf = checkpoints.config_to_hf(cfg)   # the conversion ptune's own exports use
+    hf = pretrained.config_to_hf(cfg)   # the conversion ptune's own exports use
     no_dropout = dict(resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0) if cfg.family == "gpt2" else {}
     model = getattr(transformers, hf["architectures"][0])(transformers.AutoConfig.for_model(**hf, **no_dropout))
     targets = DEFAULT_TARGETS[cfg.family]["lora"]
@@ -371,7 +372,7 @@ def run_child(spec: str, steps: int, warmup: int, remat: str) -> dict:
 
 
 def main():
-    from ptune.models.config import REMAT
+    from ptune.models.model_config import REMAT
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--shapes", default=",".join(SHAPES))
     ap.add_argument("--methods", default=",".join(METHODS), help="methods whose training is measured ('' = none)")

@@ -13,6 +13,7 @@ import numpy as np
 
 from ptune import methods
 from ptune.config import base_config, with_method
+from ptune.errors import UserError
 from ptune.models import sites
 from ptune.models.ops import matmul, param
 from ptune.models.sites.lora import lora_a_init
@@ -43,7 +44,7 @@ class DoRAKind(sites.SiteKind):
 
     def bank_spec(self, specs):   # tasks lacking DoRA get its identity; those that have it share one spec
         if len({s for s in specs.values() if s}) > 1:
-            raise ValueError(f"tasks' DoRA specs differ {specs}: bank them separately")
+            raise UserError(f"tasks' DoRA specs differ {specs}: bank them separately")
         return next(s for s in specs.values() if s)
 
 

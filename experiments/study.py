@@ -33,6 +33,7 @@ BitFit and IA3 near full fine-tuning; prompt tuning clearly below it at these mo
 """
 
 from ptune.config import base_config, with_method
+from ptune.errors import UserError
 
 SEEDS = [0, 1, 2]
 # How many of a job's vmapped seeds run at once: all for the small encoder (larger matmuls help a
@@ -69,7 +70,7 @@ PARTS = ("encoder", "decoder", "data", "generate")
 
 def get_config(part: str = "encoder"):
     if part not in PARTS:
-        raise ValueError(f"experiments/study.py: unknown part {part!r}; choose one of {PARTS}")
+        raise UserError(f"experiments/study.py: unknown part {part!r}; choose one of {PARTS}")
     config = with_method(base_config(), "lora")
     config.train.update(batch_size=8, eval_batch_size=50, log_every=10, progress=False)
     config.checkpoint.every_steps = 0   # the study keeps metrics and predictions, not adapters
@@ -110,4 +111,4 @@ def get_sweep(part: str = "encoder"):
                 for k in K_SHOTS for m in DATA_METHODS for s in SEEDS]
     if part == "generate":
         return [{"method": "manual"}] + _trained(["lora", "prompt"])
-    raise ValueError(f"experiments/study.py: unknown part {part!r}; choose one of {PARTS}")
+    raise UserError(f"experiments/study.py: unknown part {part!r}; choose one of {PARTS}")

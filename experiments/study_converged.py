@@ -21,7 +21,7 @@ Each takes an optional last `:<method>`.
     python scripts/sweep.py --config experiments/study_converged.py:seeds:sentiment:$S \
         --workdir workdirs/converged/seeds-sentiment --vmap
 
-The points of one method and part train as one vmapped job (ptune.multi); a finished point is
+The points of one method and part train as one vmapped job (ptune.training.multi); a finished point is
 skipped when run again, so the study resumes after an interruption (an unfinished job restarts).
 """
 
@@ -30,6 +30,7 @@ import math
 import os
 
 from ptune.config import base_config, with_method
+from ptune.errors import UserError
 
 MAX_EPOCHS, PATIENCE, BATCH, WARMUP = 10, 2, 16, 50
 # The learning rates tried per method, around the literature's (PEFT's examples; Hu et al.; Ben
@@ -117,17 +118,17 @@ def get_sweep(part: str = "select:sentiment"):
     if kind == "select":
         return [_point(m, lr, 0) for m in rest or GRID for lr in GRID[m]]
     if kind not in ("seeds", "transfer", "kshot"):
-        raise ValueError(f"experiments/study_converged.py: unknown part {part!r}; use select:<task>[:<method>], "
-                         "seeds:<task>:<select dir>, transfer:<task>:<select dir> or kshot:<K>:<select dir>")
+        raise UserError(f"experiments/study_converged.py: unknown part {part!r}; use select:<task>[:<method>], "
+                        "seeds:<task>:<select dir>, transfer:<task>:<select dir> or kshot:<K>:<select dir>")
     if not rest:
-        raise ValueError(f"part {part!r}: name the select workdir, {kind}:{task}:<select workdir>")
+        raise UserError(f"part {part!r}: name the select workdir, {kind}:{task}:<select workdir>")
     select_dir, *methods = rest
     default = {"seeds": list(GRID), "transfer": TRANSFER_METHODS.get(task), "kshot": KSHOT_METHODS}[kind]
     methods = methods or default
     rates = chosen_rates(select_dir)
     missing = sorted(set(methods) - set(rates))
     if missing:
-        raise ValueError(f"{select_dir} has no finished selection for {missing}; run the select part first")
+        raise UserError(f"{select_dir} has no finished selection for {missing}; run the select part first")
     if kind == "seeds":
         return [_point(m, rates[m], s) for m in methods for s in SEEDS[1:]]
     if kind == "transfer":

@@ -16,8 +16,8 @@ numbers, except lr 1e-2: it is unstable here (loss stays ~0.69), so float roundi
 Run it again: every point is skipped as finished and the table is rewritten.
 """
 
-from ptune import sweep
 from ptune.config import base_config, with_method
+from ptune.training import sweep
 
 
 def get_config():

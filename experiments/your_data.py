@@ -22,6 +22,7 @@ data"); "zero-shot" is the untrained base (LoRA is the identity at init):
 """
 
 from ptune.config import base_config, with_method, with_task
+from ptune.errors import UserError
 
 KIND_SETTINGS = {   # kind -> (max_length, packing, steps)
     "classify": (128, False, 150),
@@ -33,7 +34,7 @@ KIND_SETTINGS = {   # kind -> (max_length, packing, steps)
 
 def get_config(kind: str = "classify"):
     if kind not in KIND_SETTINGS:
-        raise ValueError(f"experiments/your_data.py:{kind}: choose one of {sorted(KIND_SETTINGS)}")
+        raise UserError(f"experiments/your_data.py:{kind}: choose one of {sorted(KIND_SETTINGS)}")
     config = with_task(with_method(base_config(), "lora"), "files", kind=kind)
     config.model.checkpoint = "smollm2"
     config.task.max_length, config.task.packing, steps = KIND_SETTINGS[kind]

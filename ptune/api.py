@@ -8,7 +8,7 @@
     tuner.generate("The capital of France is", max_new_tokens=8)
     ptune.load_adapter("workdirs/sentiment").predict(["Awful."])   # a run trained by scripts/train.py
 
-It is a door to the same functions the launcher calls (ptune.train): the same validation and
+It is a door to the same functions the launcher calls (ptune.training.train): the same validation and
 messages, and the same steps: N `train_steps` equal the launcher's first N steps bitwise.
 """
 
@@ -21,11 +21,13 @@ from typing import Any
 import jax
 import ml_collections
 
-from ptune import builder, checkpoint, compute, evals, partition, sharding, train
 from ptune import config as config_lib
-from ptune import generate as generate_lib
+from ptune import partition, sharding
 from ptune.data import batching, tasks
 from ptune.data.templates import Template
+from ptune.errors import UserError
+from ptune.inference import generate as generate_lib
+from ptune.training import builder, checkpoint, compute, evals, train
 
 __all__ = ["Tuner", "load_adapter", "load_config", "setup"]
 
@@ -35,31 +37,31 @@ def load_config(spec: str | None = None, overrides: Mapping[str, Any] | None = N
     loaded as the launchers load it), or `ptune.config.base_config()` when None, with `overrides`
     applied: dotted keys as on the command line, e.g. {"train.steps": 20, "method.rank": 4,
     "optim.groups.lora.learning_rate": 3e-3}. A key that does not exist or a value out of range is
-    a ValueError naming it."""
+    a UserError naming it."""
     if spec is not None and not isinstance(spec, str):
-        raise ValueError(f"load_config: spec={spec!r} must be a config file path such as "
-                         "'experiments/default.py' or 'experiments/default.py:prompt' (or None for the defaults)")
+        raise UserError(f"load_config: spec={spec!r} must be a config file path such as "
+                        "'experiments/default.py' or 'experiments/default.py:prompt' (or None for the defaults)")
     if overrides is not None and not isinstance(overrides, Mapping):
-        raise ValueError(f"load_config: overrides={overrides!r} must be a dict of dotted keys such as "
-                         "{'train.steps': 20}")
+        raise UserError(f"load_config: overrides={overrides!r} must be a dict of dotted keys such as "
+                        "{'train.steps': 20}")
     config = config_lib.base_config() if spec is None else config_lib.load(spec)
     return config_lib.override(config, dict(overrides or {}), "load_config") if overrides else config
 
 
 def setup(config: ml_collections.ConfigDict) -> Tuner:
-    """A `Tuner` for `config` (from `load_config`), built by `ptune.builder.setup`: it validates the
-    whole config (one-line ValueErrors naming the key and the fix), loads the model and the data,
+    """A `Tuner` for `config` (from `load_config`), built by `ptune.training.builder.setup`: it validates the
+    whole config (one-line UserErrors naming the key and the fix), loads the model and the data,
     labels the parameters and builds the optimizer. Writes nothing."""
     if not isinstance(config, ml_collections.ConfigDict):
-        raise ValueError(f"setup: config is a {type(config).__name__}, not an ml_collections ConfigDict; make one "
-                         "with ptune.load_config(spec, {'dotted.key': value, ...})")
+        raise UserError(f"setup: config is a {type(config).__name__}, not an ml_collections ConfigDict; make one "
+                        "with ptune.load_config(spec, {'dotted.key': value, ...})")
     return Tuner(builder.setup(config))
 
 
 def load_adapter(workdir: str, which: str | int = "latest") -> Tuner:
     """An inference-ready `Tuner` (evaluate, predict, generate) from a run's checkpoint: "latest",
     "best" (by config.checkpoint.best_metric; needs keep_best > 0) or a step. The workdir is one that
-    scripts/train.py (or `ptune.train.train_and_evaluate`) trained; the frozen base is rebuilt from
+    scripts/train.py (or `ptune.training.train.train_and_evaluate`) trained; the frozen base is rebuilt from
     the run's config and must be the one it was trained on (its sha256 is checked)."""
     config, trainable, record = checkpoint.load_adapter(workdir, which)
     run = builder.setup(config, training=False)   # no optimizer state: it evaluates, predicts, generates
@@ -119,18 +121,18 @@ class Tuner:
         N steps equal a scripts/train.py run's at step N. Steps may go past config.train.steps; the
         learning-rate schedule is built for config.train.steps and keeps its final value after
         it (set train.steps to the total you plan when using a decaying schedule). A non-finite
-        step is never applied; with nonfinite='stop' (default) it raises a ValueError naming it,
+        step is never applied; with nonfinite='stop' (default) it raises a UserError naming it,
         and `step` stays at it."""
         if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-            raise ValueError(f"train_steps: n={n!r} must be an integer >= 1 (the number of steps to take)")
+            raise UserError(f"train_steps: n={n!r} must be an integer >= 1 (the number of steps to take)")
         run, tc = self._run, self.config.train
         if not self.method.trains:
-            raise ValueError(f"train_steps: method {self.method.name!r} trains nothing; evaluate, predict or "
-                             "generate with it, or choose a method that trains (config.method.name)")
+            raise UserError(f"train_steps: method {self.method.name!r} trains nothing; evaluate, predict or "
+                            "generate with it, or choose a method that trains (config.method.name)")
         if self._loaded_from is not None:
-            raise ValueError(f"train_steps: a tuner from ptune.load_adapter has no optimizer state; to train "
-                             f"{self._loaded_from} further, raise config.train.steps and rerun scripts/train.py on it "
-                             "(it resumes from its newest checkpoint)")
+            raise UserError(f"train_steps: a tuner from ptune.load_adapter has no optimizer state; to train "
+                            f"{self._loaded_from} further, raise config.train.steps and rerun scripts/train.py on it "
+                            "(it resumes from its newest checkpoint)")
         if self._step_fn is None:   # as train._train starts a run
             self._opt_state = compute.init_opt_state(run, self._where, self._trainable)
             self._step_fn = compute.make_step_fn(run, self._where, self._frozen, self._pending)
@@ -163,7 +165,7 @@ class Tuner:
         """`split`, encoded as setup encodes the run's splits (once)."""
         data, task = self._run.data, self.task
         if not isinstance(split, str):
-            raise ValueError(f"evaluate: split={split!r} must be a split name; splits: {sorted(task.splits)}")
+            raise UserError(f"evaluate: split={split!r} must be a split name; splits: {sorted(task.splits)}")
         if data.get(split) is None:   # (a method that trains nothing has no encoded train split)
             encode = builder.encoder(self.config, task, self.template, self.tokenizer, self.model.config.family)
             data[split] = encode(task.split(split))
@@ -206,13 +208,13 @@ class Tuner:
 
 
 def _texts(who: str, texts, name: str) -> list[str]:
-    """`texts` (a list, or any iterable such as a pandas column) as a list of strings, or a ValueError
+    """`texts` (a list, or any iterable such as a pandas column) as a list of strings, or a UserError
     naming the one that is not a string."""
     if isinstance(texts, (str, bytes, Mapping)) or not isinstance(texts, Iterable):
-        raise ValueError(f"{who}: {name} must be a list of strings, got {type(texts).__name__}"
-                         + ("; wrap one text as [text]" if isinstance(texts, str) else ""))
+        raise UserError(f"{who}: {name} must be a list of strings, got {type(texts).__name__}"
+                        + ("; wrap one text as [text]" if isinstance(texts, str) else ""))
     texts = list(texts)
     bad = next((i for i, t in enumerate(texts) if not isinstance(t, str)), None)
     if bad is not None:
-        raise ValueError(f"{who}: {name}[{bad}] is {texts[bad]!r}, not a string; give every one as text")
+        raise UserError(f"{who}: {name}[{bad}] is {texts[bad]!r}, not a string; give every one as text")
     return texts

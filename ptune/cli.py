@@ -9,6 +9,7 @@ import warnings
 from absl import app, flags, logging
 from ml_collections.config_flags import config_flags
 
+from ptune.errors import UserError
 
 # XLA:CPU's default, concurrency-optimised scheduler runs the backward pass's independent ops side
 # by side by keeping every layer's forward activations alive at once: it undoes `model.remat` and
@@ -35,8 +36,9 @@ def set_xla_flags():
 
 def run(main):
     """`app.run` a function of no arguments, after `set_xla_flags`: a bad flag or stray argument is
-    refused, Orbax's per-save INFO logs are hidden unless --verbosity is given, a ValueError (bad input) becomes one
-    `error:` line on stderr and exit status 2, and a training run stopped by SIGTERM or Ctrl-C
+    refused, Orbax's per-save INFO logs are hidden unless --verbosity is given, a `UserError` (bad input)
+    becomes one `error:` line on stderr and exit status 2 (any other exception is a bug and keeps its
+    traceback), and a training run stopped by SIGTERM or Ctrl-C
     (`train.Preempted`, after saving) one `preempted:` line and exit status 143 or 130, the status
     of a process that signal ends, so that schedulers and retry loops treat the run as unfinished."""
     def absl_main(argv):
@@ -44,10 +46,10 @@ def run(main):
             raise app.UsageError(f"unexpected arguments {argv[1:]}")
         if not flags.FLAGS["verbosity"].present:
             logging.set_verbosity(logging.WARNING)
-        from ptune.train import Preempted
+        from ptune.training.train import Preempted
         try:
             main()
-        except ValueError as e:
+        except UserError as e:
             print(f"error: {e}", file=sys.stderr)
             sys.exit(2)
         except Preempted as e:
@@ -81,7 +83,7 @@ def _parse_flags(argv):
 
 
 class ConfigFileError(Exception):
-    """A config file that does not load (not a ValueError: absl would bury it in a longer message)."""
+    """A config file that does not load (not a UserError: absl would bury it in a longer message)."""
 
 
 class _ConfigFile(flags.ArgumentParser):
@@ -106,7 +108,7 @@ class _ConfigFile(flags.ArgumentParser):
                 config = config_lib.with_method(config, chosen["method"])
             if chosen.get("task", config.task.name) != config.task.name:
                 config = config_lib.with_task(config, chosen["task"])
-        except ValueError as e:
+        except UserError as e:
             raise ConfigFileError(e) from None
         config_lib.open_groups(config, re.findall(r"^--?config\.optim\.groups\.([^.=]+)\.", argv, re.M))
         if self.lock_config:

@@ -20,9 +20,11 @@ import traceback
 import ml_collections
 from ml_collections import config_dict
 
-from ptune import evals, methods, sharding
-from ptune.models.config import ModelConfig
+from ptune import methods, sharding
+from ptune.errors import UserError
+from ptune.models.model_config import ModelConfig
 from ptune.optim import Group
+from ptune.training import evals
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -33,10 +35,10 @@ def base_config() -> ml_collections.ConfigDict:
     # method or task they register exists there too.
     c.imports = ()
     # model.checkpoint: an asset name, HF directory or .gguf file with pretrained weights; without
-    # one, model.preset names a random-init shape in ptune.models.config.PRESETS. Any ModelConfig
+    # one, model.preset names a random-init shape in ptune.models.model_config.PRESETS. Any ModelConfig
     # field given beside them overrides the shape. The precision and memory knobs are listed so
     # that command-line overrides find them: dtype (compute), frozen_dtype (storage of frozen
-    # leaves), remat (per-block rematerialisation; see ptune.models.config.REMAT).
+    # leaves), remat (per-block rematerialisation; see ptune.models.model_config.REMAT).
     c.model = ml_collections.ConfigDict({"preset": "gpt2-tiny", "checkpoint": "", "dtype": "float32",
                                          "frozen_dtype": "float32", "remat": "none"})
     # method.name is a registered method or 'a+b'; its options sit beside it (or under method.<part>).
@@ -60,14 +62,14 @@ def base_config() -> ml_collections.ConfigDict:
         grad_accum=1,                          # micro-batches per step (equal to the whole batch at once)
         nonfinite="stop",                      # a step with a non-finite loss/gradient: stop | skip (never applied)
         # Early stopping: stop after this many evaluations without a better checkpoint.best_metric and
-        # end on the best evaluation's parameters (ptune.stopping); 0 trains all the steps.
+        # end on the best evaluation's parameters (ptune.training.stopping); 0 trains all the steps.
         patience=0,
     ))
     # Devices as a (data, fsdp, tensor) mesh; -1 = the rest. rules: logical parameter axis -> mesh
     # axes ("" replicates). Method sites are replicated unless their path matches shard_sites.
     c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1, shard_sites="",
                                             rules=ml_collections.ConfigDict(sharding.DEFAULT_RULES)))
-    # Adapter-only checkpoints in <workdir>/checkpoints (ptune.checkpoint); a run restarted on
+    # Adapter-only checkpoints in <workdir>/checkpoints (ptune.training.checkpoint); a run restarted on
     # the same workdir resumes from the newest one.
     c.checkpoint = ml_collections.ConfigDict(dict(
         every_steps=100,            # save every N steps and after the last step; 0: no checkpoints
@@ -77,7 +79,7 @@ def base_config() -> ml_collections.ConfigDict:
         best_mode="min",            # min | max
         allow_base_mismatch=False,  # resume even if the frozen base's sha256 differs from the checkpoint's
     ))
-    # The final evaluation suite, run once after training (see ptune.evals).
+    # The final evaluation suite, run once after training (see ptune.training.evals).
     c.eval = ml_collections.ConfigDict(evals.DEFAULTS)
     return c
 
@@ -87,7 +89,7 @@ def with_method(config: ml_collections.ConfigDict, name: str, **options) -> ml_c
     command-line overrides such as --config.method.rank=16 find their key)."""
     def defaults(part):
         if part not in methods.REGISTRY:
-            raise ValueError(f"unknown method {part!r}; choose one of {sorted(methods.REGISTRY)}")
+            raise UserError(f"unknown method {part!r}; choose one of {sorted(methods.REGISTRY)}")
         params = list(inspect.signature(methods.REGISTRY[part]).parameters.values())[1:]
         # A None default becomes a typed placeholder so --config.method.<option>=... can set it.
         return {p.name: _placeholder(p) if p.default is None else p.default for p in params}
@@ -111,10 +113,10 @@ def with_task(config: ml_collections.ConfigDict, name: str, **options) -> ml_col
     command-line overrides such as --config.task.options.train=data.jsonl find their key)."""
     from ptune.data import tasks
     if name not in tasks.REGISTRY:
-        raise ValueError(f"unknown task {name!r}; choose one of {sorted(tasks.REGISTRY)}")
+        raise UserError(f"unknown task {name!r}; choose one of {sorted(tasks.REGISTRY)}")
     unknown = sorted(set(options) - set(inspect.signature(tasks.REGISTRY[name]).parameters))
     if unknown:
-        raise ValueError(f"task {name!r} has no option(s) {unknown}")
+        raise UserError(f"task {name!r} has no option(s) {unknown}")
     defaults = {}
     for p in inspect.signature(tasks.REGISTRY[name]).parameters.values():
         if p.default is None:   # a typed placeholder, so that an override can set it
@@ -136,25 +138,25 @@ def check(config) -> None:
         unknown = sorted(set(have.keys()) - set(want.keys()))
         if unknown:
             where = f"config.{section}." if section else "config."
-            raise ValueError(f"unknown config key(s) {[where + k for k in unknown]}; "
-                             f"valid: {sorted(want.keys())}")
+            raise UserError(f"unknown config key(s) {[where + k for k in unknown]}; "
+                            f"valid: {sorted(want.keys())}")
     fields = {f.name for f in dataclasses.fields(Group)}
     for label, overrides in config.optim.groups.items():
         unknown = sorted(set(overrides.keys()) - fields)
         if unknown:
-            raise ValueError(f"config.optim.groups.{label} has unknown key(s) {unknown}; valid: {sorted(fields)}")
+            raise UserError(f"config.optim.groups.{label} has unknown key(s) {unknown}; valid: {sorted(fields)}")
     for key, least in AT_LEAST.items():
         value = _get(config, key)
         if isinstance(value, bool) or not isinstance(value, int) or value < least:
-            raise ValueError(f"config.{key}={value!r} must be an integer >= {least}")
+            raise UserError(f"config.{key}={value!r} must be an integer >= {least}")
     clip = config.optim.clip_norm
     if clip is not None and (isinstance(clip, bool) or not isinstance(clip, (int, float)) or
                              not (math.isfinite(clip) and clip >= 0)):
-        raise ValueError(f"config.optim.clip_norm={clip!r} must be a finite number >= 0 (0: no clipping)")
+        raise UserError(f"config.optim.clip_norm={clip!r} must be a finite number >= 0 (0: no clipping)")
     try:   # the default group; each label's group is checked by builder.optimizer_group
         Group(**{k: v for k, v in config.optim.items() if k not in ("groups", "clip_norm")})
     except (TypeError, ValueError) as e:
-        raise ValueError(f"config.optim.{e}") from None
+        raise UserError(f"config.optim.{e}") from None
 
 
 # Integer keys and their least value. Optimizer fields are checked by optim.Group, model fields by
@@ -218,11 +220,11 @@ def override(config, overrides, where: str = "override"):
             with node.unlocked():
                 node[leaf] = value
         except (TypeError, AttributeError) as e:
-            raise ValueError(f"{where}: cannot set config.{key}={value!r} ({e})") from None
+            raise UserError(f"{where}: cannot set config.{key}={value!r} ({e})") from None
     try:
         check(config)
     except ValueError as e:
-        raise ValueError(f"{where}: {e}") from None
+        raise UserError(f"{where}: {e}") from None
     return config
 
 
@@ -232,10 +234,10 @@ def _open(section: str, leaf: str) -> bool:
 
 def _unknown(key, node, section, where):
     if not isinstance(node, ml_collections.ConfigDict):
-        raise ValueError(f"{where}: config key {key!r} does not exist; config.{section} is a value, not a section")
+        raise UserError(f"{where}: config key {key!r} does not exist; config.{section} is a value, not a section")
     valid = sorted(set(node.keys()) | (_MODEL_FIELDS if section == "model" else set()))
-    raise ValueError(f"{where}: config key {key!r} does not exist; valid keys under "
-                     f"config{'.' + section if section else ''}: {valid}")
+    raise UserError(f"{where}: config key {key!r} does not exist; valid keys under "
+                    f"config{'.' + section if section else ''}: {valid}")
 
 
 # ---------------------------------------------------------------------------------- config files
@@ -267,10 +269,10 @@ def _located(error: BaseException, doing: str) -> str:
 
 def load_module(path: str, name: str | None = None):
     """The Python file `path` as a module, its folder importable from it (as for a script): an error
-    while running it is one ValueError naming file:line."""
+    while running it is one UserError naming file:line."""
     if not os.path.isfile(path):
-        raise ValueError(f"config file {path!r} does not exist; give the path of a Python file "
-                         "(see experiments/default.py)")
+        raise UserError(f"config file {path!r} does not exist; give the path of a Python file "
+                        "(see experiments/default.py)")
     path = os.path.abspath(path)
     if os.path.dirname(path) not in sys.path:
         sys.path.insert(0, os.path.dirname(path))
@@ -282,7 +284,7 @@ def load_module(path: str, name: str | None = None):
         spec.loader.exec_module(module)
     except Exception as e:
         del sys.modules[name]
-        raise ValueError(_located(e, f"loading {path}")) from None
+        raise UserError(_located(e, f"loading {path}")) from None
     return module
 
 
@@ -290,21 +292,21 @@ def load(spec: str) -> ml_collections.ConfigDict:
     """`file.py` or `file.py:argument` -> its `get_config(argument)`, as every launcher loads it: the
     file's folder is importable from it, the user's modules it imports are recorded in
     config.imports, and a missing file, syntax error, import error or raising get_config is one
-    ValueError naming file:line."""
+    UserError naming file:line."""
     path, *argument = spec.split(":", 1)
     before = set(sys.modules)
     module = load_module(path)
     if not callable(getattr(module, "get_config", None)):
-        raise ValueError(f"config file {path!r} defines no get_config(); add one returning a ConfigDict "
-                         "(see experiments/default.py)")
+        raise UserError(f"config file {path!r} defines no get_config(); add one returning a ConfigDict "
+                        "(see experiments/default.py)")
     call = f"get_config({', '.join(map(repr, argument))})"
     try:
         config = module.get_config(*argument)
     except Exception as e:
-        raise ValueError(_located(e, call)) from None
+        raise UserError(_located(e, call)) from None
     if not isinstance(config, ml_collections.ConfigDict):
-        raise ValueError(f"{path}: {call} returned {type(config).__name__}, not a ConfigDict; return "
-                         "ptune.config.base_config() with your changes")
+        raise UserError(f"{path}: {call} returned {type(config).__name__}, not a ConfigDict; return "
+                        "ptune.config.base_config() with your changes")
     imported = _IMPORTED.setdefault(module.__file__, [])
     for name in [n for n in sys.modules if n not in before and n != module.__name__]:   # in import order
         if _user_file(getattr(sys.modules[name], "__file__", None)):
@@ -322,8 +324,8 @@ def import_recorded(config) -> None:
         if name in sys.modules:
             continue
         if not os.path.isfile(path):
-            raise ValueError(f"the run's config file imported {path} (module {name!r}), which does not exist here; "
-                             "put it back, or remove it from config.imports in the run's config.json")
+            raise UserError(f"the run's config file imported {path} (module {name!r}), which does not exist here; "
+                            "put it back, or remove it from config.imports in the run's config.json")
         if "." in name:   # a package's module: import it by name from the folder above the package
             root = os.path.dirname(path)
             for _ in range(name.count(".") + (os.path.basename(path) == "__init__.py")):

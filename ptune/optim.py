@@ -16,6 +16,7 @@ import jax
 import optax
 
 from ptune import partition
+from ptune.errors import UserError
 
 
 @dataclasses.dataclass(frozen=True)
@@ -35,17 +36,17 @@ class Group:
     def __post_init__(self):
         lr = self.learning_rate * self.lr_scale
         if not (math.isfinite(lr) and lr > 0):
-            raise ValueError(f"learning_rate={self.learning_rate} x lr_scale={self.lr_scale} must be a "
-                             "finite number > 0")
+            raise UserError(f"learning_rate={self.learning_rate} x lr_scale={self.lr_scale} must be a "
+                            "finite number > 0")
         for key, (ok, wanted) in _RANGES.items():
             value = getattr(self, key)
             number = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
             if not (number and ok(value)):
-                raise ValueError(f"{key}={value!r} must be {wanted}")
+                raise UserError(f"{key}={value!r} must be {wanted}")
         if self.optimizer not in _OPTIMIZERS:
-            raise ValueError(f"optimizer={self.optimizer!r} is unknown; choose one of {sorted(_OPTIMIZERS)}")
+            raise UserError(f"optimizer={self.optimizer!r} is unknown; choose one of {sorted(_OPTIMIZERS)}")
         if self.schedule not in _SCHEDULES:
-            raise ValueError(f"schedule={self.schedule!r} is unknown; choose one of {sorted(_SCHEDULES)}")
+            raise UserError(f"schedule={self.schedule!r} is unknown; choose one of {sorted(_SCHEDULES)}")
 
 
 _RANGES = {   # field -> (test of a finite number, what it must be)
@@ -84,7 +85,7 @@ def transform(group: Group, total_steps: int, inject: bool = False) -> optax.Gra
     """The group's optimizer with its schedule. `inject`: the peak learning rate is optimizer state
     (`state.hyperparams["learning_rate"]`, via optax.inject_hyperparams) rather than a constant
     of the update function, so runs that differ only in learning rates share one update function
-    and can be vmapped together (ptune.multi)."""
+    and can be vmapped together (ptune.training.multi)."""
     if not inject:
         return _OPTIMIZERS[group.optimizer](group, schedule(group, total_steps))
     unit = schedule(dataclasses.replace(group, learning_rate=1.0, lr_scale=1.0), total_steps)

@@ -22,12 +22,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ptune.errors import UserError
+
 FROZEN = "frozen"
 
 Rules = Sequence[tuple[str, str]] | Callable[[str, Any], str]
 
 
-class PartitionError(ValueError):
+class PartitionError(UserError):
     """A labelling that is not a valid partition of the parameter tree."""
 
 

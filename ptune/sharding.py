@@ -29,6 +29,7 @@ from jax.experimental import mesh_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from ptune import partition
+from ptune.errors import UserError
 from ptune.models.sites import kind_of
 
 AXES = ("data", "fsdp", "tensor")
@@ -54,11 +55,11 @@ def initialize_distributed(coordinator_address: str | None = None, num_processes
             jax.distributed.initialize()
         return
     if coordinator_address is None or num_processes is None or process_id is None:
-        raise ValueError("a multi-process run needs all of --coordinator_address, --num_processes and "
-                         f"--process_id (got {coordinator_address!r}, {num_processes!r}, {process_id!r})")
+        raise UserError("a multi-process run needs all of --coordinator_address, --num_processes and "
+                        f"--process_id (got {coordinator_address!r}, {num_processes!r}, {process_id!r})")
     if num_processes < 1 or not 0 <= process_id < num_processes:
-        raise ValueError(f"--process_id={process_id} must be in 0..{num_processes - 1} "
-                         f"(--num_processes={num_processes})")
+        raise UserError(f"--process_id={process_id} must be in 0..{num_processes - 1} "
+                        f"(--num_processes={num_processes})")
     jax.distributed.initialize(coordinator_address, num_processes, process_id)
 
 
@@ -69,7 +70,7 @@ def _env_int(name: str) -> int | None:
     try:
         return int(value)
     except ValueError:
-        raise ValueError(f"${name}={value!r} must be an integer") from None
+        raise UserError(f"${name}={value!r} must be an integer") from None
 
 
 def mesh_shape(mesh_config, num_devices: int) -> tuple[int, int, int]:
@@ -77,11 +78,11 @@ def mesh_shape(mesh_config, num_devices: int) -> tuple[int, int, int]:
     may use fewer devices than there are (the first ones), if its size divides their number."""
     shape = [int(mesh_config[a]) for a in AXES]
     if shape.count(-1) > 1 or any(s == 0 or s < -1 for s in shape):
-        raise ValueError(f"config.mesh {dict(zip(AXES, shape))}: sizes must be positive, with at most one -1")
+        raise UserError(f"config.mesh {dict(zip(AXES, shape))}: sizes must be positive, with at most one -1")
     known = math.prod(s for s in shape if s != -1)
     if num_devices % known:
-        raise ValueError(f"config.mesh {dict(zip(AXES, shape))} does not divide the {num_devices} devices; "
-                         "choose sizes whose product divides the device count (or use -1 for the rest)")
+        raise UserError(f"config.mesh {dict(zip(AXES, shape))} does not divide the {num_devices} devices; "
+                        "choose sizes whose product divides the device count (or use -1 for the rest)")
     return tuple(num_devices // known if s == -1 else s for s in shape)
 
 
@@ -90,12 +91,12 @@ def make_mesh(mesh_config, devices=None) -> Mesh:
     try:
         re.compile(mesh_config.get("shard_sites", ""))
     except re.error as e:
-        raise ValueError(f"config.mesh.shard_sites={mesh_config.shard_sites!r} is not a valid regex ({e}); "
-                         "fix it ('' replicates every site)") from None
+        raise UserError(f"config.mesh.shard_sites={mesh_config.shard_sites!r} is not a valid regex ({e}); "
+                        "fix it ('' replicates every site)") from None
     shape = mesh_shape(mesh_config, len(devices))
     if math.prod(shape) < len(devices) and jax.process_count() > 1:
-        raise ValueError(f"config.mesh {dict(zip(AXES, shape))} leaves devices unused; a multi-process job must "
-                         f"use all {len(devices)} (set one axis to -1)")
+        raise UserError(f"config.mesh {dict(zip(AXES, shape))} leaves devices unused; a multi-process job must "
+                        f"use all {len(devices)} (set one axis to -1)")
     return Mesh(mesh_utils.create_device_mesh(shape, devices[:math.prod(shape)]), AXES)
 
 
@@ -110,8 +111,8 @@ def rules_from_config(mesh_config) -> dict[str, tuple[str, ...]]:
         axes = tuple(a for a in str(axes or "").replace(" ", "").split(",") if a)
         unknown = [a for a in axes if a not in AXES]
         if unknown:
-            raise ValueError(f"config.mesh.rules.{name}={rules[name]!r} names mesh axes {unknown}; "
-                             f"mesh axes are {AXES}")
+            raise UserError(f"config.mesh.rules.{name}={rules[name]!r} names mesh axes {unknown}; "
+                            f"mesh axes are {AXES}")
         out[name] = axes
     return out
 
@@ -139,8 +140,8 @@ def spec_for(shape, names, rules, mesh: Mesh) -> PartitionSpec:
         if name is None:
             continue
         if name not in rules:
-            raise ValueError(f"logical axis {name!r} has no sharding rule; add config.mesh.rules.{name} "
-                             f"(mesh axes {AXES}, or '' to replicate)")
+            raise UserError(f"logical axis {name!r} has no sharding rule; add config.mesh.rules.{name} "
+                            f"(mesh axes {AXES}, or '' to replicate)")
         for axis in rules[name]:
             if mesh.shape[axis] > 1 and not any(axis in d for d in dims):   # a mesh axis splits one dimension
                 (dims[i] if size % (_ways(dims[i], mesh) * mesh.shape[axis]) == 0 else leftover).append(axis)

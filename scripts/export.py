@@ -17,7 +17,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from absl import flags
 
-from ptune import cli, hf_peft
+from ptune import cli
+from ptune.interop import hf_peft
 
 flags.DEFINE_string("workdir", None, "A trained run's workdir (with checkpoints/).")
 flags.DEFINE_string("out", None, "New directory to write; it must not exist or be empty.")

@@ -18,7 +18,9 @@ os.environ.setdefault("MPLBACKEND", "Agg")
 
 from absl import flags
 
-from ptune import atomic, cli, config, sweep
+from ptune import atomic, cli, config
+from ptune.errors import UserError
+from ptune.training import sweep
 
 flags.DEFINE_string("workdir", None, "The study's directory (scripts/study.py --workdir).")
 flags.DEFINE_string("docs", "docs", "Where RESULTS.md and results/*.png go.")
@@ -449,7 +451,7 @@ class Report:
         mt = self.d["multitask"]
         self.add("## Multi-task: one base, adapters swapped",
                  "The encoder's four tasks as LoRA (+ head) adapters in one bank on one MiniLM base "
-                 "(ptune.bank) against one fully fine-tuned model per task. Swap = writing one task's adapter into "
+                 "(ptune.inference.bank) against one fully fine-tuned model per task. Swap = writing one task's adapter into "
                  "the bank; a full model's swap = reading its weights from a local safetensors file.")
         if not mt:
             self.add("Not run.")
@@ -597,7 +599,7 @@ def main():
     F = flags.FLAGS
     data = load(F.workdir)
     if not any(data[p] for p in PARTS):
-        raise ValueError(f"{F.workdir} holds no study results (<part>/results.jsonl); run scripts/study.py first")
+        raise UserError(f"{F.workdir} holds no study results (<part>/results.jsonl); run scripts/study.py first")
     Report(data, F.docs, F.workdir, coverage(F.workdir)).write()
 
 

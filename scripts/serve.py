@@ -16,7 +16,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from absl import flags
 
-from ptune import cli, serve
+from ptune import cli
+from ptune.errors import UserError
+from ptune.inference import serve
 
 flags.DEFINE_multi_string("task", None, "name=workdir of a trained run (repeat for every task).")
 flags.DEFINE_string("requests", "-", "JSONL file of requests, or '-' for stdin.")
@@ -36,14 +38,14 @@ def read_requests(path: str) -> list[dict]:
             try:
                 requests.append(json.loads(line))
             except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{n} is not JSON ({e.msg}): {line.strip()[:80]!r}") from None
+                raise UserError(f"{path}:{n} is not JSON ({e.msg}): {line.strip()[:80]!r}") from None
     return requests
 
 
 def main():
     workdirs = dict(t.split("=", 1) if "=" in t else ("", t) for t in FLAGS.task)
     if "" in workdirs:
-        raise ValueError(f"--task {workdirs['']!r} must be name=workdir")
+        raise UserError(f"--task {workdirs['']!r} must be name=workdir")
     which = int(FLAGS.which) if FLAGS.which.isdigit() else FLAGS.which
     t0 = time.perf_counter()
     server = serve.load(workdirs, which, batch_size=FLAGS.batch_size, max_new_tokens=FLAGS.max_new_tokens)

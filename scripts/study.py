@@ -31,6 +31,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 from absl import flags
 
 from ptune import cli
+from ptune.errors import UserError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STAGES = ("encoder", "decoder", "data", "generate", "cost", "multitask", "report")   # the first four: sweeps
@@ -64,7 +65,8 @@ def measure(spec: str, workdir: str):
     """Child process of the cost stage: one method trained COST_STEPS[part] steps (the recipe's
     when None), logging every step, with the adapter saved and the validation split evaluated once
     at the end."""
-    from ptune import config, train
+    from ptune import config
+    from ptune.training import train
     part, method = spec.split(":")
     s = study()
     steps = COST_STEPS[part] or s.get_config(part).train.steps
@@ -78,7 +80,7 @@ def cost(workdir: str):
     """One process per (part, method): peak RSS from os.wait4 (per child, not the max of all), wall
     time from start to exit (imports, model load, training, evaluation, the checkpoint). cost.json
     is rewritten after every measurement and measured pairs are skipped, so the stage resumes."""
-    from ptune import checkpoint
+    from ptune.training import checkpoint
     path = os.path.join(workdir, "cost.json")
     rows = read_json(path) if os.path.exists(path) else []
     for part, methods in (("encoder", study().METHODS), ("decoder", study().DECODER_METHODS)):
@@ -116,7 +118,9 @@ def multitask(workdir: str):
     import numpy as np
     from safetensors.numpy import load_file, save_file
 
-    from ptune import bank, builder, config, partition, train
+    from ptune import config, partition
+    from ptune.inference import bank
+    from ptune.training import builder, train
     s = study()
     runs = {task: builder.setup(config.override(s.get_config("encoder"), {
         "method": "lora", "task.name": task, "task.options": options, "task.max_length": 64}, task))
@@ -205,7 +209,7 @@ def main():
     stages = [s for s in F.stages.split(",") if s]
     unknown = sorted(set(stages) - set(STAGES))
     if unknown:
-        raise ValueError(f"--stages: unknown stage(s) {unknown}; choose from {list(STAGES)}")
+        raise UserError(f"--stages: unknown stage(s) {unknown}; choose from {list(STAGES)}")
     os.makedirs(F.workdir, exist_ok=True)
     for stage in stages:
         print(f"== {stage}", flush=True)

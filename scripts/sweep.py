@@ -21,8 +21,10 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 from absl import flags
 from ml_collections import config_flags
 
-from ptune import cli, multi, sweep, train
+from ptune import cli
 from ptune import config as config_lib
+from ptune.errors import UserError
+from ptune.training import multi, sweep, train
 
 cli.define_config_flag("Experiment config file with get_config and get_sweep.", lock_config=False)
 flags.DEFINE_string("workdir", None, "Sweep directory: one sub-directory per point, plus the results table.")
@@ -30,7 +32,7 @@ flags.DEFINE_integer("host_index", 0, "This host's index among --num_hosts.")
 flags.DEFINE_integer("num_hosts", 1, "Hosts (or slices) the points are split across.")
 flags.DEFINE_bool("print_commands", False, "Print one launch command per host (for --num_hosts hosts) and exit.")
 flags.DEFINE_bool("vmap", False, "Train points that differ only in seed, learning rates or task data "
-                                 "together, vmapped over one frozen base (ptune.multi).")
+                                 "together, vmapped over one frozen base (ptune.training.multi).")
 flags.DEFINE_integer("vmap_chunk", 0, "With --vmap: points computed at once (0 = all); fewer use less memory.")
 flags.mark_flags_as_required(["config", "workdir"])
 
@@ -42,8 +44,8 @@ def get_sweep():
     path, *argument = config_flags.get_config_filename(flags.FLAGS["config"]).split(":", 1)
     module = config_lib.load_module(path)
     if not hasattr(module, "get_sweep"):
-        raise ValueError(f"{path} defines no get_sweep(); add one returning a list of "
-                         "{config key: value} overrides (ptune.sweep.product builds one)")
+        raise UserError(f"{path} defines no get_sweep(); add one returning a list of "
+                        "{config key: value} overrides (ptune.training.sweep.product builds one)")
     return module.get_sweep(*argument)
 
 
@@ -84,7 +86,7 @@ def run_sweep(F):
             else:
                 train.train_and_evaluate(todo[0].config, workdirs[0])
         except ValueError as e:
-            raise ValueError(f"{names}: {e}") from None
+            raise UserError(f"{names}: {e}") from None
         sweep.collect(F.workdir, points)   # the table so far, so an interrupted sweep still has one
     rows = sweep.collect(F.workdir, points)
     print(f"{len(rows)} of {len(points)} points finished; table in "

@@ -10,7 +10,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from absl import flags
 
-from ptune import cli, sharding, train
+from ptune import cli, sharding
+from ptune.training import train
 
 cli.define_config_flag("Experiment config file (get_config).")
 flags.DEFINE_string("workdir", None, "Where metrics (and later checkpoints) go.")

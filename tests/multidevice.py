@@ -17,9 +17,10 @@ jax.config.update("jax_num_cpu_devices", 8)
 
 import numpy as np  # noqa: E402
 
-from ptune import builder, compute, partition, sharding  # noqa: E402
+from ptune import partition, sharding  # noqa: E402
 from ptune.config import base_config, with_method  # noqa: E402
 from ptune.data import batching  # noqa: E402
+from ptune.training import builder, compute  # noqa: E402
 
 MESHES = [(1, 1, 1), (8, 1, 1), (2, 2, 2), (1, 2, 4)]
 

@@ -17,12 +17,14 @@ from typing import Callable, NamedTuple
 import jax
 import numpy as np
 import pytest
+from test_train import poison_step
 
 import ptune
-from ptune import generate, methods, models, partition, train
+from ptune import methods, models, partition
 from ptune.data import batching, files, tasks
 from ptune.data.tokenizers import ByteTokenizer
-from test_train import poison_step
+from ptune.inference import generate
+from ptune.training import train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # experiments/default.py made tiny: 6 steps of gpt2-tiny on 64 synthetic sentences, logged every 3 steps
@@ -51,7 +53,7 @@ def tuner():
 
 
 def checkpointed(workdir, step):
-    from ptune import checkpoint
+    from ptune.training import checkpoint
     return partition.flatten(checkpoint.load_adapter(workdir, step)[1])
 
 

@@ -14,8 +14,9 @@ peft = pytest.importorskip("peft")
 from peft.utils import merge_utils  # noqa: E402
 from test_hf_peft import _TMP, TOL, _base, _hf_model, _max_diff, _ptune, _torch  # noqa: E402
 
-from ptune import arithmetic, hf_peft, methods, models, partition  # noqa: E402
-from ptune.arithmetic import LoraAdapter, combine  # noqa: E402
+from ptune import methods, models, partition  # noqa: E402
+from ptune.interop import arithmetic, hf_peft  # noqa: E402
+from ptune.interop.arithmetic import LoraAdapter, combine  # noqa: E402
 
 # Three adapters a preset: the second covers fewer modules (a combination covers the union, each
 # module combining the adapters that have it); the third has another rank (cat and SVD types only).

@@ -12,6 +12,7 @@ import shutil
 import pytest
 
 from ptune import assets, atomic
+from ptune.data import converters
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -67,7 +68,7 @@ def test_atomic_write_replaces_only_on_success(tmp_path):
 
 def test_split_groups_is_stratified_grouped_and_seeded():
     records = [{"text": f"t{i % 90}", "label": int(i % 90 < 30)} for i in range(200)]   # duplicates
-    split = lambda seed: assets.split_groups(records, label=lambda r: r["label"], group=lambda r: r["text"],
+    split = lambda seed: converters.split_groups(records, label=lambda r: r["label"], group=lambda r: r["text"],
                                              seed=seed)
     splits = split(0)
     assert sum(len(v) for v in splits.values()) == 200
@@ -79,20 +80,20 @@ def test_split_groups_is_stratified_grouped_and_seeded():
         and not texts["validation"] & texts["test"]
     assert split(0) == splits and split(1) != splits
     with pytest.raises(ValueError, match="classes"):
-        assets.split_groups([{"t": "a", "l": 0}, {"t": "a", "l": 1}], label=lambda r: r["l"], group=lambda r: r["t"])
+        converters.split_groups([{"t": "a", "l": 0}, {"t": "a", "l": 1}], label=lambda r: r["l"], group=lambda r: r["t"])
 
 
 def test_detokenize_brown_tokens():
     words = "`` Only a handful '' , the jury said ( in Atlanta ) -- `` it ' pro ' '' ; Jr. .".split()
-    assert assets.detokenize(words) == "\"Only a handful\", the jury said (in Atlanta) -- \"it 'pro'\"; Jr."
+    assert converters.detokenize(words) == "\"Only a handful\", the jury said (in Atlanta) -- \"it 'pro'\"; Jr."
 
 
 def test_fortune_items_and_email_text():
-    assert assets.fortune_items("one\n%\n_\bb_\bo_\bl_\bd  \n\t-- me\n%\n\n%\n") == ["one", "bold\n\t-- me"]
+    assert converters.fortune_items("one\n%\n_\bb_\bo_\bl_\bd  \n\t-- me\n%\n\n%\n") == ["one", "bold\n\t-- me"]
     raw = ("Received: from x\nSubject: =?utf-8?q?Caf=C3=A9?= deal\nContent-Type: multipart/alternative; "
            "boundary=B\n\n--B\nContent-Type: text/html\n\n<p>Buy <b>now</b>&amp;save</p><style>x{}</style>\n--B--\n")
-    assert assets.email_text(raw) == "Subject: Café deal\n\nBuy now &save"
-    assert assets.email_text("Subject: s\n\n" + "x" * 5000) == ("Subject: s\n\n" + "x" * 5000)[:2000]
+    assert converters.email_text(raw) == "Subject: Café deal\n\nBuy now &save"
+    assert converters.email_text("Subject: s\n\n" + "x" * 5000) == ("Subject: s\n\n" + "x" * 5000)[:2000]
 
 
 def test_cache_root_precedence(tmp_path, monkeypatch):

@@ -8,8 +8,9 @@ import jax
 import numpy as np
 import pytest
 
-from ptune import bank as bank_lib
-from ptune import methods, models, objectives, partition
+from ptune import methods, models, partition
+from ptune.inference import bank as bank_lib
+from ptune.training import objectives
 
 EOS, PAD = 258, 256
 

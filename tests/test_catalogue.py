@@ -18,11 +18,12 @@ import sys
 from typing import Callable, NamedTuple
 
 import pytest
+from test_checkpoint import setup_once, snapshot  # setup_once: runs of one config share one builder.setup
 
-from ptune import assets, builder, checkpoint, train
-from ptune import workdir as workdir_lib
+from ptune import assets
 from ptune.config import base_config, with_method
-from test_checkpoint import setup_once, snapshot   # setup_once: runs of one config share one builder.setup
+from ptune.training import builder, checkpoint, train
+from ptune.training import workdir as workdir_lib
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NAN = float("nan")

@@ -13,7 +13,8 @@ import jax
 import numpy as np
 import pytest
 
-from ptune import builder, checkpoint, compute, partition, train
+from ptune import partition
+from ptune.training import builder, checkpoint, compute, train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

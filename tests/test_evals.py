@@ -7,9 +7,9 @@ import os
 
 import pytest
 
-from ptune import train
 from ptune.data import synthetic, tasks
 from ptune.data.templates import Template
+from ptune.training import train
 
 TEMPLATES = (Template("{text}. Overall it was ", ("bad", "good")), Template("Review: {text}\nVerdict: ", ("no", "yes")),
              Template("{text} I rate it ", ("low", "high")))

@@ -18,9 +18,11 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 peft = pytest.importorskip("peft")
 
-from ptune import assets, builder, checkpoint, hf_peft, methods, models, partition, train  # noqa: E402
+from ptune import assets, methods, models, partition  # noqa: E402
 from ptune.data import batching  # noqa: E402
-from ptune.models import checkpoints, hf  # noqa: E402
+from ptune.interop import hf_peft  # noqa: E402
+from ptune.models import hf, pretrained  # noqa: E402
+from ptune.training import builder, checkpoint, train  # noqa: E402
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "scripts"))
 import assets as assets_cli  # noqa: E402  (scripts/assets.py)
@@ -41,8 +43,8 @@ def test_export_hf_smollm2_matches_ptune(tmp_path, capsys):
     assert assets_cli.main(["export-hf", "smollm2", str(tmp_path / "hf")]) == 0
     out = capsys.readouterr().out.split()[-1]
     gguf = assets.path("smollm2")
-    cfg, params = checkpoints.load(gguf)
-    ours = checkpoints.load_tokenizer(gguf).tokenizer
+    cfg, params = pretrained.load(gguf)
+    ours = pretrained.load_tokenizer(gguf).tokenizer
     theirs = transformers.AutoTokenizer.from_pretrained(out)
     for text in TEXTS:
         assert theirs(text)["input_ids"] == ours(text)["input_ids"], text
@@ -82,7 +84,7 @@ def _warnings_logged():
 
 def _hf_dir_base(directory, preset="llama-tiny", asset="smollm2"):
     """A tiny random base with a shipped model's tokenizer (and its vocabulary size), as a local HF directory."""
-    tokenizer = checkpoints.load_tokenizer(assets.ensure(asset)).tokenizer
+    tokenizer = pretrained.load_tokenizer(assets.ensure(asset)).tokenizer
     cfg = models.model_config(preset, vocab_size=len(tokenizer))
     model = models.build(cfg)
     params = nn.unbox(model.init(jax.random.key(0), np.ones((1, 4), np.int32), output="hidden")["params"])
@@ -133,10 +135,10 @@ def test_classifier_adapter_prints_its_class_count(tmp_path):
     """A BERT LoRA + head adapter loads through AutoModelForSequenceClassification with the head's class
     count, which the printed lines read from the adapter file."""
     base = _hf_dir_base(tmp_path / "base", "bert-tiny", "minilm")
-    cfg = checkpoints.config_from_hf(json.loads((base / "config.json").read_text()), num_labels=3)
+    cfg = pretrained.config_from_hf(json.loads((base / "config.json").read_text()), num_labels=3)
     method = methods.compose(methods.get("lora", cfg, rank=2), methods.get("head", cfg))
     model = models.build(cfg, method.sites)
-    _, state = checkpoints.read_hf_dir(base)
+    _, state = pretrained.read_hf_dir(base)
     params = hf.from_hf(cfg.family, state, nn.unbox(models.abstract_params(model)))
     trainable, frozen = partition.split(params, method.labels(params))
     rng = np.random.default_rng(0)

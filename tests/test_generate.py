@@ -3,7 +3,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from ptune import generate, methods, models
+from ptune import methods, models
+from ptune.inference import generate
 
 EOS, PAD = 258, 256
 PROMPTS = [[5, 6, 7, 8, 9], [10, 11]]    # different lengths: the second is left-padded

@@ -19,8 +19,9 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 peft = pytest.importorskip("peft")
 
-from ptune import hf_peft, methods, models, partition  # noqa: E402
-from ptune.models import checkpoints, hf  # noqa: E402
+from ptune import methods, models, partition  # noqa: E402
+from ptune.interop import hf_peft  # noqa: E402
+from ptune.models import hf, pretrained  # noqa: E402
 
 PAD = 0
 IDS = np.array([[11, 12, 13, 14, 15, 16], [17, 18, 19, 20, PAD, PAD]], np.int32)
@@ -159,7 +160,7 @@ def test_peft_adapter_imports_with_matching_logits(preset, name):
         assert [p for p in partition.flatten(trainable) if "/lora_" in p] == [
             "transformer/h_1/attn/c_attn/lora_a", "transformer/h_1/attn/c_attn/lora_b"]
     model = models.build(cfg, method.sites)
-    _, state = checkpoints.read_hf_dir(base_dir)
+    _, state = pretrained.read_hf_dir(base_dir)
     template = hf.from_hf(cfg.family, state, nn.unbox(models.abstract_params(model)))   # sites still abstract
     _, frozen = partition.split(template, method.labels(template))
     diff = _max_diff(_ptune(cfg, model, partition.merge(trainable, frozen)), want)
@@ -186,9 +187,9 @@ def test_config_round_trips_through_hf():
     """num_labels belongs to the task, not the checkpoint: loading leaves it to the run (builder.setup)."""
     for cfg in (_config("gpt2-tiny"), _config("llama-tiny"), _config("bert-tiny"),
                 models.model_config("llama-tiny", qkv_bias=True, tie_embeddings=True, num_labels=2)):
-        assert checkpoints.config_from_hf(checkpoints.config_to_hf(cfg)) == dataclasses.replace(cfg, num_labels=0)
-    assert checkpoints.config_to_hf(_config("bert-tiny"))["architectures"] == ["BertForSequenceClassification"]
-    assert checkpoints.config_to_hf(models.model_config("llama-tiny", qkv_bias=True))["architectures"] == [
+        assert pretrained.config_from_hf(pretrained.config_to_hf(cfg)) == dataclasses.replace(cfg, num_labels=0)
+    assert pretrained.config_to_hf(_config("bert-tiny"))["architectures"] == ["BertForSequenceClassification"]
+    assert pretrained.config_to_hf(models.model_config("llama-tiny", qkv_bias=True))["architectures"] == [
         "Qwen2ForCausalLM"]
 
 
@@ -292,7 +293,7 @@ def test_load_refuses_truncated_and_mismatched_files():
 
 def test_trained_run_exports_and_merges(make_config, tmp_path):
     """scripts/export.py's core: a run's checkpoint -> PEFT adapter and merged checkpoint, which agree."""
-    from ptune import builder, train
+    from ptune.training import builder, train
     config = make_config("lora", steps=3)
     config.optim.learning_rate = 1e-2
     train.train_and_evaluate(config, str(tmp_path / "run"))

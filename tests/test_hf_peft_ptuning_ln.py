@@ -11,8 +11,9 @@ peft = pytest.importorskip("peft")
 
 import test_hf_peft as interop  # noqa: E402  (tiny bases, PEFT models and logit comparisons)
 
-from ptune import hf_peft, methods, models, partition  # noqa: E402
-from ptune.models import checkpoints, hf  # noqa: E402
+from ptune import methods, models, partition  # noqa: E402
+from ptune.interop import hf_peft  # noqa: E402
+from ptune.models import hf, pretrained  # noqa: E402
 from ptune.models.sites.ptuning import PromptEncoder, PTuning  # noqa: E402
 
 
@@ -111,7 +112,7 @@ def test_peft_adapter_imports_with_matching_logits(monkeypatch, preset, name):
         assert sorted(partition.flatten(trainable)) == [f"transformer/h_{i}/ln_1/{leaf}"
                                                         for i in (0, 1) for leaf in ("bias", "scale")]
     model = models.build(cfg, method.sites)
-    _, state = checkpoints.read_hf_dir(base_dir)
+    _, state = pretrained.read_hf_dir(base_dir)
     template = hf.from_hf(cfg.family, state, nn.unbox(models.abstract_params(model)))
     _, frozen = partition.split(template, method.labels(template))
     diff = interop._max_diff(interop._ptune(cfg, model, partition.merge(trainable, frozen)), want)
@@ -137,7 +138,7 @@ def test_export_refuses_norms_beside_other_base_weights():
 def test_trained_run_exports_what_it_trained(make_config, tmp_path, name, options):
     """--config.method.name=ptuning / ln_tuning through the training loop; the run's adapter exports (the
     encoder folded) and reads back as the run's trained prompt or norms."""
-    from ptune import builder, checkpoint, train
+    from ptune.training import builder, checkpoint, train
     config = make_config(name, steps=2, **options)
     config.optim.learning_rate = 1e-2
     train.train_and_evaluate(config, str(tmp_path / "run"))

@@ -14,8 +14,10 @@ torch = pytest.importorskip("torch")
 peft = pytest.importorskip("peft")
 
 import test_hf_peft as T  # noqa: E402
-from ptune import hf_peft, models, partition  # noqa: E402
-from ptune.models import checkpoints  # noqa: E402
+
+from ptune import models, partition  # noqa: E402
+from ptune.interop import hf_peft  # noqa: E402
+from ptune.models import pretrained  # noqa: E402
 from ptune.models.sites import lokr, vera  # noqa: E402
 
 # Options away from the defaults: a projection seed, decomposed LoKr factors on both sides.
@@ -68,7 +70,7 @@ def test_peft_adapter_imports_with_matching_logits(preset, name):
     want, adapter = T._peft_adapter(preset, name)
     method, trainable = hf_peft.load(adapter, cfg)
     model = models.build(cfg, method.sites)
-    _, state = checkpoints.read_hf_dir(base_dir)
+    _, state = pretrained.read_hf_dir(base_dir)
     # The base from the checkpoint with fresh sites: VeRA's frozen projections are drawn from the spec.
     params = models.from_checkpoint(model, state, jax.random.key(0))
     _, frozen = partition.split(params, method.labels(params))

@@ -9,14 +9,15 @@ import flax.linen as nn
 import jax
 import numpy as np
 import pytest
-
 import test_bank
-import test_hf_peft as hp   # a tiny base saved as HF, torch forwards, logit differences (imports peft)
-from ptune import bank as bank_lib
-from ptune import hf_peft, methods, models, partition
+import test_hf_peft as hp  # a tiny base saved as HF, torch forwards, logit differences (imports peft)
+from test_checkpoint import losses
+
+from ptune import methods, models, partition
+from ptune.inference import bank as bank_lib
+from ptune.interop import hf_peft
 from ptune.methods.base import InitContext
 from ptune.models import sites
-from test_checkpoint import losses
 
 torch, peft = hp.torch, hp.peft
 TINY = ["gpt2-tiny", "llama-tiny", "bert-tiny"]
@@ -249,7 +250,7 @@ def test_short_run_learns_resumes_and_exports(make_config, tmp_path, name, optio
     """From the launcher's config (its method options read from the signature): the loss falls, a rerun
     resumes on the same frozen base (PiSSA's initial factors, recomputed, hash the same), and the exported
     adapter in `peft` on the base as loaded gives the trained model's logits."""
-    from ptune import builder, checkpoint, train
+    from ptune.training import builder, checkpoint, train
     config = make_config(name, steps=8, rank=4, **options)
     assert {"rank", "alpha", "targets", "rslora", "dropout", "init"} <= set(config.method)
     config.task.update(name="synthetic_lm", options={"n_train": 64, "n_eval": 32})

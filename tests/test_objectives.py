@@ -7,8 +7,8 @@ import optax
 import pytest
 from test_precision import tiny, variant
 
-from ptune import objectives
 from ptune.models.common import nll_sum
+from ptune.training import objectives
 
 
 def plain_loss(model, params, batch):

@@ -14,16 +14,18 @@ import flax.linen as nn
 import jax
 import numpy as np
 import pytest
+import test_bank  # a random base, tasks trained away from their identity, the mixed-batch check
 from jax.sharding import AbstractMesh
+from test_checkpoint import ROOT, assert_same_as, losses
 
-import test_bank   # a random base, tasks trained away from their identity, the mixed-batch check
-from ptune import bank as bank_lib
 from ptune import config as config_lib
-from ptune import hf_peft, methods, models, partition, sharding, train
+from ptune import methods, models, partition, sharding
 from ptune.data import batching
+from ptune.inference import bank as bank_lib
+from ptune.interop import hf_peft
 from ptune.models import sites
 from ptune.models.ops import param
-from test_checkpoint import ROOT, assert_same_as, losses
+from ptune.training import train
 
 EXPERIMENT = os.path.join(ROOT, "experiments", "dora_outside.py")
 IDS = np.array([[11, 12, 13, 14, 15, 16], [17, 18, 19, 20, 21, 22]])

@@ -5,9 +5,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from ptune import builder, compute, optim, partition
+from ptune import optim, partition
 from ptune.optim import Group
 from ptune.partition import FROZEN, PartitionError
+from ptune.training import builder, compute
 
 
 def _tree():
@@ -90,7 +91,7 @@ def test_sgd_without_momentum_has_no_state(make_config):
 
 def _weight_gradient_dots(run, trainable, frozen, batch):
     """StableHLO result shapes of every dot in the gradient computation."""
-    from ptune import objectives
+    from ptune.training import objectives
 
     def loss(t, f):
         return objectives.loss(run.model, partition.merge(t, f), batch, run.objective, run.label_ids)[0]

@@ -16,8 +16,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from ptune import builder, compute, methods, models, objectives, partition
+from ptune import methods, models, partition
 from ptune.data import batching
+from ptune.training import builder, compute, objectives
 
 FAMILIES = ["gpt2-tiny", "llama-tiny", "bert-tiny"]
 # Every site at once (LoRA, IA3, adapters, soft prompt, prefix), so one model per family

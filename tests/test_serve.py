@@ -3,7 +3,9 @@
 import numpy as np
 import pytest
 
-from ptune import builder, checkpoint, generate, objectives, partition, serve, train
+from ptune import partition
+from ptune.inference import generate, serve
+from ptune.training import builder, checkpoint, objectives, train
 
 
 def _workdirs(tmp_path, make_config):
@@ -23,9 +25,13 @@ def _trained(config, workdir):
 
 
 @pytest.mark.slow   # default-suite budget; CI runs it
-def test_mixed_requests_match_each_run_alone(tmp_path, make_config):
+def test_mixed_requests_match_each_run_alone(tmp_path, make_config, monkeypatch):
     dirs, configs = _workdirs(tmp_path, make_config)
+    reads = []   # the tasks' one base is read once, not once per task and again for the bank
+    monkeypatch.setattr(builder, "base_model", lambda config, read=builder.base_model: reads.append(1) or read(config))
     server = serve.load(dirs, batch_size=4, max_new_tokens=5)
+    assert len(reads) == 1
+    monkeypatch.undo()
     run, params = _trained(configs["sentiment"], dirs["sentiment"])
     texts = [e["text"] for e in run.task.split("validation")[:3]]
     requests = [{"task": "lm", "text": "the film"}, {"task": "sentiment", "text": texts[0]},

@@ -14,8 +14,9 @@ import jax
 import numpy as np
 import pytest
 
-from ptune import builder, sharding
+from ptune import sharding
 from ptune.config import base_config
+from ptune.training import builder
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 METHODS = ["full", "bitfit", "head", "lora", "adapter", "prefix", "prompt", "ptuning_v2", "ia3", "lora+prompt",

@@ -1,4 +1,4 @@
-"""Early stopping (config.train.patience, ptune.stopping): when a run stops, and that it ends on
+"""Early stopping (config.train.patience, ptune.training.stopping): when a run stops, and that it ends on
 its best evaluation's parameters — alone, resumed from a checkpoint, and vmapped."""
 
 import json
@@ -7,7 +7,8 @@ import os
 import numpy as np
 import pytest
 
-from ptune import builder, checkpoint, compute, evals, multi, partition, train
+from ptune import partition
+from ptune.training import builder, checkpoint, compute, evals, multi, train
 
 
 def records(workdir, split):

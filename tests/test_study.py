@@ -8,7 +8,8 @@ import sys
 
 import pytest
 
-from ptune import config, sweep
+from ptune import config
+from ptune.training import sweep
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

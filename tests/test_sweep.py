@@ -9,8 +9,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from ptune import compute, multi, partition, sweep, train
+from ptune import partition
 from ptune.data import batching
+from ptune.training import compute, multi, sweep, train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -9,8 +9,9 @@ import jax
 import numpy as np
 import pytest
 
-from ptune import builder, checkpoint, compute, partition, train
+from ptune import partition
 from ptune.data import batching
+from ptune.training import builder, checkpoint, compute, train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TRAINING_METHODS = ["full", "bitfit", "head", "lora", "adapter", "prefix", "prompt", "ptuning_v2", "ia3",

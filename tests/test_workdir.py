@@ -10,11 +10,11 @@ import sys
 import time
 
 import pytest
-
-from ptune import train
-from ptune import workdir as workdir_lib
 from test_catalogue import tiny_config
 from test_checkpoint import ROOT, losses, snapshot
+
+from ptune.training import train
+from ptune.training import workdir as workdir_lib
 
 
 def test_a_second_run_on_a_held_workdir_is_refused_naming_the_holder(tmp_path):

@@ -19,6 +19,7 @@ import numpy as np
 from ptune.data import packing
 from ptune.data.templates import Template
 from ptune.data.tokenizers import for_family
+from ptune.errors import UserError
 
 KINDS_THAT_PACK = ("lm", "generate", "chat")
 CHUNK = 1000          # examples encoded (and packed) together when a data set is encoded in chunks
@@ -34,13 +35,13 @@ def encode(examples, kind: str, template: Template, tokenizer, family: str, max_
     Truncation: a classification text or generation input is cut from its end so that the template
     and the answer survive; an lm text or a chat is cut from its end."""
     if kind not in ROWS:
-        raise ValueError(f"encode: kind {kind!r} is not one of {sorted(ROWS)}")
+        raise UserError(f"encode: kind {kind!r} is not one of {sorted(ROWS)}")
     if not isinstance(examples, (list, tuple)) and not hasattr(examples, "_fingerprint"):
-        raise ValueError(f"encode: examples must be a list of dicts or a datasets.Dataset, got "
-                         f"{type(examples).__name__}")
+        raise UserError(f"encode: examples must be a list of dicts or a datasets.Dataset, got "
+                        f"{type(examples).__name__}")
     if packed and kind not in KINDS_THAT_PACK:
-        raise ValueError(f"config.task.packing: a {kind} task cannot be packed (packing serves {KINDS_THAT_PACK}); "
-                         "set config.task.packing=False")
+        raise UserError(f"config.task.packing: a {kind} task cannot be packed (packing serves {KINDS_THAT_PACK}); "
+                        "set config.task.packing=False")
     tokenizer = for_family(tokenizer, family)
 
     def arrays_of(records):
@@ -59,8 +60,8 @@ def classification_rows(examples, template: Template, tokenizer, max_length: int
     head, tail = tokenizer.prefix_ids + tokenizer.encode(before), tokenizer.encode(after) + tokenizer.suffix_ids
     budget = max_length - len(head) - len(tail)
     if budget <= 0:
-        raise ValueError(f"task.max_length={max_length} leaves no room for text after the template "
-                         f"({len(head) + len(tail)} tokens); raise it")
+        raise UserError(f"task.max_length={max_length} leaves no room for text after the template "
+                        f"({len(head) + len(tail)} tokens); raise it")
     return [{"input_ids": head + tokenizer.encode(e["text"])[:budget] + tail, "label": e["label"]} for e in examples]
 
 
@@ -138,7 +139,7 @@ def _encode_dataset(dataset, arrays_of, key: str) -> dict[str, np.ndarray]:
         return _concat([arrays_of(chunk) for chunk in _chunks(dataset)])
     directory = pathlib.Path(cache[0]["filename"]).parent / f"ptune-encoded-{key}"
     if not (directory / "meta.json").exists() and not os.access(directory.parent, os.W_OK):
-        from ptune import assets   # a read-only data set (e.g. a shared save_to_disk copy): ptune's own cache
+        from ptune import assets  # a read-only data set (e.g. a shared save_to_disk copy): ptune's own cache
         directory = assets.cache_root() / "encoded" / directory.name
         directory.parent.mkdir(parents=True, exist_ok=True)
     if not (directory / "meta.json").exists():

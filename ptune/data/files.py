@@ -45,6 +45,7 @@ import numpy as np
 from ptune.data.fewshot import few_shot
 from ptune.data.templates import Template
 from ptune.data.tokenizers import ROLES
+from ptune.errors import UserError
 
 FORMATS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".tsv": "csv", ".parquet": "parquet", ".txt": "text"}
 COLUMNS = {"classify": ("text_column", "label_column"), "lm": ("text_column",),
@@ -62,8 +63,8 @@ def files(train: str = "", validation: str = "", test: str = "", dataset: str = 
           shot_seed: int = 13) -> tasks.Task:
     """A task from data files or a data set (see the module docstring)."""
     if bool(dataset) == bool(train or validation or test):
-        raise ValueError("task 'files': give config.task.options.train (a data file; validation and test "
-                         "optional) or config.task.options.dataset (a data set directory or Hub name), not both")
+        raise UserError("task 'files': give config.task.options.train (a data file; validation and test "
+                        "optional) or config.task.options.dataset (a data set directory or Hub name), not both")
     splits, where = _load_dataset(dataset, dataset_config) if dataset else _load_files(
         {"train": train, "validation": validation, "test": test})
     return from_splits(splits, kind, where, text_column=text_column, label_column=label_column,
@@ -81,19 +82,19 @@ def from_records(kind: str, train: list[dict], validation: list[dict] | None = N
     splits = {}
     for split, records in given.items():
         if not isinstance(records, list):
-            raise ValueError(f"from_records: {split} must be a list of dicts (records), got {type(records).__name__}")
+            raise UserError(f"from_records: {split} must be a list of dicts (records), got {type(records).__name__}")
         if not records:
-            raise ValueError(f"from_records: {split} is an empty list; give it records"
-                             + ("" if split == "train" else f", or leave {split} out"))
+            raise UserError(f"from_records: {split} is an empty list; give it records"
+                            + ("" if split == "train" else f", or leave {split} out"))
         bad = next((i for i, r in enumerate(records) if not isinstance(r, dict)), None)
         if bad is not None:
-            raise ValueError(f"from_records: {split}[{bad}] is {records[bad]!r:.80}, not a dict; give records such "
-                             "as {'text': ..., 'label': ...}")
+            raise UserError(f"from_records: {split}[{bad}] is {records[bad]!r:.80}, not a dict; give records such "
+                            "as {'text': ..., 'label': ...}")
         try:
             splits[split] = datasets.Dataset.from_list(records)
         except (ValueError, TypeError) as e:   # pyarrow's, for a column whose values differ in type
-            raise ValueError(_mixed_types(split, records) or f"from_records: {split}: the records do not form one "
-                             f"table ({' '.join(str(e).split())}); give each column values of one type") from None
+            raise UserError(_mixed_types(split, records) or f"from_records: {split}: the records do not form one "
+                            f"table ({' '.join(str(e).split())}); give each column values of one type") from None
     return from_splits(splits, kind, {s: f"{s} records" for s in splits}, **options)
 
 
@@ -118,9 +119,9 @@ def from_splits(splits: dict, kind: str, where: dict[str, str], text_column: str
                 shot_seed: int = 13) -> tasks.Task:
     """The task of `kind` over {split: datasets.Dataset}; `where` names each split's source in errors."""
     if kind not in tasks.KINDS:
-        raise ValueError(f"task 'files': kind {kind!r} is not one of {tasks.KINDS} (config.task.options.kind)")
+        raise UserError(f"task 'files': kind {kind!r} is not one of {tasks.KINDS} (config.task.options.kind)")
     if "train" not in splits:
-        raise ValueError(f"task 'files': no train split among {sorted(splits)} ({where}); give one")
+        raise UserError(f"task 'files': no train split among {sorted(splits)} ({where}); give one")
     options = dict(text_column=text_column, label_column=label_column, input_column=input_column,
                    output_column=output_column, messages_column=messages_column)
     columns = {STANDARD[option]: options[option] for option in COLUMNS[kind]}
@@ -146,10 +147,10 @@ def carve(dataset, fraction: float, seed: int, where: str):
     go to validation; both keep file order."""
     n = len(dataset)
     if not 0 < fraction < 1:
-        raise ValueError(f"config.task.options.validation_fraction={fraction} must be in (0, 1)")
+        raise UserError(f"config.task.options.validation_fraction={fraction} must be in (0, 1)")
     if n < 2:
-        raise ValueError(f"{where} has {n} record(s): too few to carve a validation split from; "
-                         "give config.task.options.validation")
+        raise UserError(f"{where} has {n} record(s): too few to carve a validation split from; "
+                        "give config.task.options.validation")
     order = np.random.default_rng(seed).permutation(n)
     held = np.zeros(n, bool)
     held[order[: min(max(round(fraction * n), 1), n - 1)]] = True
@@ -164,16 +165,16 @@ def _load_files(paths: dict[str, str]):
             continue
         found = sorted(glob.glob(os.path.expanduser(pattern)))
         if not found:
-            raise ValueError(f"config.task.options.{split}: data file {pattern!r} does not exist; fix the path")
+            raise UserError(f"config.task.options.{split}: data file {pattern!r} does not exist; fix the path")
         for path in found:
             suffix = pathlib.Path(path).suffix.lower()
             if suffix not in FORMATS:
-                raise ValueError(f"config.task.options.{split}: {path} has extension {suffix!r}; ptune reads "
-                                 f"{sorted(FORMATS)} (convert the file, or rename it if it is one of these)")
+                raise UserError(f"config.task.options.{split}: {path} has extension {suffix!r}; ptune reads "
+                                f"{sorted(FORMATS)} (convert the file, or rename it if it is one of these)")
             builders.add((FORMATS[suffix], "\t" if suffix == ".tsv" else None))
         data_files[split] = found
     if len(builders) > 1:
-        raise ValueError(f"the data files {data_files} mix formats; give every split in one format")
+        raise UserError(f"the data files {data_files} mix formats; give every split in one format")
     builder, delimiter = builders.pop()
     where = {s: ", ".join(f) for s, f in data_files.items()}
     size = sum(os.path.getsize(f) for fs in data_files.values() for f in fs)
@@ -182,7 +183,7 @@ def _load_files(paths: dict[str, str]):
             loaded = datasets.load_dataset(builder, data_files=data_files,
                                            **({"delimiter": delimiter} if delimiter else {}))
     except Exception as e:   # datasets wraps the reader's error (pyarrow, pandas) in its own types
-        raise ValueError(_unreadable(builder, data_files, e)) from None
+        raise UserError(_unreadable(builder, data_files, e)) from None
     return dict(loaded), where
 
 
@@ -257,10 +258,10 @@ def _load_dataset(name: str, config: str):
     path = pathlib.Path(os.path.expanduser(name))
     local = path.exists() or name.startswith((".", "/", "~"))
     if local and not path.is_dir():
-        raise ValueError(f"config.task.options.dataset={name!r}: no such directory; give a data set "
-                         "directory, or a data file as config.task.options.train")
+        raise UserError(f"config.task.options.dataset={name!r}: no such directory; give a data set "
+                        "directory, or a data file as config.task.options.train")
     size = sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) if local else QUIET_BYTES
-    try:   # every error of datasets' (its ValueErrors may span lines) becomes one line below
+    try:   # every error of datasets' (its UserErrors may span lines) becomes one line below
         with _quiet(progress=size >= QUIET_BYTES):
             if any((path / f).exists() for f in ("dataset_dict.json", "state.json")):
                 loaded = datasets.load_from_disk(str(path))
@@ -270,19 +271,19 @@ def _load_dataset(name: str, config: str):
         offline = [v for v in ("HF_DATASETS_OFFLINE", "HF_HUB_OFFLINE") if os.environ.get(v, "0") not in ("0", "")]
         if offline and not path.exists() and isinstance(e, ConnectionError):   # datasets: "Couldn't reach"
             forbid = "forbid" if len(offline) > 1 else "forbids"
-            raise ValueError(f"config.task.options.dataset={name!r} is not a local directory and is not in the local "
-                             f"cache, and {' and '.join(offline)} {forbid} fetching it; set "
-                             f"{' and '.join(v + '=0' for v in offline)} on a machine online, or give a local path"
-                             ) from None
-        raise ValueError(f"config.task.options.dataset={name!r}: could not be loaded ({type(e).__name__}: "
-                         f"{' '.join(str(e).split())[:300]}); fix the name, or choose a configuration "
-                         "with config.task.options.dataset_config") from None
+            raise UserError(f"config.task.options.dataset={name!r} is not a local directory and is not in the local "
+                            f"cache, and {' and '.join(offline)} {forbid} fetching it; set "
+                            f"{' and '.join(v + '=0' for v in offline)} on a machine online, or give a local path"
+                            ) from None
+        raise UserError(f"config.task.options.dataset={name!r}: could not be loaded ({type(e).__name__}: "
+                        f"{' '.join(str(e).split())[:300]}); fix the name, or choose a configuration "
+                        "with config.task.options.dataset_config") from None
     if isinstance(loaded, datasets.Dataset):
         loaded = {"train": loaded}
     unknown = sorted(set(loaded) - set(tasks.SPLITS))
     splits = {s: ds for s, ds in loaded.items() if s in tasks.SPLITS}
     if unknown and not splits:
-        raise ValueError(f"data set {name!r} has splits {unknown}, none of {tasks.SPLITS}; rename its splits")
+        raise UserError(f"data set {name!r} has splits {unknown}, none of {tasks.SPLITS}; rename its splits")
     return splits, {s: f"{name} [{s}]" for s in splits}
 
 
@@ -292,16 +293,16 @@ def _standard_columns(dataset, columns: dict[str, str], where: str):
     for standard, column in columns.items():
         if column not in present:
             option = next(o for o, s in STANDARD.items() if s == standard)
-            raise ValueError(f"{where}: no column {column!r} (config.task.options.{option}); columns present: "
-                             f"{present}")
+            raise UserError(f"{where}: no column {column!r} (config.task.options.{option}); columns present: "
+                            f"{present}")
     if not len(dataset):
-        raise ValueError(f"{where} is empty; give it records")
+        raise UserError(f"{where} is empty; give it records")
     dataset = dataset.select_columns(list(columns.values()))
     renames = {c: s for s, c in columns.items() if c != s}
     clash = [s for s in renames.values() if s in dataset.column_names]
     if clash:   # e.g. text_column=body while another needed column is called "text"
-        raise ValueError(f"{where}: columns {sorted(renames)} cannot be renamed to ptune's {sorted(renames.values())}; "
-                         "rename them in the data")
+        raise UserError(f"{where}: columns {sorted(renames)} cannot be renamed to ptune's {sorted(renames.values())}; "
+                        "rename them in the data")
     return dataset.rename_columns(renames) if renames else dataset
 
 
@@ -321,7 +322,7 @@ def _encode_labels(splits: dict, declared: tuple[str, ...], where: dict[str, str
     for split, values in raw.items():
         missing = next((i for i, v in enumerate(values) if v is None), None)
         if missing is not None:
-            raise ValueError(f"{where[split]} record {missing} has no label; give every record one")
+            raise UserError(f"{where[split]} record {missing} has no label; give every record one")
     train = raw["train"]
     if declared:
         names = declared
@@ -342,15 +343,15 @@ def _encode_labels(splits: dict, declared: tuple[str, ...], where: dict[str, str
         if bad is not None:
             source = "config.task.options.label_names" if declared else "the training labels"
             value = values[bad].item() if isinstance(values[bad], np.generic) else values[bad]   # not np.str_('x')
-            raise ValueError(f"{where[split]} record {bad} has label {value!r}, outside the classes "
-                             f"{list(names)} (from {source}); fix the record or declare the class in "
-                             "config.task.options.label_names")
+            raise UserError(f"{where[split]} record {bad} has label {value!r}, outside the classes "
+                            f"{list(names)} (from {source}); fix the record or declare the class in "
+                            "config.task.options.label_names")
         ds = splits[split].remove_columns("label")
         out[split] = ds.add_column("label", labels.astype(np.int32).tolist(),
                                    feature=datasets.Value("int32"))
     if len(names) < 2:
-        raise ValueError(f"{where['train']}: only one class {list(names)}; classification needs two or more, "
-                         "so add examples of another class")
+        raise UserError(f"{where['train']}: only one class {list(names)}; classification needs two or more, "
+                        "so add examples of another class")
     return out, names
 
 
@@ -359,8 +360,8 @@ def _check_classes(train, names: tuple[str, ...], where: str):
     counts = np.bincount(_column(train, "label").astype(np.int64), minlength=len(names))
     empty = [names[c] for c in np.flatnonzero(counts == 0)]
     if empty:
-        raise ValueError(f"{where}: class(es) {empty} have no training example (after holding out validation "
-                         "records); add some, or drop them from config.task.options.label_names")
+        raise UserError(f"{where}: class(es) {empty} have no training example (after holding out validation "
+                        "records); add some, or drop them from config.task.options.label_names")
 
 
 def _column(dataset, name: str) -> np.ndarray:
@@ -381,16 +382,16 @@ def _check_values(dataset, kind: str, where: str):
             for i, messages in enumerate(dataset[start:start + 1000]["messages"], start):
                 problem = chat_problem(messages)
                 if problem:
-                    raise ValueError(f"{where} record {i}: {problem}; fix that record")
+                    raise UserError(f"{where} record {i}: {problem}; fix that record")
         return
     for column in [c for c in dataset.column_names if c != "label"]:   # classes are _encode_labels' to check
         feature = dataset.features[column]
         if not (isinstance(feature, datasets.Value) and feature.dtype in ("string", "large_string")):
-            raise ValueError(f"{where}: column {column!r} holds {feature}, not text; give a text column")
+            raise UserError(f"{where}: column {column!r} holds {feature}, not text; give a text column")
         nulls = dataset.data.column(column).null_count
         if nulls:
             first = next(i for i, v in enumerate(dataset[column]) if v is None)
-            raise ValueError(f"{where} record {first} has no {column!r} ({nulls} records lack it); fix those records")
+            raise UserError(f"{where} record {first} has no {column!r} ({nulls} records lack it); fix those records")
 
 
 def chat_problem(messages) -> str | None:
@@ -414,7 +415,7 @@ def _few_shot(dataset, k: int, seed: int, per_class: bool, names: tuple[str, ...
         chosen = few_shot(keyed, k, seed, key="label" if per_class else None,
                           label_names=list(names) if per_class else None)
     except ValueError as e:
-        raise ValueError(f"config.task.options.k_shot={k}: {e}; lower k_shot or add training examples") from None
+        raise UserError(f"config.task.options.k_shot={k}: {e}; lower k_shot or add training examples") from None
     return dataset.select([e["row"] for e in chosen])
 
 

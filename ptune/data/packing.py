@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from ptune.errors import UserError
+
 
 def pack(rows: list[dict], max_length: int, pad_id: int) -> dict[str, np.ndarray]:
     """Pack unpadded examples into rows of `max_length` by first-fit decreasing.
@@ -27,11 +29,11 @@ def pack(rows: list[dict], max_length: int, pad_id: int) -> dict[str, np.ndarray
     lengths = np.array([len(row["input_ids"]) for row in rows], np.int64)
     for i, row in enumerate(rows):
         if not 1 <= lengths[i] <= max_length:
-            raise ValueError(f"pack: example {i} has {lengths[i]} tokens; each must have 1..{max_length} "
-                             f"(truncate to max_length before packing)")
+            raise UserError(f"pack: example {i} has {lengths[i]} tokens; each must have 1..{max_length} "
+                            f"(truncate to max_length before packing)")
         if len(row["loss_mask"]) != lengths[i]:
-            raise ValueError(f"pack: example {i} has {lengths[i]} input_ids but {len(row['loss_mask'])} "
-                             "loss_mask values")
+            raise UserError(f"pack: example {i} has {lengths[i]} input_ids but {len(row['loss_mask'])} "
+                            "loss_mask values")
     room = np.zeros(len(rows), np.int64)   # free slots of each packed row; at most one row per example
     members: list[list[int]] = []
     for i in sorted(range(len(rows)), key=lambda i: -lengths[i]):   # stable: ties keep the given order

@@ -40,6 +40,7 @@ from collections.abc import Callable
 from ptune.data import synthetic
 from ptune.data.fewshot import few_shot
 from ptune.data.templates import Template
+from ptune.errors import UserError
 
 KINDS = ("classify", "lm", "generate", "chat")
 SPLITS = ("train", "validation", "test")
@@ -63,26 +64,26 @@ class Task:
 
     def __post_init__(self):
         if self.kind not in KINDS:
-            raise ValueError(f"task {self.name!r}: kind {self.kind!r} is not one of {KINDS}")
+            raise UserError(f"task {self.name!r}: kind {self.kind!r} is not one of {KINDS}")
         if not self.templates:
             object.__setattr__(self, "templates", (self.template,))
         elif self.template == Template():
             object.__setattr__(self, "template", self.templates[0])
         if self.label_names and len(self.label_names) != self.num_classes:
-            raise ValueError(f"task {self.name!r}: {len(self.label_names)} label names for "
-                             f"{self.num_classes} classes")
+            raise UserError(f"task {self.name!r}: {len(self.label_names)} label names for "
+                            f"{self.num_classes} classes")
         for t in self.templates:
             if self.kind == "classify" and t.verbalizer and len(t.verbalizer) != self.num_classes:
-                raise ValueError(f"task {self.name!r}: template {t.text!r} has {len(t.verbalizer)} verbalizer "
-                                 f"words for {self.num_classes} classes")
+                raise UserError(f"task {self.name!r}: template {t.text!r} has {len(t.verbalizer)} verbalizer "
+                                f"words for {self.num_classes} classes")
 
     def split(self, name: str) -> list[dict]:
         if name not in self.splits:
-            raise ValueError(f"task {self.name!r} has no split {name!r}; splits: {sorted(self.splits)}")
+            raise UserError(f"task {self.name!r} has no split {name!r}; splits: {sorted(self.splits)}")
         examples = self.splits[name]
         where = f"task {self.name!r}: split {name!r}" + (f" ({self.files[name]})" if name in self.files else "")
         if not len(examples):
-            raise ValueError(f"{where} is empty; give it examples (or check the task's options)")
+            raise UserError(f"{where} is empty; give it examples (or check the task's options)")
         if not isinstance(examples, list):   # a data set from ptune.data.files, checked column-wise on loading
             return examples
         if self.kind == "classify":
@@ -90,14 +91,14 @@ class Task:
                         if type(e.get("label")) is not int or e["label"] not in range(self.num_classes)), None)
             if bad is not None:
                 names = f" ({', '.join(self.label_names)})" if self.label_names else ""
-                raise ValueError(f"{where} example {bad} has label {examples[bad].get('label')!r}, outside the "
-                                 f"label set 0..{self.num_classes - 1}{names}; fix that example's label")
+                raise UserError(f"{where} example {bad} has label {examples[bad].get('label')!r}, outside the "
+                                f"label set 0..{self.num_classes - 1}{names}; fix that example's label")
         if self.kind == "generate":
             bad = next((i for i, e in enumerate(examples)
                         if not (isinstance(e.get("input"), str) and isinstance(e.get("output"), str))), None)
             if bad is not None:
-                raise ValueError(f"{where} example {bad} lacks a string 'input' and 'output': "
-                                 f"{str(examples[bad])[:200]}; fix that example")
+                raise UserError(f"{where} example {bad} lacks a string 'input' and 'output': "
+                                f"{str(examples[bad])[:200]}; fix that example")
         return examples
 
 
@@ -204,17 +205,17 @@ def iter_jsonl(path: str | pathlib.Path):
             try:
                 record = json.loads(line)
             except ValueError as e:
-                raise ValueError(f"{path}:{number}: not valid JSON ({e}); fix or delete that line") from None
+                raise UserError(f"{path}:{number}: not valid JSON ({e}); fix or delete that line") from None
             if not isinstance(record, dict):
-                raise ValueError(f"{path}:{number}: a JSON {type(record).__name__}, not an object; "
-                                 "fix or delete that line")
+                raise UserError(f"{path}:{number}: a JSON {type(record).__name__}, not an object; "
+                                "fix or delete that line")
             yield record
 
 
 def load_dataset(dataset: str) -> tuple[dict[str, list[dict]], dict]:
     """({split: records}, meta) of a converted data set, fetching it on first use; meta["files"]
     becomes {split: path of its file}."""
-    from ptune import assets   # late: keeps `import ptune.data.tasks` free of the asset machinery
+    from ptune import assets  # late: keeps `import ptune.data.tasks` free of the asset machinery
     directory = assets.ensure(dataset)
     meta = json.loads((directory / "meta.json").read_text(encoding="utf-8"))
     meta["paths"] = {s: str(directory / f"{s}.jsonl") for s in SPLITS}
@@ -224,7 +225,7 @@ def load_dataset(dataset: str) -> tuple[dict[str, list[dict]], dict]:
 def _with_words(prompts, words: dict[str, str], label_names, task: str) -> tuple[Template, ...]:
     missing = [n for n in label_names if n not in words]
     if missing:
-        raise ValueError(f"task {task!r}: no label word for class(es) {missing}; add them to the task's word table")
+        raise UserError(f"task {task!r}: no label word for class(es) {missing}; add them to the task's word table")
     return tuple(Template(p, tuple(words[n] for n in label_names)) for p in prompts)
 
 
@@ -246,7 +247,7 @@ SENTIMENT_DOMAINS = ("all", "amazon", "imdb", "yelp")
 def sentiment(domain: str = "all", k_shot: int | None = None, shot_seed: int = 13) -> Task:
     """UCI sentiment sentences (Amazon, IMDB, Yelp; 1,000 each): negative 0, positive 1."""
     if domain not in SENTIMENT_DOMAINS:
-        raise ValueError(f"task 'sentiment': domain {domain!r} is not one of {SENTIMENT_DOMAINS}")
+        raise UserError(f"task 'sentiment': domain {domain!r} is not one of {SENTIMENT_DOMAINS}")
     dataset = "sentiment" if domain == "all" else f"sentiment_{domain}"
     return _classification(dataset, dataset, SENTIMENT_TEMPLATES, k_shot, shot_seed)
 
@@ -272,7 +273,7 @@ def brown_lm(genre: str | None = None) -> Task:
     if genre is not None:
         known = sorted({r["genre"] for s in splits.values() for r in s})
         if genre not in known:
-            raise ValueError(f"task 'brown_lm': genre {genre!r} is not one of {known}")
+            raise UserError(f"task 'brown_lm': genre {genre!r} is not one of {known}")
         splits = {s: [r for r in records if r["genre"] == genre] for s, records in splits.items()}
     return Task("brown_lm" if genre is None else f"brown_lm_{genre}", "lm", splits)
 
@@ -312,17 +313,17 @@ def register(name: str, builder: Callable[..., Task]) -> None:
     """Make `builder` (options -> Task) the task `name`, for config.task.name and `get`; its keyword
     arguments are the task's options (config.task.options)."""
     if not callable(builder):
-        raise ValueError(f"register({name!r}, ...): the builder must be a function of options returning a Task")
+        raise UserError(f"register({name!r}, ...): the builder must be a function of options returning a Task")
     REGISTRY[name] = builder
 
 
 def get(name: str, **options) -> Task:
     if name not in REGISTRY:
-        raise ValueError(f"unknown task {name!r}; choose one of {sorted(REGISTRY)}")
+        raise UserError(f"unknown task {name!r}; choose one of {sorted(REGISTRY)}")
     allowed = list(inspect.signature(REGISTRY[name]).parameters)
     unknown = sorted(set(options) - set(allowed))
     if unknown:
-        raise ValueError(f"task {name!r} has no option(s) {unknown}; its options are {allowed}")
+        raise UserError(f"task {name!r} has no option(s) {unknown}; its options are {allowed}")
     return REGISTRY[name](**options)
 
 

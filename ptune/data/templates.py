@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import dataclasses
 
+from ptune.errors import UserError
+
 
 @dataclasses.dataclass(frozen=True)
 class Template:
@@ -16,7 +18,7 @@ class Template:
 
     def __post_init__(self):
         if self.text.count("{text}") != 1:
-            raise ValueError(f"template {self.text!r} must contain the '{{text}}' field exactly once")
+            raise UserError(f"template {self.text!r} must contain the '{{text}}' field exactly once")
 
     def parts(self) -> tuple[str, str]:
         before, after = self.text.split("{text}")
@@ -28,14 +30,14 @@ class Template:
         for word in self.verbalizer:
             tokens = tokenizer.encode(word)
             if not tokens:
-                raise ValueError(f"verbalizer word {word!r} encodes to no token")
+                raise UserError(f"verbalizer word {word!r} encodes to no token")
             if self.single_token and len(tokens) > 1:
                 pieces = [tokenizer.decode([t]) for t in tokens]
-                raise ValueError(f"verbalizer word {word!r} is {len(tokens)} tokens {pieces}, but the verbalizer "
-                                 "objective scores one token per class; choose a single-token word (often with a "
-                                 "leading space) in config.task.verbalizer, or use config.task.objective='head'")
+                raise UserError(f"verbalizer word {word!r} is {len(tokens)} tokens {pieces}, but the verbalizer "
+                                "objective scores one token per class; choose a single-token word (often with a "
+                                "leading space) in config.task.verbalizer, or use config.task.objective='head'")
             ids.append(tokens[0])
         if len(set(ids)) != len(ids):
-            raise ValueError(f"verbalizer {self.verbalizer} gives two classes the same first token {ids}; "
-                             "choose words that start differently")
+            raise UserError(f"verbalizer {self.verbalizer} gives two classes the same first token {ids}; "
+                            "choose words that start differently")
         return ids

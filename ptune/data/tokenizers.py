@@ -9,6 +9,8 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 
+from ptune.errors import UserError
+
 ROLES = ("system", "user", "assistant", "tool")
 
 
@@ -74,8 +76,8 @@ class HFTokenizer:
     def chat_pieces(self, messages) -> list[tuple[str, bool]]:
         """The tokenizer's own chat template, cut into turns (see `chat_pieces`)."""
         if not self.tokenizer.chat_template:
-            raise ValueError(f"the tokenizer of {self.tokenizer.name_or_path or 'this model'} has no chat template, "
-                             "so chat data cannot be rendered; use a chat model or the generate kind")
+            raise UserError(f"the tokenizer of {self.tokenizer.name_or_path or 'this model'} has no chat template, "
+                            "so chat data cannot be rendered; use a chat model or the generate kind")
         render = lambda turns, add_generation_prompt=False: self.tokenizer.apply_chat_template(
             turns, tokenize=False, add_generation_prompt=add_generation_prompt) if turns else ""
         return chat_pieces(render, messages)
@@ -102,9 +104,9 @@ def chat_pieces(render, messages) -> list[tuple[str, bool]]:
         cuts.append((render(messages[: i + 1]), message["role"] == "assistant"))
         for text, predicted in cuts:
             if not text.startswith(done):
-                raise ValueError(f"the chat template's rendering of turns 0..{i} does not start with that of the "
-                                 "turns before, so the assistant turns cannot be told apart; render the data "
-                                 "yourself and use the generate kind")
+                raise UserError(f"the chat template's rendering of turns 0..{i} does not start with that of the "
+                                "turns before, so the assistant turns cannot be told apart; render the data "
+                                "yourself and use the generate kind")
             pieces.append((text[len(done):], predicted))
             done = text
     return [(text, predicted) for text, predicted in pieces if text]

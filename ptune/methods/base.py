@@ -17,6 +17,7 @@ from typing import Any
 import jax
 
 from ptune import partition
+from ptune.errors import UserError
 from ptune.models.sites import Sites
 
 
@@ -78,10 +79,10 @@ def compose(*methods: Method) -> Method:
         sites = sites.union(p.sites)
         for group, opts in p.optim.items():
             if optim.get(group, opts) != opts:
-                raise ValueError(f"composed methods give optimizer group {group!r} different defaults")
+                raise UserError(f"composed methods give optimizer group {group!r} different defaults")
             optim[group] = opts
     if len(templates) > 1:
-        raise ValueError(f"composed methods give different templates: {sorted(templates)}")
+        raise UserError(f"composed methods give different templates: {sorted(templates)}")
     return Method("+".join(p.name for p in parts), sites, optim=optim, parts=parts,
                   trains=any(p.trains for p in parts), template=next(iter(templates), None))
 
@@ -103,9 +104,9 @@ def _union_labels(parts: Sequence[Method], params):
 def number(method: str, option: str, value, ok: Callable[[float], bool], wanted: str) -> float:
     """Validate a real option: a finite number for which `ok` holds ("must be {wanted}")."""
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise ValueError(f"method {method}: {option}={value!r} must be a number {wanted}")
+        raise UserError(f"method {method}: {option}={value!r} must be a number {wanted}")
     if not (math.isfinite(value) and ok(value)):
-        raise ValueError(f"method {method}: {option}={value!r} must be {wanted}")
+        raise UserError(f"method {method}: {option}={value!r} must be {wanted}")
     return float(value)
 
 
@@ -115,14 +116,14 @@ def module_names(method: str, option: str, value):
     if value is None or isinstance(value, str) or (isinstance(value, (list, tuple)) and
                                                    all(isinstance(name, str) for name in value)):
         return value
-    raise ValueError(f"method {method}: {option}={value!r} must be a regex string or a list of module names "
-                     "such as ['c_attn']")
+    raise UserError(f"method {method}: {option}={value!r} must be a regex string or a list of module names "
+                    "such as ['c_attn']")
 
 
 def positive_int(method: str, option: str, value, limit: int | None = None, why: str = "") -> int:
     """Validate an integer option; `limit` is an exclusive upper bound."""
     if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-        raise ValueError(f"method {method}: {option}={value!r} must be a positive integer")
+        raise UserError(f"method {method}: {option}={value!r} must be a positive integer")
     if limit is not None and value >= limit:
-        raise ValueError(f"method {method}: {option}={value} must be < {limit} {why}".rstrip())
+        raise UserError(f"method {method}: {option}={value} must be < {limit} {why}".rstrip())
     return value

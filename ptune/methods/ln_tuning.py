@@ -4,7 +4,7 @@ and biases of the target LayerNorm / RMSNorm layers train, in place, so no site 
 which PEFT gives none, every LayerNorm.
 
 PEFT keeps trained copies of those layers (`<module>.ln_tuning_layers.{weight,bias}`); `PEFT` reads and
-writes that format for ptune.hf_peft, as a site kind's PEFT hooks do.
+writes that format for ptune.interop.hf_peft, as a site kind's PEFT hooks do.
 """
 
 import functools
@@ -13,6 +13,7 @@ import re
 import flax.linen as nn
 
 from ptune import models, partition
+from ptune.errors import UserError
 from ptune.methods.base import Method, module_names
 from ptune.models.sites import targets_regex
 
@@ -25,8 +26,8 @@ def make(model_config, targets=None) -> Method:
     norms = norm_layers(model_config)
     chosen = frozenset(m for m in norms if re.search(regex, m))
     if not chosen:
-        raise ValueError(f"method ln_tuning: targets={targets!r} match no norm layer of this {model_config.family} "
-                         f"model; its norm layers are {sorted({m.rpartition('/')[2] for m in norms})}")
+        raise UserError(f"method ln_tuning: targets={targets!r} match no norm layer of this {model_config.family} "
+                        f"model; its norm layers are {sorted({m.rpartition('/')[2] for m in norms})}")
     return Method("ln_tuning", rules=lambda path, _: "ln_tuning" if path.rpartition("/")[0] in chosen else None)
 
 

@@ -5,6 +5,7 @@ W2, and W1 with `decompose_both`, is two rank-r factors where that is smaller (p
 PEFT's defaults: r = alpha = 8, LoRA's targets; its rank dropout is off.
 """
 
+from ptune.errors import UserError
 from ptune.methods.base import Method, module_names, number, positive_int
 from ptune.models.sites import KINDS, LoKr, Sites, targets_regex
 
@@ -14,11 +15,11 @@ def make(model_config, rank: int = 8, alpha: float = 8.0, targets=None, decompos
     positive_int("lokr", "rank", rank)
     alpha = number("lokr", "alpha", alpha, lambda v: v > 0, "> 0")
     if not isinstance(decompose_both, bool):
-        raise ValueError(f"method lokr: decompose_both={decompose_both!r} must be true or false")
+        raise UserError(f"method lokr: decompose_both={decompose_both!r} must be true or false")
     if decompose_factor != -1 and (isinstance(decompose_factor, bool) or not isinstance(decompose_factor, int)
                                    or decompose_factor <= 0):
-        raise ValueError(f"method lokr: decompose_factor={decompose_factor!r} must be a positive integer, or -1 "
-                         "(each side factored near its square root)")
+        raise UserError(f"method lokr: decompose_factor={decompose_factor!r} must be a positive integer, or -1 "
+                        "(each side factored near its square root)")
     targets = module_names("lokr", "targets", targets) or KINDS["lokr"].defaults[model_config.family]["targets"]
     targets = targets_regex(targets)
     sites = Sites(lokr=LoKr(rank, alpha, targets, decompose_both, decompose_factor))

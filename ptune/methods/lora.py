@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 
 from ptune import partition
+from ptune.errors import UserError
 from ptune.methods.base import Method, module_names, number, positive_int
 from ptune.models.sites import KINDS, LoRA, Sites, targets_regex
 
@@ -38,7 +39,7 @@ def lora_spec(method: str, model_config, rank, alpha, targets, rslora, dropout, 
     alpha = number(method, "alpha", alpha, lambda v: v > 0, "> 0")
     dropout = number(method, "dropout", dropout, lambda v: 0 <= v < 1, "in [0, 1)")
     if not (isinstance(init, str) and re.fullmatch(r"random|pissa|pissa_niter_\d+|olora", init)):
-        raise ValueError(f"method {method}: init={init!r}; choose one of {INITS} (PEFT's init_lora_weights)")
+        raise UserError(f"method {method}: init={init!r}; choose one of {INITS} (PEFT's init_lora_weights)")
     defaults = KINDS[method].defaults[model_config.family]
     targets = targets_regex(module_names(method, "targets", targets) or defaults["targets"])
     return LoRA(rank, alpha, targets, rslora, dropout, from_base=init != "random")

@@ -4,6 +4,7 @@ encoder, PEFT's PromptEncoderConfig: an MLP (`encoder="mlp"`) or a bidirectional
 guide, where PEFT's unset default is the model's hidden size). The encoder is folded into the prompt for
 inference and saving (the ptuning kind's `fold`, ptune.models.sites.ptuning)."""
 
+from ptune.errors import UserError
 from ptune.methods.base import Method, positive_int
 from ptune.models.sites import PTuning, Sites
 from ptune.models.sites.ptuning import ENCODERS
@@ -14,9 +15,9 @@ def make(model_config, length: int = 20, encoder: str = "mlp", hidden: int = 128
     positive_int("ptuning", "hidden", hidden)
     positive_int("ptuning", "layers", layers)
     if encoder not in ENCODERS:
-        raise ValueError(f"method ptuning: encoder={encoder!r}; choose one of {ENCODERS} (PEFT's "
-                         "encoder_reparameterization_type MLP or LSTM)")
+        raise UserError(f"method ptuning: encoder={encoder!r}; choose one of {ENCODERS} (PEFT's "
+                        "encoder_reparameterization_type MLP or LSTM)")
     if encoder == "mlp" and layers != 2:
-        raise ValueError(f"method ptuning: layers={layers} sets the LSTM's layers, and PEFT's MLP encoder always "
-                         "has three linear layers; drop layers or set encoder='lstm'")
+        raise UserError(f"method ptuning: layers={layers} sets the LSTM's layers, and PEFT's MLP encoder always "
+                        "has three linear layers; drop layers or set encoder='lstm'")
     return Method("ptuning", Sites(ptuning=PTuning(length, encoder, hidden, layers)), rules=[(r"^ptuning/", "ptuning")])

@@ -4,6 +4,7 @@ projection_prng_key) and lambda_b = 0 at init; r + out trainable parameters a la
 PEFT's defaults: r = 256, d_initial = 0.1, LoRA's targets.
 """
 
+from ptune.errors import UserError
 from ptune.methods.base import Method, module_names, number, positive_int
 from ptune.models.sites import KINDS, Sites, VeRA, targets_regex
 from ptune.models.sites.vera import projection_shape
@@ -17,7 +18,7 @@ def make(model_config, rank: int = 256, targets=None, d_initial: float = 0.1, dr
                        "d_initial = 0 would leave both vectors without a gradient); PEFT's default is 0.1")
     dropout = number("vera", "dropout", dropout, lambda v: 0 <= v < 1, "in [0, 1)")
     if isinstance(projection_seed, bool) or not isinstance(projection_seed, int) or not 0 <= projection_seed < 2**32:
-        raise ValueError(f"method vera: projection_seed={projection_seed!r} must be an integer in [0, 2**32), as "
+        raise UserError(f"method vera: projection_seed={projection_seed!r} must be an integer in [0, 2**32), as "
                          "torch.Generator.manual_seed takes it")
     targets = module_names("vera", "targets", targets) or KINDS["vera"].defaults[model_config.family]["targets"]
     targets = targets_regex(targets)

@@ -13,10 +13,11 @@ import jax
 import jax.numpy as jnp
 
 from ptune import partition
+from ptune.errors import UserError
 from ptune.models.bert import Bert
-from ptune.models.config import PRESETS, ModelConfig, model_config
 from ptune.models.gpt2 import GPT2
 from ptune.models.llama import Llama
+from ptune.models.model_config import PRESETS, ModelConfig, model_config
 from ptune.models.sites import KINDS, Sites, is_site
 
 FAMILIES = {"gpt2": GPT2, "llama": Llama, "bert": Bert}
@@ -90,16 +91,16 @@ def check_sites(model: nn.Module, params):
             continue
         if kind.wraps and not any(kind.targets(spec, layer) for layer in layers):
             names = sorted({re.sub(r"_[0-9]+/", "_N/", p) for p in layers})
-            raise ValueError(f"method {kind.name}: targets {spec.targets!r} match no layer of this "
-                             f"{model.config.family} model; linear layers are e.g. {names}")
-        raise ValueError(f"site kind {kind.name!r}: its leaves pattern {kind.leaves!r} matches no parameter the "
-                         "model grew; make it match the parameters the kind creates")
+            raise UserError(f"method {kind.name}: targets {spec.targets!r} match no layer of this "
+                            f"{model.config.family} model; linear layers are e.g. {names}")
+        raise UserError(f"site kind {kind.name!r}: its leaves pattern {kind.leaves!r} matches no parameter the "
+                        "model grew; make it match the parameters the kind creates")
     if model.sites.specs:
         base = partition.flatten(nn.unbox(abstract_params(build(model.config))))
         stray = [p for p in paths if p not in base and not is_site(p)]
         if stray:
-            raise ValueError(f"sites {model.sites.names()} added {stray[:3]}, which no site kind's `leaves` "
-                             "pattern matches; widen the pattern of the kind that creates them")
+            raise UserError(f"sites {model.sites.names()} added {stray[:3]}, which no site kind's `leaves` "
+                            "pattern matches; widen the pattern of the kind that creates them")
 
 
 def init_cache(model: nn.Module, batch: int, max_len: int):

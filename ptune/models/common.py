@@ -13,8 +13,9 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from ptune.models.config import ModelConfig
+from ptune.errors import UserError
 from ptune.models.layers import Linear, contract, param, segment_positions, visible_mask
+from ptune.models.model_config import ModelConfig
 from ptune.models.sites import Sites
 
 OUTPUTS = ("hidden", "logits", "last_logits", "class", "nll_sum")
@@ -47,7 +48,7 @@ def prepare(model: nn.Module, tok, attention_mask, positions, *, decode: bool, w
     attention_mask = jnp.ones((B, T), jnp.int32) if attention_mask is None else attention_mask.astype(jnp.int32)
     if positions is None:
         if decode and not model.is_initializing():
-            raise ValueError("decode mode needs explicit positions (see ptune.generate)")
+            raise UserError("decode mode needs explicit positions (see ptune.inference.generate)")
         positions = segment_positions(attention_mask[:, :T])
     positions = positions + n_prompt + n_prefix
     kv_mask = jnp.concatenate([jnp.ones((B, n_prompt), attention_mask.dtype), attention_mask], 1)
@@ -87,10 +88,10 @@ def outputs(model: nn.Module, h, mask, n_prompt: int, output: str, lm_head=None,
     (see `nll_sum`). `lm_head` is (module, fn): the logits are fn(module, h).
     """
     if output not in OUTPUTS:
-        raise ValueError(f"output={output!r}; choose one of {OUTPUTS}")
+        raise UserError(f"output={output!r}; choose one of {OUTPUTS}")
     cfg = model.config
     if output == "class" and not cfg.num_labels:
-        raise ValueError("output='class' needs a task head: set model.num_labels > 0")
+        raise UserError("output='class' needs a task head: set model.num_labels > 0")
     pooled = pool(h) if pool else None
     h, mask = h[:, n_prompt:], mask[:, n_prompt:]
     last = jnp.take_along_axis(h, last_token(mask)[:, None, None], axis=1)[:, 0]
@@ -107,10 +108,10 @@ def outputs(model: nn.Module, h, mask, n_prompt: int, output: str, lm_head=None,
     if output == "class":
         return class_logits()
     if lm_head is None:
-        raise ValueError(f"{type(model).__name__} has no language-model head for output={output!r}")
+        raise UserError(f"{type(model).__name__} has no language-model head for output={output!r}")
     if output == "nll_sum":
         if targets is None:
-            raise ValueError("output='nll_sum' needs targets=(ids, weights), both (B, T)")
+            raise UserError("output='nll_sum' needs targets=(ids, weights), both (B, T)")
         module, fn = lm_head
         logits_fn = lambda variables, x: module.clone(parent=None).apply(variables, x, method=fn)
         return nll_sum(logits_fn, {"params": module.variables["params"]}, h, *targets)
@@ -208,7 +209,7 @@ class Model(nn.Module):
         see `outputs`, which takes `targets`). decode: use and update the KV cache (see `prepare`)."""
         cfg = self.config
         if decode and not cfg.causal:
-            raise ValueError(f"the {cfg.family} family is an encoder: it has no decode mode")
+            raise UserError(f"the {cfg.family} family is an encoder: it has no decode mode")
         body = self.body(cfg, self.sites, name=self.body_name)
         p = prepare(self, body.embed(input_ids), attention_mask, positions, decode=decode,
                     with_prompt=with_prompt, causal=cfg.causal)

@@ -14,6 +14,8 @@ Supported `tokenizer.ggml.model`s: "gpt2" (byte-level BPE: GPT-2, SmolLM2, Llama
 
 from __future__ import annotations
 
+from ptune.errors import UserError
+
 SUPPORTED = ("gpt2", "llama")
 # These architectures' "llama" (SentencePiece) vocabularies need fixes transformers applies
 # and this module does not.
@@ -54,7 +56,7 @@ def read_metadata(path) -> dict:
     try:
         reader = gguf.GGUFReader(str(path))
     except Exception as e:   # gguf raises bare ValueErrors/struct errors on truncated or foreign files
-        raise ValueError(f"{path}: not a readable GGUF file ({e}); re-download or re-export it") from None
+        raise UserError(f"{path}: not a readable GGUF file ({e}); re-download or re-export it") from None
     meta = {key.removeprefix("tokenizer.").removeprefix("ggml."): field.contents()
             for key, field in reader.fields.items() if key.startswith("tokenizer.")}
     arch = reader.fields.get("general.architecture")
@@ -68,19 +70,19 @@ def from_gguf(path):
     meta = read_metadata(path)
     kind = meta.get("model")
     if kind not in SUPPORTED or (kind == "llama" and meta["architecture"] in _OTHER_SENTENCEPIECE):
-        raise ValueError(f"{path}: GGUF tokenizer model {kind!r} (tokenizer.ggml.model) of architecture "
-                         f"{meta['architecture']!r} is not supported; ptune builds 'gpt2' (byte-level BPE) and "
-                         f"'llama' (SentencePiece BPE; not for {', '.join(_OTHER_SENTENCEPIECE)}) tokenizers")
+        raise UserError(f"{path}: GGUF tokenizer model {kind!r} (tokenizer.ggml.model) of architecture "
+                        f"{meta['architecture']!r} is not supported; ptune builds 'gpt2' (byte-level BPE) and "
+                        f"'llama' (SentencePiece BPE; not for {', '.join(_OTHER_SENTENCEPIECE)}) tokenizers")
     if "tokens" not in meta:
-        raise ValueError(f"{path}: GGUF metadata has no tokenizer.ggml.tokens; the file carries no tokenizer")
+        raise UserError(f"{path}: GGUF metadata has no tokenizer.ggml.tokens; the file carries no tokenizer")
     tokens = meta["tokens"]
     kwargs = {}
     for name, key in (("bos_token", "bos_token_id"), ("eos_token", "eos_token_id"),
                       ("unk_token", "unknown_token_id"), ("pad_token", "padding_token_id")):
         token_id = meta.get(key)
         if token_id is not None and not 0 <= token_id < len(tokens):
-            raise ValueError(f"{path}: tokenizer.ggml.{key}={token_id} is outside the vocabulary of "
-                             f"{len(tokens)} tokens; fix the file's metadata")
+            raise UserError(f"{path}: tokenizer.ggml.{key}={token_id} is outside the vocabulary of "
+                            f"{len(tokens)} tokens; fix the file's metadata")
         kwargs[name] = tokens[token_id] if token_id is not None else None
     if kind == "llama":   # llama.cpp adds BOS to a SentencePiece vocabulary unless the file says otherwise
         meta.setdefault("add_bos_token", True)
@@ -95,8 +97,8 @@ def _byte_level(meta: dict, path):
     byte alphabet."""
     from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
     if "merges" not in meta:
-        raise ValueError(f"{path}: byte-level GGUF tokenizer without tokenizer.ggml.merges; re-export the file "
-                         f"with its merges")
+        raise UserError(f"{path}: byte-level GGUF tokenizer without tokenizer.ggml.merges; re-export the file "
+                        f"with its merges")
     spelling = _bytes_to_unicode()
     alphabet = set(spelling.values())
     vocab = {token if set(token) <= alphabet else "".join(spelling[b] for b in token.encode("utf-8")): index

@@ -6,8 +6,8 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from ptune.models import common
-from ptune.models.config import ModelConfig
 from ptune.models.layers import ACTIVATIONS, Linear, attend
+from ptune.models.model_config import ModelConfig
 from ptune.models.sites import Sites
 
 _EMBED = nn.with_logical_partitioning(nn.initializers.normal(0.02), ("vocab", "embed"))

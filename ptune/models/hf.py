@@ -10,7 +10,7 @@ in the tables below, never by a per-key list:
 
 Site leaves (those a registered site kind owns: LoRA, IA3, adapters, soft prompt, prefix...)
 are the methods' parameters: no base checkpoint has them, so `to_hf` leaves them out and
-`from_hf` keeps the template's. Their PEFT names are the kinds' (see `ptune.hf_peft`).
+`from_hf` keeps the template's. Their PEFT names are the kinds' (see `ptune.interop.hf_peft`).
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ import jax
 import numpy as np
 
 from ptune import partition
+from ptune.errors import UserError
 from ptune.models import WORD_EMBEDDINGS
 from ptune.models.sites import is_site
 
@@ -102,8 +103,8 @@ def from_hf(family: str, state: dict, template):
     embedding = hf_key(WORD_EMBEDDINGS[family])
     if LM_HEAD in unknown and embedding in state:   # a tied template: the LM head must be the embedding
         if not np.array_equal(state[LM_HEAD], state[embedding]):
-            raise ValueError(f"checkpoint's {LM_HEAD} differs from {embedding}: its LM head is untied; "
-                             "set model.tie_embeddings=False")
+            raise UserError(f"checkpoint's {LM_HEAD} differs from {embedding}: its LM head is untied; "
+                            "set model.tie_embeddings=False")
         unknown.discard(LM_HEAD)
     out, wrong_shape = dict(flat), []
     for path, key in keys.items():
@@ -118,5 +119,5 @@ def from_hf(family: str, state: dict, template):
     errors += [f"ptune has no parameter for {short_list(unknown)}"] if unknown else []
     errors += wrong_shape
     if errors:
-        raise ValueError(f"{family} checkpoint does not fit this model config: " + "; ".join(errors))
+        raise UserError(f"{family} checkpoint does not fit this model config: " + "; ".join(errors))
     return jax.tree.unflatten(jax.tree.structure(template), list(out.values()))

@@ -7,8 +7,8 @@ from __future__ import annotations
 import flax.linen as nn
 
 from ptune.models import common
-from ptune.models.config import ModelConfig
 from ptune.models.layers import ACTIVATIONS, Linear, attend, rope
+from ptune.models.model_config import ModelConfig
 from ptune.models.sites import Sites
 
 _EMBED = nn.with_logical_partitioning(nn.initializers.normal(0.02), ("vocab", "embed"))

@@ -24,11 +24,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from ptune import builder, train
 from ptune.config import base_config, with_method, with_task
 from ptune.data import batching, files, tasks
 from ptune.data.templates import Template
 from ptune.data.tokenizers import ByteTokenizer
+from ptune.training import builder, train
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 TOK = ByteTokenizer()
@@ -141,7 +141,7 @@ def test_txt_is_one_text_per_line_for_lm(tmp_path):
 
 def test_files_may_be_imported_before_tasks():
     """tasks imports files at its end to register it; files imported first must not see a half-made tasks
-    (the rest of this suite imports tasks first, through ptune.train)."""
+    (the rest of this suite imports tasks first, through ptune.training.train)."""
     done = subprocess.run([sys.executable, "-c", "from ptune.data import files; from ptune.data import tasks; "
                            "print(tasks.REGISTRY['files'] is files.files)"],
                           capture_output=True, text=True, timeout=120, cwd=ROOT,

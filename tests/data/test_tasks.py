@@ -20,8 +20,8 @@ def classification_tasks():
 @pytest.fixture(scope="module")
 def bpe_tokenizer():
     """SmolLM2's byte-level BPE (GPT-2 style, leading-space tokens), converted once from the GGUF."""
-    from ptune.models import checkpoints
-    return checkpoints.load_tokenizer(assets.ensure("smollm2"))
+    from ptune.models import pretrained
+    return pretrained.load_tokenizer(assets.ensure("smollm2"))
 
 
 def test_classification_tasks_have_eight_templates_with_full_verbalizers(classification_tasks):

@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 from test_counts import backbone, head
 
-from ptune import bank, methods, models, partition
+from ptune import methods, models, partition
+from ptune.inference import bank
 from ptune.models.sites import PTuning
 
 REAL = ["gpt2", "bert-base", "smollm2-135m"]

@@ -6,15 +6,16 @@ import flax.linen as nn
 import jax
 import numpy as np
 import pytest
+import test_bank  # a random base, the mixed-batch-equals-each-task-alone check
 from jax.sharding import AbstractMesh, PartitionSpec
-
-import test_bank   # a random base, the mixed-batch-equals-each-task-alone check
-from ptune import bank as bank_lib
-from ptune import config as config_lib
-from ptune import hf_peft, methods, models, partition, sharding
-from ptune.models import sites
-from test_counts import REAL, backbone, head, lora_shapes
 from test_counts import count  # noqa: F401  (a fixture)
+from test_counts import REAL, backbone, head, lora_shapes
+
+from ptune import config as config_lib
+from ptune import methods, models, partition, sharding
+from ptune.inference import bank as bank_lib
+from ptune.interop import hf_peft
+from ptune.models import sites
 
 # PEFT's lokr.layer.factorization of the dimensions below (checked against PEFT's own function there).
 FACTORS = {576: (24, 24), 192: (12, 16), 768: (24, 32), 2304: (48, 48)}
@@ -179,7 +180,7 @@ def test_the_launcher_config_builds_the_method(name):
 def test_vera_trains_from_the_launcher_config_and_exports(make_config, tmp_path):
     """A run trains lambda_d and lambda_b only; its checkpoint exports (the frozen projections are
     redrawn from the spec when the run is set up again) and loads back as the same adapter."""
-    from ptune import checkpoint, train
+    from ptune.training import checkpoint, train
     config = make_config("vera", rank=4, steps=3)
     config.optim.learning_rate = 1e-2
     train.train_and_evaluate(config, str(tmp_path / "run"))

@@ -8,7 +8,7 @@ import gguf
 import pytest
 
 from ptune import assets
-from ptune.models import checkpoints, gguf_tokenizer
+from ptune.models import gguf_tokenizer, pretrained
 
 # Edge cases beside the Brown corpus: unicode, whitespace runs, digits, contractions, specials in text.
 EDGE_CASES = ["", " ", "  leading and trailing  ", "tabs\tand\nnew\r\nlines\n\n\n", "ünïcödé café naïve",
@@ -111,7 +111,7 @@ def test_load_tokenizer_caches_the_same_tokenizer(tmp_path):
     path, _, theirs = _smollm2()
     copy = tmp_path / path.name
     copy.symlink_to(path)
-    tokenizer = checkpoints.load_tokenizer(copy)
+    tokenizer = pretrained.load_tokenizer(copy)
     assert (tmp_path / (path.name + ".tokenizer") / "tokenizer.json").exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == [path.name, path.name + ".tokenizer"]   # no temp dir left
     _assert_same(tokenizer.tokenizer, theirs, EDGE_CASES)
@@ -161,7 +161,7 @@ def test_unsupported_tokenizer_model_is_refused(tmp_path, model, arch):
                                          rf"\(byte-level BPE\) and 'llama' \(SentencePiece BPE; not for gemma"):
         gguf_tokenizer.from_gguf(path)
     with pytest.raises(ValueError, match="not supported"):
-        checkpoints.load_tokenizer(path)
+        pretrained.load_tokenizer(path)
     assert [p.name for p in tmp_path.iterdir()] == ["other.gguf"]   # nothing half-built left behind
 
 

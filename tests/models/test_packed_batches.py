@@ -10,9 +10,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from ptune import methods, models, objectives, partition
+from ptune import methods, models, partition
 from ptune.data.packing import pack
 from ptune.models.layers import segment_positions, visible_mask
+from ptune.training import objectives
 
 MAX_LENGTH = 12
 LENGTHS = [6, 3, 9, 4, 2, 5]          # first-fit decreasing: 3 rows, two of them full

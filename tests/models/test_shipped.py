@@ -11,22 +11,22 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
 from ptune import assets  # noqa: E402
-from ptune.models import build, checkpoints  # noqa: E402
+from ptune.models import build, pretrained  # noqa: E402
 
 
 @functools.lru_cache
 def _smollm2():
     path = assets.ensure("smollm2")
-    cfg, params = checkpoints.load(path)
+    cfg, params = pretrained.load(path)
     reference = transformers.AutoModelForCausalLM.from_pretrained(
         str(path.parent), gguf_file=path.name, torch_dtype=torch.float32).eval()
-    return build(cfg), params, checkpoints.load_tokenizer(path), reference
+    return build(cfg), params, pretrained.load_tokenizer(path), reference
 
 
 def test_minilm_hidden_states_match_transformers():
     path = assets.ensure("minilm")
-    cfg, params = checkpoints.load(path)
-    tokenizer = checkpoints.load_tokenizer(path)
+    cfg, params = pretrained.load(path)
+    tokenizer = pretrained.load_tokenizer(path)
     texts = ["The movie was great.", "Worst purchase I have ever made, it broke in a day."]
     batch = tokenizer.tokenizer(texts, padding=True, return_tensors="np")
     reference = transformers.BertModel.from_pretrained(str(path)).eval()

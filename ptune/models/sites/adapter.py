@@ -10,6 +10,7 @@ from typing import Any
 import flax.linen as nn
 import jax.numpy as jnp
 
+from ptune.errors import UserError
 from ptune.models.ops import ACTIVATIONS, matmul, normal, param
 from ptune.models.sites.base import SiteKind, register
 
@@ -57,14 +58,14 @@ class AdapterKind(SiteKind):
         activations = {s.activation for s in present.values()}
         if len(activations) > 1:
             used = {task: s.activation for task, s in present.items()}
-            raise ValueError(f"tasks' adapters use different activations {used}; a bank's adapters share one "
-                             "activation: bank these tasks separately")
+            raise UserError(f"tasks' adapters use different activations {used}; a bank's adapters share one "
+                            "activation: bank these tasks separately")
         placement = "houlsby" if any(s.after_attention for s in present.values()) else "pfeiffer"
         return Adapter(max(s.size for s in present.values()), placement, activations.pop())
 
     def peft_export(self, spec, flat, ctx):
-        raise ValueError("the method has bottleneck adapters, which PEFT has no format for; export LoRA, IA3, "
-                         "prompt or prefix tuning")
+        raise UserError("the method has bottleneck adapters, which PEFT has no format for; export LoRA, IA3, "
+                        "prompt or prefix tuning")
 
 
 KIND = register(AdapterKind())

@@ -10,7 +10,7 @@ A *site kind* (LoRA, IA3, adapter, prefix, prompt, or one written outside the pa
   every layer's attention keys/values (`layer_kv`). It starts as the identity (or as extra
   context, for prompts and prefixes);
 * its inference form (`fold`) and its merge into the base weights (`merge`);
-* its HF PEFT format (`peft_type`, `peft_export`, `peft_load`; see `ptune.hf_peft`);
+* its HF PEFT format (`peft_type`, `peft_export`, `peft_load`; see `ptune.interop.hf_peft`);
 * how the adapter bank stacks it (`bank_spec`, `bank_leaf`, `paddable`);
 * how it is sharded (`sharding`).
 
@@ -31,11 +31,13 @@ from typing import Any, NamedTuple
 
 import jax.numpy as jnp
 
+from ptune.errors import UserError
+
 SHARDINGS = ("replicated", "logical")
 LINEAR_STAGES = ("product", "layer")
 
 
-class MissingHook(ValueError):
+class MissingHook(UserError):
     """A site kind was asked for something it does not implement (export, merge, bank, sharding)."""
 
 
@@ -53,8 +55,8 @@ def targets_regex(targets: str | Sequence[str]) -> str:
         try:
             re.compile(targets)
         except re.error as e:
-            raise ValueError(f"targets {targets!r} is not a valid regex ({e}); fix it, or give a list of module "
-                             "names such as ['c_attn']") from None
+            raise UserError(f"targets {targets!r} is not a valid regex ({e}); fix it, or give a list of module "
+                            "names such as ['c_attn']") from None
         return targets
     return r"(^|/)(" + "|".join(re.escape(t).replace(r"\.", "/") for t in targets) + r")$"
 
@@ -70,9 +72,9 @@ def one_length(name: str, specs: Mapping[str, Any]):
     padding its length would need a per-example position mask the models lack."""
     lengths = {task: (s.length if s else 0) for task, s in specs.items()}
     if len(set(lengths.values())) > 1:
-        raise ValueError(f"tasks need {name} lengths {lengths} (0: none); a bank holds one {name} length for all "
-                         "its tasks, since padding would need a per-example position mask the models lack: bank "
-                         "these tasks separately")
+        raise UserError(f"tasks need {name} lengths {lengths} (0: none); a bank holds one {name} length for all "
+                        "its tasks, since padding would need a per-example position mask the models lack: bank "
+                        "these tasks separately")
     return next(s for s in specs.values() if s is not None)
 
 
@@ -148,19 +150,19 @@ class SiteKind:
         path `path` -> the layer's leaves with this kind folded into kernel/bias and its own removed."""
         raise self.missing("how it merges into base weights", "merge")
 
-    # ---- the adapter bank (ptune.bank) -------------------------------------------------------------
+    # ---- the adapter bank (ptune.inference.bank) -------------------------------------------------------------
 
     def bank_spec(self, specs: Mapping[str, Any]) -> Any:
         """The spec the bank's model grows to hold every task's {task: spec or None (the task lacks it)};
-        a ValueError naming the tasks when they cannot share a bank."""
+        a UserError naming the tasks when they cannot share a bank."""
         raise self.missing("how the adapter bank stacks it", "bank_spec")
 
     def bank_leaf(self, spec, bank_spec, path: str, value):
         """A task's leaf as the bank stores it (before padding to the bank's shape: elementwise changes
-        only); a ValueError when the bank's spec would read it wrongly. Default: as is."""
+        only); a UserError when the bank's spec would read it wrongly. Default: as is."""
         return value
 
-    # ---- HF PEFT (ptune.hf_peft) ------------------------------------------------------------------
+    # ---- HF PEFT (ptune.interop.hf_peft) ------------------------------------------------------------------
 
     def peft_export(self, spec, flat: dict, ctx) -> tuple[dict, dict]:
         """(adapter_config.json entries, {PEFT key: array}) of the folded params `flat`."""
@@ -177,15 +179,15 @@ KINDS: dict[str, SiteKind] = {}
 def register(kind: SiteKind) -> SiteKind:
     """Add (or replace) a site kind, so that `Sites(**{kind.name: spec})` and every part of ptune use it."""
     if not (isinstance(kind, SiteKind) and kind.name.isidentifier()):
-        raise ValueError(f"register({kind!r}): give a SiteKind instance whose name is an identifier")
+        raise UserError(f"register({kind!r}): give a SiteKind instance whose name is an identifier")
     if not (isinstance(kind.leaves, str) and kind.leaves):
-        raise ValueError(f"site kind {kind.name!r}: set `leaves`, a regex matching the parameter paths it adds "
-                         "(e.g. r'/dora_m$'); without it they would pass for base weights")
+        raise UserError(f"site kind {kind.name!r}: set `leaves`, a regex matching the parameter paths it adds "
+                        "(e.g. r'/dora_m$'); without it they would pass for base weights")
     if kind.sharding not in (None, *SHARDINGS):
-        raise ValueError(f"site kind {kind.name!r}: sharding={kind.sharding!r}; choose one of {SHARDINGS} or None")
+        raise UserError(f"site kind {kind.name!r}: sharding={kind.sharding!r}; choose one of {SHARDINGS} or None")
     if kind.implements("linear") != (kind.wraps in LINEAR_STAGES):
-        raise ValueError(f"site kind {kind.name!r}: a kind that overrides `linear` sets wraps to one of "
-                         f"{LINEAR_STAGES} (and only such a kind); wraps={kind.wraps!r}")
+        raise UserError(f"site kind {kind.name!r}: a kind that overrides `linear` sets wraps to one of "
+                        f"{LINEAR_STAGES} (and only such a kind); wraps={kind.wraps!r}")
     KINDS[kind.name] = kind
     return kind
 
@@ -213,8 +215,8 @@ class Sites:
         merged = {**dict(specs), **by_kind}
         unknown = sorted(set(merged) - set(KINDS))
         if unknown:
-            raise ValueError(f"unknown site kind(s) {unknown}; registered kinds are {sorted(KINDS)} "
-                             "(register a new one with ptune.models.sites.register)")
+            raise UserError(f"unknown site kind(s) {unknown}; registered kinds are {sorted(KINDS)} "
+                            "(register a new one with ptune.models.sites.register)")
         object.__setattr__(self, "specs", tuple((n, merged[n]) for n in KINDS if merged.get(n) is not None))
 
     def __getattr__(self, name: str):
@@ -237,8 +239,8 @@ class Sites:
         mine, theirs = dict(self.specs), dict(other.specs)
         for name in mine.keys() & theirs.keys():
             if mine[name] != theirs[name]:
-                raise ValueError(f"composed methods ask for different {name} sites: {mine[name]} vs "
-                                 f"{theirs[name]}; give them one {name} spec")
+                raise UserError(f"composed methods ask for different {name} sites: {mine[name]} vs "
+                                f"{theirs[name]}; give them one {name} spec")
         return Sites(**theirs, **{n: s for n, s in mine.items() if n not in theirs})
 
     # ---- what the models call ---------------------------------------------------------------------

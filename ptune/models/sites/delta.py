@@ -15,6 +15,7 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 
+from ptune.errors import UserError
 from ptune.models.ops import matmul
 from ptune.models.sites.base import SiteKind, union_regex
 
@@ -58,9 +59,9 @@ class DeltaKind(SiteKind, abc.ABC):
 
     def peft_export(self, spec, flat: dict, ctx):
         if ctx.config.family == "gpt2" and not self.on_conv1d:
-            raise ValueError(f"PEFT's {self.peft_type} wraps torch nn.Linear layers only, and GPT-2's are transformers "
-                             f"Conv1D layers: export {self.name} adapters of llama or bert models, or train LoRA or "
-                             "VeRA on GPT-2")
+            raise UserError(f"PEFT's {self.peft_type} wraps torch nn.Linear layers only, and GPT-2's are transformers "
+                            f"Conv1D layers: export {self.name} adapters of llama or bert models, or train LoRA or "
+                            "VeRA on GPT-2")
         names = {n: n for n in self.peft_names}
         tensors = {ctx.peft_key(p, names): np.asarray(x).T for p, x in flat.items()
                    if self.owns(p) and p.rpartition("/")[2] in names}
@@ -82,7 +83,7 @@ def shared_bank_spec(name: str, specs: Mapping, same: Sequence[str], **fixed):
     for field in same:
         values = {task: getattr(s, field) for task, s in present.items()}
         if len(set(values.values())) > 1:
-            raise ValueError(f"tasks' {name} sites have different {field} {values}; a bank holds one {field} for "
-                             f"all its {name} tasks: bank these tasks separately")
+            raise UserError(f"tasks' {name} sites have different {field} {values}; a bank holds one {field} for "
+                            f"all its {name} tasks: bank these tasks separately")
     first = next(iter(present.values()))
     return dataclasses.replace(first, targets=union_regex([s.targets for s in present.values()]), **fixed)

@@ -9,6 +9,7 @@ import re
 import flax.linen as nn
 import numpy as np
 
+from ptune.errors import UserError
 from ptune.models.ops import param
 from ptune.models.sites.base import SiteKind, register, union_regex
 
@@ -57,8 +58,8 @@ class IA3Kind(SiteKind):
         layer = path.removesuffix("/ia3")
         if spec.on_input(layer) != bank_spec.on_input(layer):
             side = "input" if spec.on_input(layer) else "output"
-            raise ValueError(f"IA3 on {layer} scales the layer's {side}, another task in the bank the other side; "
-                             "they cannot share a bank")
+            raise UserError(f"IA3 on {layer} scales the layer's {side}, another task in the bank the other side; "
+                            "they cannot share a bank")
         return value
 
     def peft_export(self, spec: IA3, flat: dict, ctx):
@@ -73,7 +74,7 @@ class IA3Kind(SiteKind):
         origin, on_input = {}, []
         for path, (key, x) in ctx.layer_leaves(self.name, tensors, {"ia3_l": "ia3"}).items():
             if x.ndim != 2 or 1 not in x.shape:
-                raise ValueError(f"{ctx.weights}: {key!r} has shape {x.shape}; PEFT IA3 scales are (n, 1) or (1, n)")
+                raise UserError(f"{ctx.weights}: {key!r} has shape {x.shape}; PEFT IA3 scales are (n, 1) or (1, n)")
             on_input += [path.removesuffix("/ia3")] if x.shape[0] == 1 else []
             origin[path] = key, x.reshape(-1)
         targeted = sorted({p.removesuffix("/ia3") for p in origin})

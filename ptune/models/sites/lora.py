@@ -21,6 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from ptune import partition
+from ptune.errors import UserError
 from ptune.models.ops import matmul, param
 from ptune.models.sites.base import KINDS, SiteKind, register, union_regex
 
@@ -109,8 +110,8 @@ class LoRAKind(SiteKind):
         present = [s for s in specs.values() if s is not None]
         unfolded = [task for task, s in specs.items() if s is not None and s.from_base]
         if unfolded:
-            raise ValueError(f"task {unfolded[0]!r}: its {self.name} is in training form (init from the base); "
-                             "give the folded form (TaskAdapter.from_trained folds it, or use method.folded)")
+            raise UserError(f"task {unfolded[0]!r}: its {self.name} is in training form (init from the base); "
+                            "give the folded form (TaskAdapter.from_trained folds it, or use method.folded)")
         rank = max(s.rank for s in present)
         return LoRA(rank, float(rank), union_regex([s.targets for s in present]))
 

@@ -13,6 +13,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 import numpy as np
 
+from ptune.errors import UserError
 from ptune.models.ops import normal, param
 from ptune.models.sites.base import SiteKind, one_length, register
 
@@ -77,8 +78,8 @@ class PrefixKind(SiteKind):
         spec = one_length(self.name, specs)
         unfolded = [task for task, s in specs.items() if s is not None and s.hidden is not None]
         if unfolded:
-            raise ValueError(f"task {unfolded[0]!r}: its prefix is in training form (MLP); give the folded form "
-                             "(TaskAdapter.from_trained folds it, or use method.folded)")
+            raise UserError(f"task {unfolded[0]!r}: its prefix is in training form (MLP); give the folded form "
+                            "(TaskAdapter.from_trained folds it, or use method.folded)")
         return spec
 
     def peft_export(self, spec: Prefix, flat: dict, ctx):
@@ -102,13 +103,13 @@ class PrefixKind(SiteKind):
 
 def _refuse_bert(config, where=None):
     """PEFT applies prefixes through past_key_values, which transformers' BERT does not take."""
-    if config.family != "bert":
+    if config.causal:
         return
     if where is None:
-        raise ValueError("PEFT applies prefix tuning through past_key_values, which transformers' BERT models do "
-                         "not accept, so no PEFT model can load a BERT prefix; use prompt tuning or LoRA for BERT")
-    raise ValueError(f"{where}: a PEFT prefix-tuning adapter for BERT cannot exist (transformers' BERT takes no "
-                     "past_key_values); this adapter does not belong to a BERT model")
+        raise UserError("PEFT applies prefix tuning through past_key_values, which transformers' BERT models do "
+                        "not accept, so no PEFT model can load a BERT prefix; use prompt tuning or LoRA for BERT")
+    raise UserError(f"{where}: a PEFT prefix-tuning adapter for BERT cannot exist (transformers' BERT takes no "
+                    "past_key_values); this adapter does not belong to a BERT model")
 
 
 KIND = register(PrefixKind())

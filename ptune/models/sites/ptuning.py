@@ -20,6 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ptune.errors import UserError
 from ptune.models.ops import normal, param
 from ptune.models.sites.base import one_length, register
 from ptune.models.sites.prompt import PromptKind, SoftPrompt
@@ -114,8 +115,8 @@ class PTuningKind(PromptKind):
         """One length for every task (see `one_length`), in the folded form."""
         unfolded = [task for task, s in specs.items() if s is not None and not s.folded]
         if unfolded:
-            raise ValueError(f"task {unfolded[0]!r}: its P-tuning prompt is in training form (an encoder); give "
-                             "the folded form (TaskAdapter.from_trained folds it, or use method.folded)")
+            raise UserError(f"task {unfolded[0]!r}: its P-tuning prompt is in training form (an encoder); give "
+                            "the folded form (TaskAdapter.from_trained folds it, or use method.folded)")
         return one_length(self.name, specs)
 
     def peft_export(self, spec: PTuning, flat: dict, ctx):

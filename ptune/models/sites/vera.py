@@ -22,6 +22,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 import numpy as np
 
+from ptune.errors import UserError
 from ptune.models.ops import matmul, param
 from ptune.models.sites import lora
 from ptune.models.sites.base import register, targets_regex
@@ -64,15 +65,15 @@ def projection_shape(config, targets: str) -> tuple[int, int]:
     shapes = [x.shape for p, x in _kernels(config).items() if re.search(targets, p.removesuffix("/kernel"))]
     if not shapes:
         layers = sorted({re.sub(r"_[0-9]+/", "_N/", p.removesuffix("/kernel")) for p in _kernels(config)})
-        raise ValueError(f"method vera: targets {targets!r} match no layer of this {config.family} model; linear "
-                         f"layers are e.g. {layers[:8]}")
+        raise UserError(f"method vera: targets {targets!r} match no layer of this {config.family} model; linear "
+                        f"layers are e.g. {layers[:8]}")
     return max(s[0] for s in shapes), max(s[1] for s in shapes)
 
 
 @functools.cache
 def _kernels(config) -> dict:
     """{path: abstract kernel} of a `config` model's linear layers."""
-    from ptune import models, partition   # the models import the site kinds
+    from ptune import models, partition  # the models import the site kinds
     params = nn.unbox(models.abstract_params(models.build(config)))
     return {p: x for p, x in partition.flatten(params).items() if p.endswith("/kernel") and x.ndim == 2}
 
@@ -127,9 +128,9 @@ class VeRAKind(DeltaKind):
         drawn = dict(zip(PEFT_PROJECTIONS.values(), projections(seed, options["rank"], shape)))
         for key, x in saved.items():
             if x.shape != drawn[key].shape or not np.array_equal(x, drawn[key].astype(x.dtype)):
-                raise ValueError(f"{ctx.weights}: {key!r} {x.shape} is not the projection PEFT draws from "
-                                 f"projection_prng_key={seed} for these layers {drawn[key].shape}; ptune redraws "
-                                 "VeRA's projections from the key, so it loads adapters whose projections PEFT drew")
+                raise UserError(f"{ctx.weights}: {key!r} {x.shape} is not the projection PEFT draws from "
+                                f"projection_prng_key={seed} for these layers {drawn[key].shape}; ptune redraws "
+                                "VeRA's projections from the key, so it loads adapters whose projections PEFT drew")
         return name, options, origin
 
     def bank_spec(self, specs):

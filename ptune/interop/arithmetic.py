@@ -2,7 +2,8 @@
 combines them (tests/test_arithmetic.py holds the result to PEFT's within 1e-5).
 
     import ptune
-    from ptune import arithmetic, methods
+    from ptune import methods
+    from ptune.interop import arithmetic
     runs = [ptune.load_adapter(w) for w in ("workdirs/sentiment", "workdirs/style")]   # LoRA runs, one base
     mixed = arithmetic.combine([arithmetic.LoraAdapter.of(run.method, run.trainable) for run in runs],
                                weights=[0.7, 0.3], combination_type="ties", density=0.5)
@@ -40,6 +41,7 @@ from typing import Any
 import numpy as np
 
 from ptune import partition
+from ptune.errors import UserError
 
 FACTOR_WISE = ("linear", "ties", "dare_linear", "dare_ties", "magnitude_prune")
 SVD_BASED = ("svd", "ties_svd", "dare_linear_svd", "dare_ties_svd", "magnitude_prune_svd")
@@ -59,11 +61,11 @@ class LoraAdapter:
 
     def __post_init__(self):
         if not self.alpha > 0:
-            raise ValueError(f"LoraAdapter: alpha={self.alpha!r} must be > 0 (the lora method's alpha)")
+            raise UserError(f"LoraAdapter: alpha={self.alpha!r} must be > 0 (the lora method's alpha)")
         ranks = {a.shape[1] for a, _ in _factors(self.params).values()}
         if len(ranks) != 1:
-            raise ValueError(f"LoraAdapter: its modules have ranks {sorted(ranks)}; one adapter has one rank "
-                             "(ptune's lora method gives every target the same)")
+            raise UserError(f"LoraAdapter: its modules have ranks {sorted(ranks)}; one adapter has one rank "
+                            "(ptune's lora method gives every target the same)")
 
     @classmethod
     def of(cls, method, trainable) -> LoraAdapter:
@@ -71,11 +73,11 @@ class LoraAdapter:
         and `Tuner.trainable`, or what `hf_peft.load` returns."""
         lora = method.sites.lora
         if lora is None:
-            raise ValueError(f"method {method.name!r} has no LoRA sites; adapter arithmetic combines LoRA adapters")
+            raise UserError(f"method {method.name!r} has no LoRA sites; adapter arithmetic combines LoRA adapters")
         adapter = cls(trainable, lora.alpha, lora.rslora)
         if adapter.rank != lora.rank:
-            raise ValueError(f"the trainable subtree has rank {adapter.rank} but method {method.name!r} has rank "
-                             f"{lora.rank}; pass the trainable subtree of that method's run")
+            raise UserError(f"the trainable subtree has rank {adapter.rank} but method {method.name!r} has rank "
+                            f"{lora.rank}; pass the trainable subtree of that method's run")
         return adapter
 
     @property
@@ -136,15 +138,15 @@ def _factors(params) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     other = [path for path in flat if path.rpartition("/")[2] not in LEAVES]
     if other or not flat:
         found = f"the leaf {other[0]!r}, which is not" if other else "no leaves, and needs"
-        raise ValueError(f"a LoRA adapter holds lora_a/lora_b leaves only; it has {found} one: pass only the LoRA "
-                         "leaves (PEFT's add_weighted_adapter does not combine task heads or other sites either)")
+        raise UserError(f"a LoRA adapter holds lora_a/lora_b leaves only; it has {found} one: pass only the LoRA "
+                        "leaves (PEFT's add_weighted_adapter does not combine task heads or other sites either)")
     factors = {}
     for module in sorted({path.rpartition("/")[0] for path in flat}):
         a, b = flat.get(f"{module}/lora_a"), flat.get(f"{module}/lora_b")
         if a is None or b is None or a.ndim != 2 or b.ndim != 2 or a.shape[1] != b.shape[0]:
             shapes = {leaf: getattr(flat.get(f"{module}/{leaf}"), "shape", "missing") for leaf in LEAVES}
-            raise ValueError(f"LoRA module {module!r} has lora_a {shapes['lora_a']} and lora_b {shapes['lora_b']}; "
-                             "it needs both, (in, r) and (r, out): pass the adapter's trainable subtree unchanged")
+            raise UserError(f"LoRA module {module!r} has lora_a {shapes['lora_a']} and lora_b {shapes['lora_b']}; "
+                            "it needs both, (in, r) and (r, out): pass the adapter's trainable subtree unchanged")
         factors[module] = a, b
     return factors
 
@@ -152,27 +154,27 @@ def _factors(params) -> dict[str, tuple[np.ndarray, np.ndarray]]:
 def _check(adapters, weights, combination_type, svd_rank, svd_clamp, density, majority_sign_method) -> str:
     """The combination type that applies (PEFT combines a single adapter `linear`); raises on bad input."""
     if not adapters or not all(isinstance(adapter, LoraAdapter) for adapter in adapters):
-        raise ValueError("combine: adapters must be a non-empty list of LoraAdapter (make each with "
-                         "LoraAdapter.of(method, trainable) or LoraAdapter(params, alpha))")
+        raise UserError("combine: adapters must be a non-empty list of LoraAdapter (make each with "
+                        "LoraAdapter.of(method, trainable) or LoraAdapter(params, alpha))")
     if len(weights) != len(adapters) or not all(math.isfinite(w) for w in weights):
-        raise ValueError(f"combine: weights={list(weights)!r} must be {len(adapters)} finite numbers, one per adapter")
+        raise UserError(f"combine: weights={list(weights)!r} must be {len(adapters)} finite numbers, one per adapter")
     if combination_type not in COMBINATION_TYPES:
-        raise ValueError(f"combine: combination_type={combination_type!r}; choose one of {COMBINATION_TYPES}")
+        raise UserError(f"combine: combination_type={combination_type!r}; choose one of {COMBINATION_TYPES}")
     if majority_sign_method not in SIGN_METHODS:
-        raise ValueError(f"combine: majority_sign_method={majority_sign_method!r}; choose one of {SIGN_METHODS}")
+        raise UserError(f"combine: majority_sign_method={majority_sign_method!r}; choose one of {SIGN_METHODS}")
     kind = "linear" if len(adapters) == 1 else combination_type
     prunes = kind.startswith(("ties", "dare", "magnitude"))
     if (prunes or density is not None) and not (isinstance(density, (int, float)) and 0 < density <= 1):
-        raise ValueError(f"combine: density={density!r}; {kind!r} needs the fraction of entries to keep, in (0, 1]"
-                         if prunes else f"combine: density={density!r} must be in (0, 1]")
+        raise UserError(f"combine: density={density!r}; {kind!r} needs the fraction of entries to keep, in (0, 1]"
+                        if prunes else f"combine: density={density!r} must be in (0, 1]")
     ranks = [adapter.rank for adapter in adapters]
     if kind in FACTOR_WISE and len(set(ranks)) > 1:
-        raise ValueError(f"combine: {kind!r} merges the A and B factors entry by entry, so the adapters need one "
-                         f"rank, and theirs are {ranks}; use 'cat' or an SVD-based type ('svd', 'ties_svd'...)")
+        raise UserError(f"combine: {kind!r} merges the A and B factors entry by entry, so the adapters need one "
+                        f"rank, and theirs are {ranks}; use 'cat' or an SVD-based type ('svd', 'ties_svd'...)")
     if svd_rank is not None and (isinstance(svd_rank, bool) or not isinstance(svd_rank, int) or svd_rank < 1):
-        raise ValueError(f"combine: svd_rank={svd_rank!r} must be a positive integer (or None: the largest rank)")
+        raise UserError(f"combine: svd_rank={svd_rank!r} must be a positive integer (or None: the largest rank)")
     if svd_clamp is not None and not 0 <= svd_clamp <= 1:
-        raise ValueError(f"combine: svd_clamp={svd_clamp!r} is a quantile, in [0, 1] (or None: no clamping)")
+        raise UserError(f"combine: svd_clamp={svd_clamp!r} is a quantile, in [0, 1] (or None: no clamping)")
     return kind
 
 
@@ -183,9 +185,9 @@ def _check_shapes(factors: list[dict]):
         for module, (a, b) in adapter.items():
             first, shape = seen.setdefault(module, (i, (a.shape[0], b.shape[1])))
             if shape != (a.shape[0], b.shape[1]):
-                raise ValueError(f"combine: at {module!r} adapter {first} maps {shape[0]} -> {shape[1]} features and "
-                                 f"adapter {i} {a.shape[0]} -> {b.shape[1]}: they were trained on different base "
-                                 "models; combine adapters of one base model")
+                raise UserError(f"combine: at {module!r} adapter {first} maps {shape[0]} -> {shape[1]} features and "
+                                f"adapter {i} {a.shape[0]} -> {b.shape[1]}: they were trained on different base "
+                                "models; combine adapters of one base model")
 
 
 def _concatenate(present, rank: int) -> tuple[np.ndarray, np.ndarray]:
@@ -202,8 +204,8 @@ def _truncated_svd(delta: np.ndarray, rank: int, clamp: float | None, module: st
     the singular values on B as PEFT puts them, both clamped to [-q, q] for q the `clamp` quantile of
     their entries."""
     if rank > min(delta.shape):
-        raise ValueError(f"combine: svd_rank={rank} exceeds the smaller side of {module!r}'s {delta.shape} update; "
-                         f"choose svd_rank <= {min(delta.shape)}")
+        raise UserError(f"combine: svd_rank={rank} exceeds the smaller side of {module!r}'s {delta.shape} update; "
+                        f"choose svd_rank <= {min(delta.shape)}")
     u, singular, vh = np.linalg.svd(delta, full_matrices=False)
     a, b = u[:, :rank], singular[:rank, None] * vh[:rank]
     # LAPACK builds choose the singular vectors' signs differently (numpy's OpenBLAS and torch's MKL

@@ -34,6 +34,7 @@ import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers as policies
 
 from ptune import atomic, partition, sharding
+from ptune.errors import UserError
 
 DIRECTORY = "checkpoints"
 FORMAT = 1
@@ -47,11 +48,11 @@ def check_options(config, objective: str) -> None:
     """Value errors in `config.checkpoint`, found before a run writes anything."""
     c = config.checkpoint   # its integers are range-checked by config.check
     if c.best_mode not in ("min", "max"):
-        raise ValueError(f"config.checkpoint.best_mode={c.best_mode!r}; choose 'min' or 'max'")
+        raise UserError(f"config.checkpoint.best_mode={c.best_mode!r}; choose 'min' or 'max'")
     metrics = ("loss", "perplexity") if objective == "lm" else ("loss", "accuracy")
     if (c.keep_best or config.train.patience) and c.best_metric not in metrics:
-        raise ValueError(f"config.checkpoint.best_metric={c.best_metric!r} is not an eval metric of the "
-                         f"{objective} objective; choose one of {metrics}")
+        raise UserError(f"config.checkpoint.best_metric={c.best_metric!r} is not an eval metric of the "
+                        f"{objective} objective; choose one of {metrics}")
 
 
 
@@ -177,13 +178,13 @@ def _read_record(manager, step: int, directory: str) -> dict:
     return record
 
 
-def _damaged(directory: str, step: int, manager, why) -> ValueError:
+def _damaged(directory: str, step: int, manager, why) -> UserError:
     """The error for an unreadable step; the fix names the step to fall back to."""
     older = [s for s in manager.all_steps() if s < step]
     where = f"{directory}/{step}"
     fix = f"delete {where} to resume from step {older[-1]}" if older else f"delete {where} to start over"
     why = f"{type(why).__name__}: {why}" if isinstance(why, Exception) else why
-    return ValueError(f"checkpoint {where} is damaged ({str(why)[:300]}); {fix}, or use a fresh --workdir")
+    return UserError(f"checkpoint {where} is damaged ({str(why)[:300]}); {fix}, or use a fresh --workdir")
 
 
 def _compare(kind: str, saved: dict[str, str], expected: dict[str, str], where: str):
@@ -191,15 +192,15 @@ def _compare(kind: str, saved: dict[str, str], expected: dict[str, str], where: 
     fix = "use the config the checkpoint was written with, or a fresh --workdir"
     for path in expected:
         if path not in saved:
-            raise ValueError(f"checkpoint {where} has no {kind} {path!r} ({expected[path]}) that this run "
-                             f"trains; {fix}")
+            raise UserError(f"checkpoint {where} has no {kind} {path!r} ({expected[path]}) that this run "
+                            f"trains; {fix}")
         if saved[path] != expected[path]:
-            raise ValueError(f"{kind} {path!r} is {saved[path]} in checkpoint {where} but {expected[path]} "
-                             f"in this run; {fix}")
+            raise UserError(f"{kind} {path!r} is {saved[path]} in checkpoint {where} but {expected[path]} "
+                            f"in this run; {fix}")
     extra = [p for p in saved if p not in expected]
     if extra:
-        raise ValueError(f"checkpoint {where} has {kind} {extra[0]!r} ({saved[extra[0]]}) that this run "
-                         f"does not train ({len(extra)} such); {fix}")
+        raise UserError(f"checkpoint {where} has {kind} {extra[0]!r} ({saved[extra[0]]}) that this run "
+                        f"does not train ({len(extra)} such); {fix}")
 
 
 class Checkpoints:
@@ -243,12 +244,12 @@ class Checkpoints:
         where = f"{self.directory}/{step}"
         record = _read_record(self.manager, step, self.directory)
         if step > self.run.config.train.steps:
-            raise ValueError(f"checkpoint {where} is past config.train.steps={self.run.config.train.steps}; set "
-                             f"train.steps >= {step} to continue it, or use a fresh --workdir")
+            raise UserError(f"checkpoint {where} is past config.train.steps={self.run.config.train.steps}; set "
+                            f"train.steps >= {step} to continue it, or use a fresh --workdir")
         if record["method"] != self.run.method.name:
-            raise ValueError(f"checkpoint {where} was written by method {record['method']!r} but this run uses "
-                             f"{self.run.method.name!r}; set config.method.name={record['method']!r} or use a "
-                             f"fresh --workdir")
+            raise UserError(f"checkpoint {where} was written by method {record['method']!r} but this run uses "
+                            f"{self.run.method.name!r}; set config.method.name={record['method']!r} or use a "
+                            f"fresh --workdir")
         for kind in ("trainable", "opt_state"):
             _compare(kind, record["shapes"][kind], self.expected[kind], where)
         check_base(record["base"], self.base, where, self.options.allow_base_mismatch)
@@ -261,12 +262,12 @@ class Checkpoints:
         now = data_position(self.run.data["train"], self.run.config, step)
         for key, value in record["data"].items():
             if now[key] != value:
-                raise ValueError(f"checkpoint {where} was written with data {key}={value!r} but this run has "
-                                 f"{now[key]!r}, so the batches after step {step} would differ; restore the "
-                                 "seed, batch size and task data, or use a fresh --workdir")
+                raise UserError(f"checkpoint {where} was written with data {key}={value!r} but this run has "
+                                f"{now[key]!r}, so the batches after step {step} would differ; restore the "
+                                "seed, batch size and task data, or use a fresh --workdir")
         if record["rng"]["dropout_key"] != self.dropout_key:
-            raise ValueError(f"checkpoint {where} has dropout key {record['rng']['dropout_key']} but this run "
-                             f"derives {self.dropout_key} (config.seed changed?); use a fresh --workdir")
+            raise UserError(f"checkpoint {where} has dropout key {record['rng']['dropout_key']} but this run "
+                            f"derives {self.dropout_key} (config.seed changed?); use a fresh --workdir")
 
     def resume(self, trainable, opt_state, where=None):
         """(start step, trainable, opt_state): the restored state, laid out by `where` (a
@@ -350,10 +351,10 @@ def check_base(recorded: dict, current: dict, where: str, allow_mismatch: bool =
     if recorded["sha256"] == current["sha256"]:
         return
     if not allow_mismatch:
-        raise ValueError(f"the frozen base differs from the one checkpoint {where} was trained on "
-                         f"(sha256 {recorded['sha256'][:12]}… of {_describe(recorded)}, now "
-                         f"{current['sha256'][:12]}… of {_describe(current)}); load the same base, or set "
-                         "config.checkpoint.allow_base_mismatch=True to resume anyway")
+        raise UserError(f"the frozen base differs from the one checkpoint {where} was trained on "
+                        f"(sha256 {recorded['sha256'][:12]}… of {_describe(recorded)}, now "
+                        f"{current['sha256'][:12]}… of {_describe(current)}); load the same base, or set "
+                        "config.checkpoint.allow_base_mismatch=True to resume anyway")
     print(f"warning: the frozen base differs from the one checkpoint {where} was trained on "
           "(allowed by config.checkpoint.allow_base_mismatch)", flush=True)
 
@@ -387,7 +388,7 @@ def load_adapter(workdir: str, which: str | int = "latest"):
     base identity and hash, and the step."""
     directory = os.path.join(workdir, DIRECTORY)
     if not os.path.isdir(directory):
-        raise ValueError(f"{workdir!r} has no checkpoints (no {DIRECTORY}/ directory); train there first")
+        raise UserError(f"{workdir!r} has no checkpoints (no {DIRECTORY}/ directory); train there first")
     read_only = ocp.CheckpointManagerOptions(read_only=True, create=False, save_interval_steps=0)
     # Orbax logs "Given directory is read only" as a WARNING whenever a read_only manager opens, though
     # nothing is wrong: read_only is what serving asks for (it guarantees loading never writes, even
@@ -401,20 +402,20 @@ def load_adapter(workdir: str, which: str | int = "latest"):
         absl_logging.get_absl_logger().removeFilter(quiet)
     steps = manager.all_steps()
     if not steps:
-        raise ValueError(f"{directory!r} holds no complete checkpoint; train there first")
+        raise UserError(f"{directory!r} holds no complete checkpoint; train there first")
     if which == "best":
         options = _read_record(manager, steps[-1], directory)["config"]["checkpoint"]
         ranked = {s: m[options["best_metric"]] for s in steps if (m := manager.metrics(s))}
         if not ranked:
-            raise ValueError(f"no checkpoint in {directory!r} has eval metrics (trained with "
-                             "checkpoint.keep_best=0); use which='latest' or a step")
+            raise UserError(f"no checkpoint in {directory!r} has eval metrics (trained with "
+                            "checkpoint.keep_best=0); use which='latest' or a step")
         step = (min if options["best_mode"] == "min" else max)(ranked, key=ranked.get)
     elif which == "latest":
         step = steps[-1]
     elif which in steps:
         step = which
     else:
-        raise ValueError(f"which={which!r}: choose 'latest', 'best' or one of the saved steps {list(steps)}")
+        raise UserError(f"which={which!r}: choose 'latest', 'best' or one of the saved steps {list(steps)}")
     record = _read_record(manager, step, directory)
     trainable = _verified(manager, directory, step, "trainable", record)
     manager.close()

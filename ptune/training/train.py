@@ -15,16 +15,18 @@ import time
 
 import jax
 
-from ptune import builder, checkpoint, compute, objectives, partition, sharding, stopping
-from ptune import workdir as workdir_lib
-from ptune.builder import Run
-from ptune.compute import Layout
+from ptune import partition, sharding
+from ptune.errors import UserError
+from ptune.training import builder, checkpoint, compute, objectives, stopping
+from ptune.training import workdir as workdir_lib
+from ptune.training.builder import Run
+from ptune.training.compute import Layout
 
 
 def train_and_evaluate(config, workdir: str) -> dict:
     """Train `config` in `workdir`, resuming from its newest checkpoint if it has one; returns the
     final metrics (also in final_metrics.json). The run owns the workdir while it runs (a second
-    run on it is refused, see ptune.workdir); a finished run's workdir is left as it is, unless
+    run on it is refused, see ptune.training.workdir); a finished run's workdir is left as it is, unless
     more steps are asked for, which resume from its last checkpoint."""
     run = builder.setup(config)
     workdir_lib.prepare(workdir, checkpoint.space_needed(run))
@@ -44,8 +46,8 @@ def train_and_evaluate(config, workdir: str) -> dict:
             return done
         start_step = checkpoints.start_step if checkpoints and checkpoints.manager else 0
         if done is not None and not start_step:
-            raise ValueError(f"{workdir} holds a finished run of {done['steps']} steps but no checkpoint to train "
-                             "further from (config.checkpoint.every_steps=0); choose another --workdir")
+            raise UserError(f"{workdir} holds a finished run of {done['steps']} steps but no checkpoint to train "
+                            "further from (config.checkpoint.every_steps=0); choose another --workdir")
         # Records a killed run logged past its checkpoint (all, when it starts afresh) go before the
         # writer opens metrics.jsonl: the file is replaced, and records written to the old one would be lost.
         checkpoint.truncate_metrics(workdir, start_step if start_step else -1)
@@ -167,9 +169,9 @@ def check_finite(pending: list, mode: str, checkpoints: checkpoint.Checkpoints |
         return
     kept = f"checkpoint step {checkpoints.manager.latest_step()} is kept" if checkpoints and \
         checkpoints.manager and checkpoints.manager.latest_step() else "no checkpoint was written"
-    raise ValueError(f"training step {bad + 1}: the loss or gradients are not finite, so the step was not applied "
-                     f"and the run stopped ({kept}); lower config.optim.learning_rate or set config.optim.clip_norm, "
-                     "or set config.train.nonfinite='skip' to leave such steps out")
+    raise UserError(f"training step {bad + 1}: the loss or gradients are not finite, so the step was not applied "
+                    f"and the run stopped ({kept}); lower config.optim.learning_rate or set config.optim.clip_norm, "
+                    "or set config.train.nonfinite='skip' to leave such steps out")
 
 
 def _train(run: Run, trainable, frozen, where: Layout, eval_step, writer: workdir_lib.MetricWriter, final: dict,
@@ -177,7 +179,7 @@ def _train(run: Run, trainable, frozen, where: Layout, eval_step, writer: workdi
     """Steps from the newest checkpoint (or 0) to train.steps, evaluating every `eval_every` steps and
     after the last, saving when due; returns the last evaluation's metrics and the trained subtree
     (with train.patience: the best evaluation's, and training stops when patience runs out, see
-    ptune.stopping). A non-finite step stops the run before anything later is saved
+    ptune.training.stopping). A non-finite step stops the run before anything later is saved
     (config.train.nonfinite='stop') or is skipped and counted in the train records' `skipped_steps`
     ('skip'); `stop_requested()` (the number of a signal, see stop_on_signals) saves the step reached
     and raises `Preempted`."""

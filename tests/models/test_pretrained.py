@@ -9,9 +9,10 @@ import pytest
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
-from ptune import assets, builder  # noqa: E402
+from ptune import assets  # noqa: E402
 from ptune.config import base_config, with_method  # noqa: E402
-from ptune.models import build, checkpoints  # noqa: E402
+from ptune.models import build, pretrained  # noqa: E402
+from ptune.training import builder  # noqa: E402
 
 
 @pytest.fixture
@@ -27,7 +28,7 @@ def tiny_bert_dir(tmp_path):
 
 
 def test_hf_directory_loads_and_matches(tiny_bert_dir):
-    cfg, params = checkpoints.load(tiny_bert_dir)
+    cfg, params = pretrained.load(tiny_bert_dir)
     ids = np.array([[101, 2023, 2003, 102]])
     expected = transformers.BertModel.from_pretrained(tiny_bert_dir).eval()(torch.tensor(ids)).last_hidden_state
     got = build(cfg).apply({"params": params}, ids, output="hidden")
@@ -38,20 +39,20 @@ def test_unknown_architecture(tiny_bert_dir):
     config = json.loads((tiny_bert_dir / "config.json").read_text())
     (tiny_bert_dir / "config.json").write_text(json.dumps({**config, "model_type": "t5"}))
     with pytest.raises(ValueError, match=r"unknown architecture model_type='t5'"):
-        checkpoints.load(tiny_bert_dir)
+        pretrained.load(tiny_bert_dir)
 
 
 def test_truncated_safetensors(tiny_bert_dir):
     weights = tiny_bert_dir / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[:1000])
     with pytest.raises(ValueError, match="not a readable safetensors file"):
-        checkpoints.load(tiny_bert_dir)
+        pretrained.load(tiny_bert_dir)
 
 
 def test_pickle_only_directory_is_refused(tiny_bert_dir):
     (tiny_bert_dir / "model.safetensors").rename(tiny_bert_dir / "pytorch_model.bin")
     with pytest.raises(ValueError, match="no \\*.safetensors weights"):
-        checkpoints.load(tiny_bert_dir)
+        pretrained.load(tiny_bert_dir)
 
 
 def test_tokenizer_that_does_not_fit_the_vocabulary(tiny_bert_dir):

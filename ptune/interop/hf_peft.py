@@ -39,16 +39,17 @@ import flax.linen as nn
 import numpy as np
 
 from ptune import assets, methods, models, partition
+from ptune.errors import UserError
 from ptune.methods import head, ln_tuning
-from ptune.models import checkpoints, hf
-from ptune.models.config import ModelConfig
+from ptune.models import hf, pretrained
+from ptune.models.model_config import HEAD_NAMES, ModelConfig
 from ptune.models.sites import KINDS, LINEAR_STAGES, SiteKind, Sites
 
 ADAPTER_CONFIG, ADAPTER_WEIGHTS = "adapter_config.json", "adapter_model.safetensors"
 # PEFT's prompt-learning types keep one `prompt_embeddings` table; its tuners keep per-module keys.
 PROMPT_LEARNING = ("PROMPT_TUNING", "PREFIX_TUNING", "P_TUNING")
 HEAD = re.compile(head.HEAD)
-HEAD_KEY = re.compile(r"(classifier|score)\.(weight|bias)")   # a head in modules_to_save, not a LoRA on it
+HEAD_KEY = re.compile(rf"({'|'.join(HEAD_NAMES)})\.(weight|bias)")   # a head in modules_to_save, not a LoRA on it
 # PEFT prefixes every key with the path of the transformers model inside its PeftModel.
 TUNER_PREFIX, PROMPT_PREFIX = "base_model.model.", "base_model."
 # adapter_config.json keys ptune reads or that do not change the loaded model (bookkeeping, init
@@ -82,8 +83,8 @@ def export(out_dir, params, method: methods.Method, model_config: ModelConfig, b
     else:
         kind = _one_peft_kind(method.name, sites)
         if base:
-            raise ValueError(f"method {method.name!r} trains base weights (e.g. {base[0]}), which a PEFT adapter "
-                             "cannot hold; write the whole model with save_pretrained_merged instead")
+            raise UserError(f"method {method.name!r} trains base weights (e.g. {base[0]}), which a PEFT adapter "
+                            "cannot hold; write the whole model with save_pretrained_merged instead")
         spec = getattr(sites, kind.name)
     flat = partition.flatten(params)
     task_type = "SEQ_CLS" if cfg.num_labels else "CAUSAL_LM" if cfg.causal else "FEATURE_EXTRACTION"
@@ -102,22 +103,22 @@ def export(out_dir, params, method: methods.Method, model_config: ModelConfig, b
 
 
 def export_workdir(workdir, out_dir, which: str | int = "latest", merge: bool = False, base=None):
-    """A trained run's adapter checkpoint (`ptune.checkpoint`) as a PEFT adapter directory, or with
+    """A trained run's adapter checkpoint (`ptune.training.checkpoint`) as a PEFT adapter directory, or with
     `merge` as a transformers checkpoint with LoRA/IA3 merged in (plus the run's tokenizer files).
     The frozen base is rebuilt from the run's config, as training built it. The adapter's
     `base_model_name_or_path` is `base` (an HF directory, written as given), else `base_dir` of the
     run's checkpoint; a random-init preset has no loadable base, so its name is written and
     `how_to_load` says so (refusing would also refuse ptune's own `load` of the adapter).
     Returns the directory path."""
-    from ptune import builder, checkpoint
+    from ptune.training import builder, checkpoint
     _require_new_dir(pathlib.Path(out_dir))   # before minutes of loading, not after
     if base is not None:
         if merge:
-            raise ValueError(f"base={base!r} names an adapter's base, but a merged checkpoint holds its own; "
-                             "drop base or merge")
+            raise UserError(f"base={base!r} names an adapter's base, but a merged checkpoint holds its own; "
+                            "drop base or merge")
         if not (pathlib.Path(base) / "config.json").is_file():
-            raise ValueError(f"base {base!r} has no config.json; pass a transformers model directory, e.g. one "
-                             "written by `python scripts/assets.py export-hf smollm2 DIR`")
+            raise UserError(f"base {base!r} has no config.json; pass a transformers model directory, e.g. one "
+                            "written by `python scripts/assets.py export-hf smollm2 DIR`")
     config, trainable, _ = checkpoint.load_adapter(workdir, which)
     run = builder.setup(config, training=False)
     _, frozen = partition.split(run.params, run.labels)
@@ -152,8 +153,8 @@ def export_base(source, out_dir) -> pathlib.Path:
     """A checkpoint ptune loads (a .gguf file, dequantized to f32, or an HF directory) as a transformers
     directory: config.json, model.safetensors and the tokenizer's files, which
     `AutoModelForCausalLM.from_pretrained` and `AutoTokenizer.from_pretrained` load offline."""
-    cfg, params = checkpoints.load(source)
-    tokenizer = checkpoints.load_tokenizer(source).tokenizer
+    cfg, params = pretrained.load(source)
+    tokenizer = pretrained.load_tokenizer(source).tokenizer
     return save_pretrained_merged(out_dir, params, models.build(cfg), tokenizer=tokenizer)
 
 
@@ -199,9 +200,9 @@ def _one_peft_kind(name: str, sites: Sites) -> SiteKind:
     if len(kinds) != 1:
         found = f"sites {sites.names()}" if kinds else "no sites (it changes base weights or none)"
         exportable = sorted(k.name for k in KINDS.values() if k.peft_type)
-        raise ValueError(f"method {name!r} has {found}; a PEFT adapter holds exactly one of {exportable}: "
-                         "export each part of a hybrid from a run of that method alone, or merge LoRA/IA3 "
-                         "with save_pretrained_merged")
+        raise UserError(f"method {name!r} has {found}; a PEFT adapter holds exactly one of {exportable}: "
+                        "export each part of a hybrid from a run of that method alone, or merge LoRA/IA3 "
+                        "with save_pretrained_merged")
     kind = kinds[0][0]
     if not kind.implements("peft_export"):
         raise kind.missing("its HF PEFT format", "peft_export (with peft_type and peft_load)")
@@ -255,22 +256,22 @@ class Peft:
                                  if name.endswith("." + n)), (None, None))
             module = by_module.get(hf.canonical(family, module)) if module else None
             if module is None:
-                raise ValueError(f"{self.weights}: key {key!r} names no {kind} layer of this {family} model (the "
-                                 f"candidates are e.g. {hf.short_list(by_module)}); the adapter was made for "
-                                 "another architecture")
+                raise UserError(f"{self.weights}: key {key!r} names no {kind} layer of this {family} model (the "
+                                f"candidates are e.g. {hf.short_list(by_module)}); the adapter was made for "
+                                "another architecture")
             origin[f"{module}/{leaf}"] = key, x
         return origin
 
     def prompt_table(self, config: dict, tensors: dict, expected: tuple) -> np.ndarray:
         """A prompt-learning adapter's `prompt_embeddings`, which must have the `expected` shape."""
         if set(tensors) != {"prompt_embeddings"}:
-            raise ValueError(f"{self.weights}: a {config['peft_type']} adapter holds prompt_embeddings (and a "
-                             f"task head); found {hf.short_list(tensors)}")
+            raise UserError(f"{self.weights}: a {config['peft_type']} adapter holds prompt_embeddings (and a "
+                            f"task head); found {hf.short_list(tensors)}")
         table = tensors["prompt_embeddings"]
         if table.shape != expected:
-            raise ValueError(f"{self.weights}: 'prompt_embeddings' has shape {table.shape} but this "
-                             f"{self.config.family} model expects {expected} (num_virtual_tokens="
-                             f"{config.get('num_virtual_tokens')}); the adapter was made for another model")
+            raise UserError(f"{self.weights}: 'prompt_embeddings' has shape {table.shape} but this "
+                            f"{self.config.family} model expects {expected} (num_virtual_tokens="
+                            f"{config.get('num_virtual_tokens')}); the adapter was made for another model")
         return table
 
 
@@ -322,21 +323,21 @@ def save_pretrained_merged(out_dir, params, model, tokenizer=None):
     so that transformers' `generate` stops at its end token)."""
     params, sites = merge(params, model)
     if sites.specs:
-        raise ValueError(f"a merged checkpoint holds base weights only, and this model also has {sites.names()} "
-                         "sites; export those as a PEFT adapter (hf_peft.export) instead (a site kind that changes "
-                         "linear layers merges if it defines SiteKind.merge)")
+        raise UserError(f"a merged checkpoint holds base weights only, and this model also has {sites.names()} "
+                        "sites; export those as a PEFT adapter (hf_peft.export) instead (a site kind that changes "
+                        "linear layers merges if it defines SiteKind.merge)")
     cfg = model.config
     tensors = {k: np.ascontiguousarray(v) for k, v in hf.to_hf(cfg.family, params).items()}
     ids = {f"{k}_token_id": getattr(tokenizer, f"{k}_token_id", None) for k in ("bos", "eos", "pad")}
-    config = {**checkpoints.config_to_hf(cfg), **{k: v for k, v in ids.items() if v is not None},
+    config = {**pretrained.config_to_hf(cfg), **{k: v for k, v in ids.items() if v is not None},
               "dtype": str(next(iter(tensors.values())).dtype)}
     return _write_dir(out_dir, {"config.json": config}, "model.safetensors", tensors, tokenizer)
 
 
 def _require_new_dir(out: pathlib.Path) -> pathlib.Path:
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise ValueError(f"{out} already exists and is not an empty directory; choose a new output directory "
-                         "or remove it")
+        raise UserError(f"{out} already exists and is not an empty directory; choose a new output directory "
+                        "or remove it")
     return out
 
 
@@ -383,7 +384,7 @@ def load(adapter_dir, model_config: ModelConfig) -> tuple[methods.Method, dict]:
     loaders = {k.peft_type: k for k in (*KINDS.values(), ln_tuning.PEFT) if k.peft_type}
     kind = loaders.get(peft_type)
     if kind is None:
-        raise ValueError(f"{path / ADAPTER_CONFIG}: peft_type={peft_type!r}; ptune loads {sorted(loaders)}")
+        raise UserError(f"{path / ADAPTER_CONFIG}: peft_type={peft_type!r}; ptune loads {sorted(loaders)}")
     _check_options(path / ADAPTER_CONFIG, config, cfg, kind)
     head_keys = {k for k in tensors
                  if HEAD_KEY.fullmatch(k.removeprefix(TUNER_PREFIX).removeprefix(PROMPT_PREFIX))}
@@ -402,16 +403,16 @@ def _read_adapter(path: pathlib.Path) -> tuple[dict, dict[str, np.ndarray]]:
     from safetensors.numpy import load_file
     config_file, weights = path / ADAPTER_CONFIG, path / ADAPTER_WEIGHTS
     if not config_file.exists() or not weights.exists():
-        raise ValueError(f"{path} is not a PEFT adapter directory: it needs {ADAPTER_CONFIG} and {ADAPTER_WEIGHTS} "
-                         "(ptune never reads pickled adapter_model.bin files)")
+        raise UserError(f"{path} is not a PEFT adapter directory: it needs {ADAPTER_CONFIG} and {ADAPTER_WEIGHTS} "
+                        "(ptune never reads pickled adapter_model.bin files)")
     try:
         config = json.loads(config_file.read_text())
     except json.JSONDecodeError as e:
-        raise ValueError(f"{config_file}: not valid JSON ({e}); re-export the adapter") from None
+        raise UserError(f"{config_file}: not valid JSON ({e}); re-export the adapter") from None
     try:
         tensors = load_file(str(weights))
     except Exception as e:   # safetensors raises its own error types for truncated/corrupt files
-        raise ValueError(f"{weights}: not a readable safetensors file ({e}); re-export or re-download it") from None
+        raise UserError(f"{weights}: not a readable safetensors file ({e}); re-export or re-download it") from None
     return config, tensors
 
 
@@ -425,15 +426,15 @@ def _check_options(where, config: dict, cfg: ModelConfig, kind: SiteKind):
     if unsupported:
         hint = (" (for init_lora_weights, save with path_initial_model_for_weight_conversion, which turns it "
                 "into a plain LoRA)" if "init_lora_weights" in unsupported else "")
-        raise ValueError(f"{where}: PEFT option(s) ptune does not support: "
-                         + ", ".join(f"{k}={v!r}" for k, v in sorted(unsupported.items()))
-                         + f"; save the adapter without them{hint}")
+        raise UserError(f"{where}: PEFT option(s) ptune does not support: "
+                        + ", ".join(f"{k}={v!r}" for k, v in sorted(unsupported.items()))
+                        + f"; save the adapter without them{hint}")
     if config.get("task_type") not in TASK_TYPES:
-        raise ValueError(f"{where}: task_type={config['task_type']!r}; ptune models are {TASK_TYPES[1:]}")
+        raise UserError(f"{where}: task_type={config['task_type']!r}; ptune models are {TASK_TYPES[1:]}")
     extra = set(config.get("modules_to_save") or ()) - {"classifier", "score"}
     if extra:
-        raise ValueError(f"{where}: modules_to_save {sorted(extra)}: ptune trains whole modules only for the "
-                         f"task head ({cfg.head_name!r}); save the adapter without them")
+        raise UserError(f"{where}: modules_to_save {sorted(extra)}: ptune trains whole modules only for the "
+                        f"task head ({cfg.head_name!r}); save the adapter without them")
 
 
 def _head_leaves(tensors, head_keys, cfg: ModelConfig) -> dict:
@@ -456,5 +457,5 @@ def _check_fit(origin: dict, tensors: dict, template, method, path):
     missing = sorted(trained - set(origin))
     errors += [f"it lacks weights for ptune's {hf.short_list(missing)}"] if missing else []
     if errors:
-        raise ValueError(f"{path / ADAPTER_WEIGHTS} does not fit this model: " + "; ".join(errors)
-                         + "; load it with the model config it was made for")
+        raise UserError(f"{path / ADAPTER_WEIGHTS} does not fit this model: " + "; ".join(errors)
+                        + "; load it with the model config it was made for")

@@ -44,11 +44,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ptune import generate as generate_lib
 from ptune import models, partition
+from ptune.errors import UserError
+from ptune.inference import generate as generate_lib
+from ptune.methods import head
 from ptune.models.sites import KINDS, Sites, kind_of
 
-HEAD = re.compile(r"^(classifier|score)/")
+HEAD = re.compile(head.HEAD)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -106,14 +108,14 @@ class Bank:
     def __init__(self, model_config, base, adapters: dict[str, TaskAdapter], capacity: int | None = None,
                  rng=None):
         if not adapters:
-            raise ValueError("Bank needs at least one task adapter to fix its shapes")
+            raise UserError("Bank needs at least one task adapter to fix its shapes")
         self.capacity = capacity or len(adapters)
         if self.capacity < len(adapters):
-            raise ValueError(f"Bank capacity={self.capacity} is less than the {len(adapters)} tasks given")
+            raise UserError(f"Bank capacity={self.capacity} is less than the {len(adapters)} tasks given")
         kinds = {name: a.objective for name, a in adapters.items()}
         if len(set(kinds.values()) - {"generate"}) > 1:
-            raise ValueError(f"tasks classify in different ways {kinds}; a bank classifies either by verbalizer "
-                             "or by head: bank these tasks separately")
+            raise UserError(f"tasks classify in different ways {kinds}; a bank classifies either by verbalizer "
+                            "or by head: bank these tasks separately")
         self.objective = next((k for k in kinds.values() if k != "generate"), "generate")
         self.num_classes = max(a.num_classes for a in adapters.values())
         self.sites = envelope({name: a.sites for name, a in adapters.items()})
@@ -125,8 +127,8 @@ class Bank:
                                                  pretrained=partition.unflatten(_base_weights(model_config, base))))
         missing = [p for p in paths if p not in template]
         if missing:
-            raise ValueError(f"task leaves {missing[:3]} are not parameters of the bank's model "
-                             f"({self.config.family}, sites {self.sites})")
+            raise UserError(f"task leaves {missing[:3]} are not parameters of the bank's model "
+                            f"({self.config.family}, sites {self.sites})")
         # What a task that lacks a leaf gets: the site's identity init, or the base's value.
         self.identity = {p: np.asarray(template[p]) for p in paths}
         self.frozen = partition.unflatten({p: x for p, x in template.items() if p not in self.identity})
@@ -153,8 +155,8 @@ class Bank:
         if slot is None:
             free = sorted(set(range(self.capacity)) - set(self.slots.values()))
             if not free:
-                raise ValueError(f"the bank is full ({self.capacity} tasks: {sorted(self.slots)}); remove one "
-                                 "or create the bank with a larger capacity")
+                raise UserError(f"the bank is full ({self.capacity} tasks: {sorted(self.slots)}); remove one "
+                                "or create the bank with a larger capacity")
             slot = free[0]
         self._write_slot(slot, self._rows_for(name, adapter), adapter.label_ids, adapter.num_classes)
         self.slots[name] = slot
@@ -174,17 +176,17 @@ class Bank:
     def _rows_for(self, name: str, adapter: TaskAdapter) -> dict[str, np.ndarray]:
         """The task's value for every bank leaf, padded to the bank's shapes (host arrays)."""
         if adapter.objective not in ("generate", self.objective):
-            raise ValueError(f"task {name!r} classifies by {adapter.objective}; this bank classifies by "
-                             f"{self.objective}")
+            raise UserError(f"task {name!r} classifies by {adapter.objective}; this bank classifies by "
+                            f"{self.objective}")
         if adapter.num_classes > self.num_classes:
-            raise ValueError(f"task {name!r} has {adapter.num_classes} classes; this bank holds at most "
-                             f"{self.num_classes}: create the bank with this task so its envelope holds it")
+            raise UserError(f"task {name!r} has {adapter.num_classes} classes; this bank holds at most "
+                            f"{self.num_classes}: create the bank with this task so its envelope holds it")
         envelope({"the bank": self.sites, name: adapter.sites})   # the kinds' specs can share the bank
         flat = partition.flatten(adapter.params)
         extra = sorted(set(flat) - set(self.identity))
         if extra:
-            raise ValueError(f"task {name!r} trains {extra[:3]}, which this bank does not hold (its leaves are "
-                             f"e.g. {sorted(self.identity)[:3]}); create the bank with this task among its tasks")
+            raise UserError(f"task {name!r} trains {extra[:3]}, which this bank does not hold (its leaves are "
+                            f"e.g. {sorted(self.identity)[:3]}); create the bank with this task among its tasks")
         return {path: self._row(name, adapter.sites, path, flat[path]) if path in flat else identity
                 for path, identity in self.identity.items()}
 
@@ -197,7 +199,7 @@ class Bank:
             try:
                 value = kind.bank_leaf(getattr(sites, kind.name), getattr(self.sites, kind.name), path, value)
             except ValueError as e:
-                raise ValueError(f"task {name!r}: {e}") from None
+                raise UserError(f"task {name!r}: {e}") from None
         return _pad(name, path, value, identity.shape, kind)
 
     # ---- serving ----------------------------------------------------------------------------------
@@ -206,7 +208,7 @@ class Bank:
         """(B,) slot of each example's task; an unknown name is an error naming the known tasks."""
         unknown = sorted({n for n in names if n not in self.slots})
         if unknown:
-            raise ValueError(f"unknown task(s) {unknown}; the bank holds {sorted(self.slots)}")
+            raise UserError(f"unknown task(s) {unknown}; the bank holds {sorted(self.slots)}")
         return np.asarray([self.slots[n] for n in names], np.int32)
 
     def classify(self, input_ids, attention_mask, tasks: Sequence[str]) -> np.ndarray:
@@ -214,13 +216,13 @@ class Bank:
         classes beyond a task's own count are -inf."""
         slots = self.task_slots(tasks)
         if self.objective == "generate":
-            raise ValueError(f"no task in this bank classifies (tasks {sorted(self.slots)}); use generate")
+            raise UserError(f"no task in this bank classifies (tasks {sorted(self.slots)}); use generate")
         return np.asarray(self._classify(self.stacked, self.frozen, self.label_ids, self.class_count, slots,
                                          np.asarray(input_ids, np.int32), np.asarray(attention_mask, np.int32)))
 
     def generate(self, prompts: list[list[int]], tasks: Sequence[str], max_new_tokens: int, *, eos_id: int,
                  pad_id: int, temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, rng=None) -> np.ndarray:
-        """(B, max_new_tokens) ids, as `ptune.generate.generate` with each prompt's task adapter.
+        """(B, max_new_tokens) ids, as `ptune.inference.generate.generate` with each prompt's task adapter.
         Sampling draws each example from its own key (split from `rng`)."""
         slots = self.task_slots(tasks)
         ids, mask = generate_lib.request(self.model, prompts, max_new_tokens, pad_id, temperature, top_k, top_p)
@@ -268,8 +270,8 @@ def _pad(task: str, path: str, value: np.ndarray, shape: tuple[int, ...], kind) 
     if not fits:
         why = ("only LoRA rank, adapter size and the number of classes may differ between a bank's tasks, "
                "up to the sizes of the tasks the bank was created with")
-        raise ValueError(f"task {task!r}: {path} has shape {value.shape}, the bank holds {shape}; {why} "
-                         "(was it trained on another base model, or does it need a bigger bank?)")
+        raise UserError(f"task {task!r}: {path} has shape {value.shape}, the bank holds {shape}; {why} "
+                        "(was it trained on another base model, or does it need a bigger bank?)")
     out = np.zeros(shape, value.dtype)
     out[tuple(slice(0, n) for n in value.shape)] = value
     return out
@@ -285,6 +287,6 @@ def _base_weights(model_config, base) -> dict:
     wrong = [(p, given[p].shape, expected[p].shape) for p in expected
              if p in given and given[p].shape != expected[p].shape]
     if missing or wrong:
-        raise ValueError(f"the base does not fit model {model_config.family}: missing {missing[:3]}, "
-                         f"shapes (given, expected) {wrong[:3]}; pass the frozen weights of this model")
+        raise UserError(f"the base does not fit model {model_config.family}: missing {missing[:3]}, "
+                        f"shapes (given, expected) {wrong[:3]}; pass the frozen weights of this model")
     return {p: given[p] for p in expected}

@@ -16,8 +16,9 @@ import tempfile
 import jax
 import numpy as np
 
+from ptune.errors import UserError
 from ptune.models import build, from_checkpoint
-from ptune.models.config import ModelConfig
+from ptune.models.model_config import ModelConfig
 from ptune.models.sites import Sites
 
 # HF `model_type` -> ptune family.
@@ -28,8 +29,8 @@ def config_from_hf(hf_config: dict, **overrides) -> ModelConfig:
     """A ModelConfig from an HF config.json dict."""
     model_type = hf_config.get("model_type")
     if model_type not in HF_FAMILIES:
-        raise ValueError(f"config.json: unknown architecture model_type={model_type!r}; ptune loads "
-                         f"{sorted(HF_FAMILIES)}")
+        raise UserError(f"config.json: unknown architecture model_type={model_type!r}; ptune loads "
+                        f"{sorted(HF_FAMILIES)}")
     family, c = HF_FAMILIES[model_type], hf_config
     if family == "gpt2":
         fields = dict(vocab_size=c["vocab_size"], hidden_size=c["n_embd"], num_layers=c["n_layer"],
@@ -92,16 +93,16 @@ def read_hf_dir(path: pathlib.Path) -> tuple[dict, dict[str, np.ndarray]]:
     from safetensors.numpy import load_file
     config_file = path / "config.json"
     if not config_file.exists():
-        raise ValueError(f"{path} has no config.json; an HF model directory needs config.json + *.safetensors")
+        raise UserError(f"{path} has no config.json; an HF model directory needs config.json + *.safetensors")
     files = sorted(path.glob("*.safetensors"))
     if not files:
-        raise ValueError(f"{path} has no *.safetensors weights (ptune never loads pickle/.bin files)")
+        raise UserError(f"{path} has no *.safetensors weights (ptune never loads pickle/.bin files)")
     state = {}
     for f in files:
         try:
             state.update(load_file(str(f)))
         except Exception as e:   # safetensors raises its own error types for truncated/corrupt files
-            raise ValueError(f"{f}: not a readable safetensors file ({e}); re-download or re-export it") from None
+            raise UserError(f"{f}: not a readable safetensors file ({e}); re-download or re-export it") from None
     return json.loads(config_file.read_text()), state
 
 
@@ -112,7 +113,7 @@ def read_gguf(path: pathlib.Path) -> tuple[dict, dict[str, np.ndarray]]:
     field = lambda key, default=None: reader.fields[key].contents() if key in reader.fields else default
     arch = field("general.architecture")
     if arch != "llama":
-        raise ValueError(f"{path}: GGUF architecture {arch!r}; ptune reads only 'llama' GGUF files")
+        raise UserError(f"{path}: GGUF architecture {arch!r}; ptune reads only 'llama' GGUF files")
     heads, kv_heads = field("llama.attention.head_count"), field("llama.attention.head_count_kv")
     config = {"model_type": "llama", "vocab_size": field("llama.vocab_size"),
               "hidden_size": field("llama.embedding_length"), "num_hidden_layers": field("llama.block_count"),
@@ -156,12 +157,12 @@ def _unpermute_rope(w: np.ndarray, heads: int) -> np.ndarray:
 def read(source) -> tuple[dict, dict[str, np.ndarray]]:
     path = pathlib.Path(source)
     if not path.exists():
-        raise ValueError(f"checkpoint {path} does not exist")
+        raise UserError(f"checkpoint {path} does not exist")
     if path.suffix == ".gguf":
         return read_gguf(path)
     if path.is_dir():
         return read_hf_dir(path)
-    raise ValueError(f"checkpoint {path}: expected an HF directory (config.json + safetensors) or a .gguf file")
+    raise UserError(f"checkpoint {path}: expected an HF directory (config.json + safetensors) or a .gguf file")
 
 
 def load(source, sites: Sites = Sites(), **overrides) -> tuple[ModelConfig, dict]:

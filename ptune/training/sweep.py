@@ -25,8 +25,9 @@ from collections.abc import Mapping, Sequence
 
 from ptune import atomic
 from ptune import config as config_lib
-from ptune import multi
-from ptune import workdir as workdir_lib
+from ptune.errors import UserError
+from ptune.training import multi
+from ptune.training import workdir as workdir_lib
 
 
 @dataclasses.dataclass(frozen=True)
@@ -56,13 +57,13 @@ def point_name(overrides: Mapping) -> str:
 def points(config, sweep: Sequence[Mapping]) -> list[Point]:
     """The sweep's points with their configs; unknown keys and duplicate points are errors."""
     if isinstance(sweep, Mapping) or not all(isinstance(p, Mapping) for p in sweep):
-        raise ValueError("get_sweep() must return a list of {config key: value} dicts "
-                         "(sweep.product({...}) builds one)")
+        raise UserError("get_sweep() must return a list of {config key: value} dicts "
+                        "(sweep.product({...}) builds one)")
     out, seen = [], {}
     for i, overrides in enumerate(sweep):
         name = point_name(overrides)
         if name in seen:
-            raise ValueError(f"sweep points {seen[name]} and {i} are the same ({name}); remove one")
+            raise UserError(f"sweep points {seen[name]} and {i} are the same ({name}); remove one")
         seen[name] = i
         out.append(Point(name, dict(overrides), config_lib.override(config, overrides, f"sweep point {i} ({name})")))
     return out
@@ -70,10 +71,10 @@ def points(config, sweep: Sequence[Mapping]) -> list[Point]:
 
 def check_hosts(host_index: int, num_hosts: int):
     if num_hosts < 1:
-        raise ValueError(f"--num_hosts={num_hosts} must be at least 1")
+        raise UserError(f"--num_hosts={num_hosts} must be at least 1")
     if not 0 <= host_index < num_hosts:
-        raise ValueError(f"--host_index={host_index} is out of range for --num_hosts={num_hosts} "
-                         f"(0..{num_hosts - 1})")
+        raise UserError(f"--host_index={host_index} is out of range for --num_hosts={num_hosts} "
+                        f"(0..{num_hosts - 1})")
 
 
 def for_host(items: Sequence, host_index: int, num_hosts: int) -> list:
@@ -83,7 +84,7 @@ def for_host(items: Sequence, host_index: int, num_hosts: int) -> list:
 
 
 def vmap_groups(points: Sequence[Point]) -> list[list[Point]]:
-    """The points grouped so that each group differs only in keys ptune.multi can batch (seed,
+    """The points grouped so that each group differs only in keys ptune.training.multi can batch (seed,
     learning rates, task data), in first-seen order; each group can train as one vmapped job.
     Different tasks and lengths stay apart: their heads, verbalizers or shapes usually differ."""
     groups: dict = {}

@@ -6,11 +6,18 @@ import dataclasses
 
 import jax.numpy as jnp
 
+from ptune.errors import UserError
+
 FAMILIES = ("gpt2", "llama", "bert")
 DTYPES = ("float32", "bfloat16")
 # Per-block rematerialisation: "none", "full" (keep only the block's inputs, recompute the rest in
 # the backward pass) or a `jax.checkpoint_policies` name saying which intermediates to keep.
 REMAT = ("none", "full", "dots_saveable", "dots_with_no_batch_dims_saveable")
+
+
+# The task head's module name in every family (HF's: `classifier` in BERT, `score` in decoders); the
+# head rules (methods.head), the bank and the PEFT format all read it from here.
+HEAD_NAMES = ("classifier", "score")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -32,32 +39,32 @@ class ModelConfig:
     num_labels: int = 0                 # task head size; 0 = no head
     dropout: float = 0.0
     dtype: str = "float32"              # compute dtype; parameters stay float32 and are cast at use
-    frozen_dtype: str = "float32"       # storage of the frozen leaves (see ptune.builder.setup)
+    frozen_dtype: str = "float32"       # storage of the frozen leaves (see ptune.training.builder.setup)
     remat: str = "none"                 # one of REMAT
 
     def __post_init__(self):
         if self.family not in FAMILIES:
-            raise ValueError(f"model.family={self.family!r}; choose one of {FAMILIES}")
+            raise UserError(f"model.family={self.family!r}; choose one of {FAMILIES}")
         for key in ("dtype", "frozen_dtype"):
             if getattr(self, key) not in DTYPES:
-                raise ValueError(f"model.{key}={getattr(self, key)!r}; choose one of {DTYPES}")
+                raise UserError(f"model.{key}={getattr(self, key)!r}; choose one of {DTYPES}")
         if self.remat not in REMAT:
-            raise ValueError(f"model.remat={self.remat!r}; choose one of {REMAT}")
+            raise UserError(f"model.remat={self.remat!r}; choose one of {REMAT}")
         if self.num_kv_heads is None:
             object.__setattr__(self, "num_kv_heads", self.num_heads)
         for key in ("vocab_size", "hidden_size", "num_layers", "num_heads", "num_kv_heads", "intermediate_size",
                     "max_positions", "type_vocab_size", "num_labels"):
             value, least = getattr(self, key), 0 if key == "num_labels" else 1
             if isinstance(value, bool) or not isinstance(value, int) or value < least:
-                raise ValueError(f"model.{key}={value!r} must be an integer >= {least}")
+                raise UserError(f"model.{key}={value!r} must be an integer >= {least}")
         for key, ok, wanted in (("dropout", lambda v: 0 <= v < 1, "in [0, 1)"), ("norm_eps", lambda v: v > 0, "> 0"),
                                 ("rope_theta", lambda v: v > 0, "> 0")):
             value = getattr(self, key)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not ok(value):
-                raise ValueError(f"model.{key}={value!r} must be a number {wanted}")
+                raise UserError(f"model.{key}={value!r} must be a number {wanted}")
         if self.hidden_size % self.num_heads or self.num_heads % self.num_kv_heads:
-            raise ValueError(f"model: hidden_size {self.hidden_size}, num_heads {self.num_heads} and "
-                             f"num_kv_heads {self.num_kv_heads} must divide evenly")
+            raise UserError(f"model: hidden_size {self.hidden_size}, num_heads {self.num_heads} and "
+                            f"num_kv_heads {self.num_kv_heads} must divide evenly")
 
     @property
     def head_dim(self) -> int:
@@ -68,7 +75,7 @@ class ModelConfig:
         return self.family != "bert"
 
     @property
-    def head_name(self) -> str:
+    def head_name(self) -> str:   # one of HEAD_NAMES
         return "classifier" if self.family == "bert" else "score"
 
     @property
@@ -104,9 +111,9 @@ PRESETS: dict[str, dict] = {
 
 def model_config(preset: str, **overrides) -> ModelConfig:
     if preset not in PRESETS:
-        raise ValueError(f"model.preset={preset!r} is unknown; choose one of {sorted(PRESETS)}")
+        raise UserError(f"model.preset={preset!r} is unknown; choose one of {sorted(PRESETS)}")
     fields = {f.name for f in dataclasses.fields(ModelConfig)}
     unknown = sorted(set(overrides) - fields)
     if unknown:
-        raise ValueError(f"model config has no key(s) {unknown}; valid keys: {sorted(fields)}")
+        raise UserError(f"model config has no key(s) {unknown}; valid keys: {sorted(fields)}")
     return ModelConfig(**{**PRESETS[preset], **overrides})

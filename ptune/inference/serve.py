@@ -4,7 +4,7 @@
     server.predict([{"task": "qa", "text": "Hi"}, {"task": "sentiment", "text": "Great film"}])
     # -> [{"task": "qa", "prediction": "Hello."}, {"task": "sentiment", "prediction": "positive", "label": 1}]
 
-Each workdir's adapter comes from its checkpoint (`ptune.checkpoint.load_adapter`) and its
+Each workdir's adapter comes from its checkpoint (`ptune.training.checkpoint.load_adapter`) and its
 config says how to read a request: the task's template, verbalizer and length. Every task
 must have been trained on the same base, which is rebuilt once and checked against each
 checkpoint's recorded sha256. Classification requests are served in mixed batches through
@@ -18,11 +18,13 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from ptune import bank as bank_lib
 from ptune import config as config_lib
-from ptune import builder, checkpoint, models, partition
+from ptune import models, partition
 from ptune.data import batching, tasks
 from ptune.data.templates import Template
+from ptune.errors import UserError
+from ptune.inference import bank as bank_lib
+from ptune.training import builder, checkpoint
 
 
 @dataclasses.dataclass(frozen=True)
@@ -45,7 +47,7 @@ class Server:
         """One prediction per request, in order: {"task", "prediction"} (and "label" for classes)."""
         for i, r in enumerate(requests):
             if not (isinstance(r, dict) and isinstance(r.get("task"), str) and isinstance(r.get("text"), str)):
-                raise ValueError(f"request {i} is {r!r}; each request needs a string 'task' and 'text'")
+                raise UserError(f"request {i} is {r!r}; each request needs a string 'task' and 'text'")
         self.bank.task_slots([r["task"] for r in requests])   # unknown task names fail before any work
         out: list[dict | None] = [None] * len(requests)
         for kind, serve_batch in (("classify", self._classify), ("generate", self._generate)):
@@ -92,20 +94,23 @@ def load(workdirs: dict[str, str], which: str | int = "latest", capacity: int | 
          batch_size: int = 16, max_new_tokens: int = 32) -> Server:
     """A Server for {task name: trained workdir}; every task must share one base."""
     if not workdirs:
-        raise ValueError("serve: give at least one task=workdir")
+        raise UserError("serve: give at least one task=workdir")
     loaded = {name: checkpoint.load_adapter(workdir, which) for name, workdir in workdirs.items()}
     for config, _, _ in loaded.values():   # custom methods and tasks the runs' config files registered
         config_lib.import_recorded(config)
     identities = {name: {k: v for k, v in record["base"].items() if k != "sha256"}
                   for name, (_, _, record) in loaded.items()}
     if len({repr(sorted(i.items())) for i in identities.values()}) > 1:
-        raise ValueError(f"the tasks were trained on different bases {identities}; one bank serves one base: "
-                         "serve them separately")
-    adapters, served = {}, {}
+        raise UserError(f"the tasks were trained on different bases {identities}; one bank serves one base: "
+                        "serve them separately")
+    adapters, served, bases = {}, {}, {}
     for name, (config, trainable, record) in loaded.items():
         # The run rebuilt as it was set up (its method's frozen leaves too, e.g. PiSSA's initial factors),
-        # so that its frozen part is checked, and folded with the adapter, as training saw it.
-        run = builder.setup(config, training=False)
+        # so that its frozen part is checked, and folded with the adapter, as training saw it. The base is
+        # read once per model config (once in all, but for tasks' differing overrides such as dropout).
+        key = repr(sorted(config.model.to_dict().items()))
+        bases[key] = bases.get(key) or builder.base_model(config)
+        run = builder.setup(config, training=False, base=bases[key])
         frozen = partition.split(run.params, run.labels)[1]
         checkpoint.check_base(record["base"], checkpoint.base_record(config, frozen),
                               f"{workdirs[name]} (task {name!r})")
@@ -114,7 +119,7 @@ def load(workdirs: dict[str, str], which: str | int = "latest", capacity: int | 
         kind = "classify" if run.task.kind == "classify" else "generate"
         served[name] = ServedTask(kind, run.template, config.task.max_length, tasks.class_names(run.task, run.template))
     first = next(iter(loaded.values()))[0]
-    model_cfg, state, tokenizer = builder.base_model(first)
+    model_cfg, state, tokenizer = bases[repr(sorted(first.model.to_dict().items()))]
     base = builder.base_params(first, models.build(model_cfg), state)
     bank = bank_lib.Bank(model_cfg, base, adapters, capacity)
     return Server(bank, tokenizer, served, batch_size, max_new_tokens)

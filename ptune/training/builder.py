@@ -16,11 +16,13 @@ import jax
 import numpy as np
 import optax
 
-from ptune import checkpoint, evals, methods, models, objectives, optim, partition, sharding
 from ptune import config as config_lib
+from ptune import methods, models, optim, partition, sharding
 from ptune.data import batching, tasks
 from ptune.data.templates import Template
 from ptune.data.tokenizers import ByteTokenizer
+from ptune.errors import UserError
+from ptune.training import checkpoint, evals, objectives
 
 
 @dataclasses.dataclass
@@ -47,20 +49,20 @@ class Run:
 
 def objective_for(task: tasks.Task, model_cfg: models.ModelConfig, requested: str) -> str:
     if requested not in ("auto",) + objectives.OBJECTIVES:
-        raise ValueError(f"config.task.objective={requested!r}; choose auto or one of {objectives.OBJECTIVES}")
+        raise UserError(f"config.task.objective={requested!r}; choose auto or one of {objectives.OBJECTIVES}")
     if task.kind in ("lm", "generate", "chat"):   # generate, chat: LM loss on the output / assistant turns
         if requested not in ("auto", "lm"):
-            raise ValueError(f"task {task.name!r} is {task.kind}; objective {requested!r} does not apply")
+            raise UserError(f"task {task.name!r} is {task.kind}; objective {requested!r} does not apply")
         if not model_cfg.causal:
-            raise ValueError(f"task {task.name!r} needs a causal model; {model_cfg.family} is an encoder")
+            raise UserError(f"task {task.name!r} needs a causal model; {model_cfg.family} is an encoder")
         return "lm"
     if requested == "lm":
-        raise ValueError(f"task {task.name!r} is classification; use objective verbalizer or head")
+        raise UserError(f"task {task.name!r} is classification; use objective verbalizer or head")
     if requested == "auto":
         return "verbalizer" if model_cfg.causal else "head"
     if requested == "verbalizer" and not model_cfg.causal:
-        raise ValueError(f"objective 'verbalizer' needs a language-model head; the {model_cfg.family} family has "
-                         "none: use 'head'")
+        raise UserError(f"objective 'verbalizer' needs a language-model head; the {model_cfg.family} family has "
+                        "none: use 'head'")
     return requested
 
 
@@ -76,17 +78,17 @@ def base_model(config):
         model_cfg = models.model_config(config.model.preset, **overrides)
         return model_cfg, None, ByteTokenizer(family=model_cfg.family)
     from ptune import assets
-    from ptune.models import checkpoints
+    from ptune.models import pretrained
     if source not in assets.ASSETS and not os.path.exists(source):
-        raise ValueError(f"config.model.checkpoint={source!r} is neither an asset ({sorted(assets.ASSETS)}) nor an "
-                         "existing HF directory or .gguf file; fix the name or the path")
+        raise UserError(f"config.model.checkpoint={source!r} is neither an asset ({sorted(assets.ASSETS)}) nor an "
+                        "existing HF directory or .gguf file; fix the name or the path")
     path = assets.ensure(source) if source in assets.ASSETS else source
-    hf_config, state = checkpoints.read(path)
-    model_cfg = checkpoints.config_from_hf(hf_config, **overrides)
-    tokenizer = checkpoints.load_tokenizer(path)
+    hf_config, state = pretrained.read(path)
+    model_cfg = pretrained.config_from_hf(hf_config, **overrides)
+    tokenizer = pretrained.load_tokenizer(path)
     if tokenizer.vocab_size > model_cfg.vocab_size:
-        raise ValueError(f"tokenizer of {source} has {tokenizer.vocab_size} tokens but the model's vocabulary "
-                         f"is {model_cfg.vocab_size}; they do not belong together")
+        raise UserError(f"tokenizer of {source} has {tokenizer.vocab_size} tokens but the model's vocabulary "
+                        f"is {model_cfg.vocab_size}; they do not belong together")
     return model_cfg, state, tokenizer
 
 
@@ -96,8 +98,8 @@ def run_method(config, model_cfg, objective: str) -> methods.Method:
     if objective == "head" and method.trains and "head" not in {p.name for p in method.parts or (method,)}:
         method = methods.compose(method, methods.get("head", model_cfg))   # a fresh head always trains
     if objective == "head" and not method.trains:
-        raise ValueError(f"method {method.name!r} trains nothing, so a fresh task head would stay random; "
-                         "use config.task.objective='verbalizer' with a decoder")
+        raise UserError(f"method {method.name!r} trains nothing, so a fresh task head would stay random; "
+                        "use config.task.objective='verbalizer' with a decoder")
     return method
 
 
@@ -105,38 +107,39 @@ def run_template(config, task: tasks.Task, method: methods.Method) -> Template:
     """The task's template chosen by config.task (index or custom text) or by the method."""
     task_cfg = config.task
     if not 0 <= task_cfg.template_index < len(task.templates):
-        raise ValueError(f"config.task.template_index={task_cfg.template_index}: task {task.name!r} has "
-                         f"{len(task.templates)} templates (0..{len(task.templates) - 1})")
+        raise UserError(f"config.task.template_index={task_cfg.template_index}: task {task.name!r} has "
+                        f"{len(task.templates)} templates (0..{len(task.templates) - 1})")
     template = task.templates[task_cfg.template_index]
     text = task_cfg.template or method.template or template.text   # a custom text keeps the verbalizer
     if text.count("{text}") != 1:
-        raise ValueError(f"config.task.template={text!r} must contain the '{{text}}' field exactly once "
-                         "(where each example's text goes)")
+        raise UserError(f"config.task.template={text!r} must contain the '{{text}}' field exactly once "
+                        "(where each example's text goes)")
     if task_cfg.verbalizer:   # the user's words: each must be one token (Template.single_token)
         words = tuple(task_cfg.verbalizer)
         if task.kind != "classify" or len(words) != task.num_classes:
-            raise ValueError(f"config.task.verbalizer has {len(words)} word(s) {list(words)} but task {task.name!r} "
-                             f"has {task.num_classes} classes {list(task.label_names)}; give one word per class")
+            raise UserError(f"config.task.verbalizer has {len(words)} word(s) {list(words)} but task {task.name!r} "
+                            f"has {task.num_classes} classes {list(task.label_names)}; give one word per class")
         return Template(text, words, single_token=True)
     return dataclasses.replace(template, text=text)
 
 
-def setup(config, training: bool = True) -> Run:
+def setup(config, training: bool = True, base=None) -> Run:
     """Validate the config and build model, method, labels, data and optimizer. Writes nothing.
     The run's config is `config` as the run used it (see `run_config`). `training=False` builds what
-    inference needs (serving, export, a loaded adapter): no split is tokenised, no optimizer built."""
+    inference needs (serving, export, a loaded adapter): no split is tokenised, no optimizer built.
+    `base`: `base_model(config)` already read (serving K tasks reads their one base once)."""
     config_lib.import_recorded(config)   # a custom method or task the config file registered
     config_lib.check(config)
     task_cfg = config.task
     task = tasks.get(task_cfg.name, **task_cfg.options.to_dict())
-    model_cfg, state, tokenizer = base_model(config)
+    model_cfg, state, tokenizer = base or base_model(config)
     objective = objective_for(task, model_cfg, task_cfg.objective)
     checkpoint.check_options(config, objective)
     if objective == "head":
         model_cfg = dataclasses.replace(model_cfg, num_labels=task.num_classes)
     if config.train.nonfinite not in NONFINITE:
-        raise ValueError(f"config.train.nonfinite={config.train.nonfinite!r}; choose 'stop' (end the run at a "
-                         "non-finite step, naming it) or 'skip' (leave such steps out and count them)")
+        raise UserError(f"config.train.nonfinite={config.train.nonfinite!r}; choose 'stop' (end the run at a "
+                        "non-finite step, naming it) or 'skip' (leave such steps out and count them)")
     method = run_method(config, model_cfg, objective)
     for label in known_labels(method) + list(config.optim.groups):   # before minutes of model loading
         optimizer_group(config, method, label)
@@ -144,8 +147,8 @@ def setup(config, training: bool = True) -> Run:
     check_batch_sizes(config.train, sharding.data_parallel_size(mesh))
     extra = method.sites.extra_positions
     if task_cfg.max_length + extra > model_cfg.max_positions:
-        raise ValueError(f"task.max_length {task_cfg.max_length} + prompt/prefix length {extra} exceeds the "
-                         f"model's context of {model_cfg.max_positions}; shorten one of them")
+        raise UserError(f"task.max_length {task_cfg.max_length} + prompt/prefix length {extra} exceeds the "
+                        f"model's context of {model_cfg.max_positions}; shorten one of them")
     template = run_template(config, task, method)
     label_ids = template.label_ids(tokenizer) if objective == "verbalizer" else None
     data = {}
@@ -190,15 +193,15 @@ def check_batch_sizes(train_cfg, data_parallel: int):
     """Each micro-batch, and each eval batch, is split evenly over the data-parallel devices."""
     accum, batch = train_cfg.grad_accum, train_cfg.batch_size
     if not (isinstance(accum, int) and accum >= 1) or batch % accum:
-        raise ValueError(f"config.train.grad_accum={accum} must be a positive integer dividing "
-                         f"config.train.batch_size={batch}")
+        raise UserError(f"config.train.grad_accum={accum} must be a positive integer dividing "
+                        f"config.train.batch_size={batch}")
     if (batch // accum) % data_parallel:
-        raise ValueError(f"config.train.batch_size={batch} (in {accum} micro-batch(es)) is not divisible by the "
-                         f"{data_parallel} data-parallel devices (mesh data x fsdp); use a multiple of "
-                         f"{data_parallel * accum}")
+        raise UserError(f"config.train.batch_size={batch} (in {accum} micro-batch(es)) is not divisible by the "
+                        f"{data_parallel} data-parallel devices (mesh data x fsdp); use a multiple of "
+                        f"{data_parallel * accum}")
     if train_cfg.eval_batch_size % data_parallel:
-        raise ValueError(f"config.train.eval_batch_size={train_cfg.eval_batch_size} is not divisible by the "
-                         f"{data_parallel} data-parallel devices (mesh data x fsdp)")
+        raise UserError(f"config.train.eval_batch_size={train_cfg.eval_batch_size} is not divisible by the "
+                        f"{data_parallel} data-parallel devices (mesh data x fsdp)")
 
 
 def optimizer_group(config, method: methods.Method, label: str) -> optim.Group:
@@ -208,8 +211,8 @@ def optimizer_group(config, method: methods.Method, label: str) -> optim.Group:
     try:
         return optim.Group(**{**base, **method.optim.get(label, {}), **own})
     except ValueError as e:
-        raise ValueError(f"optimizer group {label!r}: {e}; set config.optim.<key> or "
-                         f"config.optim.groups.{label}.<key>") from None
+        raise UserError(f"optimizer group {label!r}: {e}; set config.optim.<key> or "
+                        f"config.optim.groups.{label}.<key>") from None
 
 
 def run_config(config, method: methods.Method, labels):

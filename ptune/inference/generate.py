@@ -16,16 +16,17 @@ import jax.numpy as jnp
 import numpy as np
 
 from ptune import models
+from ptune.errors import UserError
 from ptune.models.layers import segment_positions
 
 
 def left_pad(prompts: list[list[int]], pad_id: int):
     """(ids, mask): (B, T) int32 arrays with every prompt right-aligned."""
     if not prompts:
-        raise ValueError("generate: no prompts; give a list of prompts, each a list of token ids")
+        raise UserError("generate: no prompts; give a list of prompts, each a list of token ids")
     length = max(len(p) for p in prompts)
     if not length:
-        raise ValueError("generate: every prompt is empty; give at least one token")
+        raise UserError("generate: every prompt is empty; give at least one token")
     ids = np.full((len(prompts), length), pad_id, np.int32)
     mask = np.zeros((len(prompts), length), np.int32)
     for i, p in enumerate(prompts):
@@ -84,7 +85,7 @@ def request(model, prompts: list[list[int]], max_new_tokens: int, pad_id: int, t
             top_k: int = 0, top_p: float = 1.0):
     """Validate a generation request for `model`; returns the left-padded (ids, mask)."""
     if not model.config.causal:
-        raise ValueError(f"generate needs a causal model; {model.config.family} is an encoder")
+        raise UserError(f"generate needs a causal model; {model.config.family} is an encoder")
     vocab, integer = model.config.vocab_size, lambda v: isinstance(v, numbers.Integral)
     checks = {"max_new_tokens": (max_new_tokens, lambda v: integer(v) and v > 0, "an integer > 0"),
               "temperature": (temperature, lambda v: v >= 0, "a number >= 0 (0: greedy)"),
@@ -92,21 +93,21 @@ def request(model, prompts: list[list[int]], max_new_tokens: int, pad_id: int, t
               "top_p": (top_p, lambda v: 0 < v <= 1, "a number in (0, 1]")}
     for name, (value, ok, wanted) in checks.items():
         if isinstance(value, bool) or not isinstance(value, numbers.Real) or not (math.isfinite(value) and ok(value)):
-            raise ValueError(f"generate: {name}={value!r} must be {wanted}")
+            raise UserError(f"generate: {name}={value!r} must be {wanted}")
     is_list = lambda x: isinstance(x, (Sequence, np.ndarray)) and not isinstance(x, str)
     if not is_list(prompts):
-        raise ValueError(f"generate: prompts={prompts!r:.80} must be a list of prompts, each a list of token ids")
+        raise UserError(f"generate: prompts={prompts!r:.80} must be a list of prompts, each a list of token ids")
     bad = next((i for i, p in enumerate(prompts)
                 if not (is_list(p) and all(integer(t) and 0 <= t < vocab for t in p))), None)
     if bad is not None:
-        raise ValueError(f"generate: prompt {bad} is {prompts[bad]!r:.80}; each prompt must be a list of token ids "
-                         f"in [0, {vocab}) (tokenizer.encode(text))")
+        raise UserError(f"generate: prompt {bad} is {prompts[bad]!r:.80}; each prompt must be a list of token ids "
+                        f"in [0, {vocab}) (tokenizer.encode(text))")
     ids, mask = left_pad(prompts, pad_id)
     extra = model.sites.extra_positions
     if ids.shape[1] + max_new_tokens + extra > model.config.max_positions:
-        raise ValueError(f"generate: prompt {ids.shape[1]} + new {max_new_tokens} + prompt/prefix {extra} tokens "
-                         f"exceed the model's context of {model.config.max_positions}; shorten the prompt or "
-                         "max_new_tokens")
+        raise UserError(f"generate: prompt {ids.shape[1]} + new {max_new_tokens} + prompt/prefix {extra} tokens "
+                        f"exceed the model's context of {model.config.max_positions}; shorten the prompt or "
+                        "max_new_tokens")
     return ids, mask
 
 

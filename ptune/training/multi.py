@@ -22,9 +22,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ptune import builder, checkpoint, compute, partition, stopping, train
-from ptune import workdir as workdir_lib
+from ptune import partition
 from ptune.data import batching
+from ptune.errors import UserError
+from ptune.training import builder, checkpoint, compute, stopping, train
+from ptune.training import workdir as workdir_lib
 
 # Config keys whose values vmap can batch: they change only array values, not the computation.
 # The final evaluation suite (eval.*) runs per point after training, so it may differ too.
@@ -75,15 +77,15 @@ def setup(configs) -> Multi:
     batches), or that differ in a key vmap cannot batch (see `batchable`).
     """
     if len(configs) < 2:
-        raise ValueError(f"vmapping needs at least 2 points, got {len(configs)}")
+        raise UserError(f"vmapping needs at least 2 points, got {len(configs)}")
     runs, trainables, opt_states, frozens = [], [], [], []
     for i, config in enumerate(configs):
         run = builder.setup(config)
         if run.mesh.size > 1:
-            raise ValueError(f"vmapped points run on one device, but config.mesh of point {i} spans "
-                             f"{run.mesh.size}; set config.mesh.data=1 (fsdp and tensor too) or run without --vmap")
+            raise UserError(f"vmapped points run on one device, but config.mesh of point {i} spans "
+                            f"{run.mesh.size}; set config.mesh.data=1 (fsdp and tensor too) or run without --vmap")
         if not run.method.trains:
-            raise ValueError(f"method {run.method.name!r} trains nothing; there is nothing to vmap")
+            raise UserError(f"method {run.method.name!r} trains nothing; there is nothing to vmap")
         run = dataclasses.replace(run, tx=builder.optimizer(config, run.method, run.labels, inject=True))
         trainable, frozen = partition.split(run.params, run.labels)
         if i:
@@ -114,8 +116,8 @@ def _check_compatible(first: builder.Run, first_trainable, run: builder.Run, tra
     keys = differing_keys(first.config, run.config)
 
     def fail(what):
-        raise ValueError(f"vmapped points 0 and {i} differ in {keys}, which {what}; vmap them separately "
-                         "or run them without --vmap")
+        raise UserError(f"vmapped points 0 and {i} differ in {keys}, which {what}; vmap them separately "
+                        "or run them without --vmap")
 
     shapes = lambda tree: {p: f"{x.shape} {x.dtype}" for p, x in partition.flatten(tree).items()}
     a, b = shapes(first_trainable), shapes(trainable)
@@ -193,10 +195,10 @@ def _train_and_evaluate(multi: Multi, workdirs, chunk: int | None) -> list[dict]
             if logged:
                 metrics = logged.train_metrics(tc.batch_size, point=i)
                 if metrics["skipped_steps"] and tc.nonfinite == "stop":
-                    raise ValueError(f"point {i} ({workdirs[i]}): {metrics['skipped_steps']} of training steps "
-                                     f"{done - logged.steps + 1}..{done} had a non-finite loss or gradients and "
-                                     "were not applied; lower its learning rate, or set "
-                                     "config.train.nonfinite='skip' to leave such steps out")
+                    raise UserError(f"point {i} ({workdirs[i]}): {metrics['skipped_steps']} of training steps "
+                                    f"{done - logged.steps + 1}..{done} had a non-finite loss or gradients and "
+                                    "were not applied; lower its learning rate, or set "
+                                    "config.train.nonfinite='skip' to leave such steps out")
                 writer.write(done, "train", metrics)
                 final["train_loss"] = metrics["loss"]
             if done % tc.eval_every == 0 or done == tc.steps:

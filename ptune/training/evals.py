@@ -22,9 +22,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ptune import objectives, sharding
+from ptune import sharding
 from ptune.data import batching, tasks
 from ptune.data.templates import Template
+from ptune.errors import UserError
+from ptune.training import objectives
 
 DEFAULTS = {"splits": "", "templates": False, "max_examples": 0, "lm_task": "", "lm_max_length": 128,
             "lm_max_examples": 0, "predictions": False}
@@ -38,27 +40,27 @@ def check(run) -> None:
     """Refuse a suite that cannot run on this run's task and model (before any training)."""
     cfg = run.config.eval
     if cfg.predictions and not (cfg.templates or extra_splits(cfg)):
-        raise ValueError("config.eval.predictions records the predictions of eval.splits and eval.templates; "
-                         "set one of them")
+        raise UserError("config.eval.predictions records the predictions of eval.splits and eval.templates; "
+                        "set one of them")
     if (cfg.templates or extra_splits(cfg)) and run.task.kind != "classify":
-        raise ValueError(f"config.eval.splits and eval.templates measure classification; task "
-                         f"{run.task.name!r} is {run.task.kind}: leave them empty")
+        raise UserError(f"config.eval.splits and eval.templates measure classification; task "
+                        f"{run.task.name!r} is {run.task.kind}: leave them empty")
     for split in extra_splits(cfg):
         try:
             run.task.split(split)
         except ValueError as e:
-            raise ValueError(f"config.eval.splits: {e}") from None
+            raise UserError(f"config.eval.splits: {e}") from None
     for i, template in enumerate(run.task.templates if cfg.templates and run.objective == "verbalizer" else ()):
         try:
             template.label_ids(run.tokenizer)
         except ValueError as e:
-            raise ValueError(f"config.eval.templates: task {run.task.name!r} template {i}: {e}") from None
+            raise UserError(f"config.eval.templates: task {run.task.name!r} template {i}: {e}") from None
     if cfg.lm_task:
         if not run.model.config.causal:
-            raise ValueError(f"config.eval.lm_task={cfg.lm_task!r} needs a causal model; "
-                             f"{run.model.config.family} is an encoder")
+            raise UserError(f"config.eval.lm_task={cfg.lm_task!r} needs a causal model; "
+                            f"{run.model.config.family} is an encoder")
         if tasks.get(cfg.lm_task).kind != "lm":
-            raise ValueError(f"config.eval.lm_task={cfg.lm_task!r} is not a language-modelling task")
+            raise UserError(f"config.eval.lm_task={cfg.lm_task!r} is not a language-modelling task")
 
 
 def run_suite(run, params, workdir: str | None, where=None) -> dict:

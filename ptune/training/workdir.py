@@ -22,12 +22,14 @@ from typing import TYPE_CHECKING
 
 import jax
 
-from ptune import evals, partition
+from ptune import partition
 from ptune.data import tasks
+from ptune.errors import UserError
+from ptune.training import evals
 
 if TYPE_CHECKING:
-    from ptune.builder import Run
-    from ptune.compute import Layout
+    from ptune.training.builder import Run
+    from ptune.training.compute import Layout
 
 FINAL = "final_metrics.json"   # written last: the mark of a finished run
 
@@ -42,22 +44,22 @@ def prepare(workdir: str, needed_bytes: int = 0):
     try:
         free = shutil.disk_usage(existing).free
         if free < needed_bytes:
-            raise ValueError(f"workdir {workdir!r} has {partition.human_bytes(free)} free but the run's checkpoints "
-                             f"need about {partition.human_bytes(needed_bytes)}; free some space, lower "
-                             "config.checkpoint.keep, or choose another --workdir")
+            raise UserError(f"workdir {workdir!r} has {partition.human_bytes(free)} free but the run's checkpoints "
+                            f"need about {partition.human_bytes(needed_bytes)}; free some space, lower "
+                            "config.checkpoint.keep, or choose another --workdir")
         os.makedirs(workdir, exist_ok=True)
         probe = os.path.join(workdir, f".write_test.{jax.process_index()}")
         with open(probe, "w") as f:
             f.write("ok")
         os.remove(probe)
     except OSError as e:
-        raise ValueError(f"workdir {workdir!r} is not writable ({e.strerror}); choose another --workdir") from None
+        raise UserError(f"workdir {workdir!r} is not writable ({e.strerror}); choose another --workdir") from None
 
 
 @contextlib.contextmanager
 def owned(workdir: str):
     """Hold `workdir` for this run (see the module docstring); a second run on it raises one
-    ValueError naming the holder."""
+    UserError naming the holder."""
     path = os.path.join(workdir, f".lock.{jax.process_index()}")
     while True:
         fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
@@ -66,8 +68,8 @@ def owned(workdir: str):
         except BlockingIOError:
             holder = os.read(fd, 500).decode(errors="replace").strip() or "another process"
             os.close(fd)
-            raise ValueError(f"workdir {workdir!r} is in use by the run of {holder}; wait for it to end, stop it, "
-                             "or choose another --workdir") from None
+            raise UserError(f"workdir {workdir!r} is in use by the run of {holder}; wait for it to end, stop it, "
+                            "or choose another --workdir") from None
         try:   # the holder may have released and removed the file between our open and lock
             if os.path.samestat(os.fstat(fd), os.stat(path)):
                 break

@@ -10,9 +10,10 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from ptune import models, objectives, partition, sharding
-from ptune.builder import Run
+from ptune import models, partition, sharding
 from ptune.data import batching
+from ptune.training import objectives
+from ptune.training.builder import Run
 
 
 @dataclasses.dataclass(frozen=True)
@@ -42,7 +43,7 @@ def layout(run: Run, trainable, frozen) -> Layout:
 
 def train_step_fn(run: Run):
     """The un-jitted step(trainable, opt_state, frozen, batch, rng) -> (trainable, opt_state, metrics),
-    pure so that it can be jitted (make_train_step) or vmapped over K runs (ptune.multi).
+    pure so that it can be jitted (make_train_step) or vmapped over K runs (ptune.training.multi).
 
     Gradients are taken with respect to `trainable` only, so XLA never computes the frozen
     weights' gradients. With `train.grad_accum` = k the batch is split into k micro-batches
