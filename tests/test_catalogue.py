@@ -358,7 +358,7 @@ CLI_ROWS = [
     CliRow("cli: option of another task", ["--config.task.options.domian=imdb"],
            r"--config.task.options.domian names no config key: 'domian'", r"see --helpshort"),
     CliRow("cli: config argument the config refuses", [":lorra"],
-           r"experiments/default.py:\d+: get_config\('lorra'\) raised ValueError: unknown method 'lorra'",
+           r"experiments/default.py:\d+: get_config\('lorra'\) raised UserError: unknown method 'lorra'",
            r"choose one of \["),
     CliRow("cli: missing config file", ["@missing.py"], r"config file '.*/missing.py' does not exist",
            r"give the path of a Python file"),

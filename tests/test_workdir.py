@@ -29,7 +29,7 @@ def test_a_second_run_on_a_held_workdir_is_refused_naming_the_holder(tmp_path):
 
 
 def test_the_lock_of_a_killed_run_is_stale_and_taken_over(tmp_path):
-    holder = ("import os, signal, sys\nfrom ptune import workdir\n"
+    holder = ("import os, signal, sys\nfrom ptune.training import workdir\n"
               "with workdir.owned(sys.argv[1]):\n    os.kill(os.getpid(), signal.SIGKILL)\n")
     killed = subprocess.run([sys.executable, "-c", holder, str(tmp_path)], env={**os.environ, "PYTHONPATH": ROOT})
     assert killed.returncode == -signal.SIGKILL
