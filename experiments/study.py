@@ -1,6 +1,6 @@
 """The study: fine-tuning vs prompt-tuning on the shipped models and data, measured (issue 7).
 
-Everything, sweeps then report (tables, plots, docs/RESULTS.md):
+Everything, sweeps then report (tables, plots, docs/RESULTS_LOW_BUDGET.md):
 
     python scripts/study.py --workdir workdirs/study
 
@@ -9,7 +9,7 @@ idle (MiniLM jobs of 3 vmapped seeds 2.5-4 minutes each, ~10 for topic and genre
 validation sets; SmolLM2 jobs 6-19 minutes; the encoder part ~115 minutes, decoder ~70, data ~20,
 generate ~10, cost ~20, multitask ~1). A finished
 point is skipped when run again, so an interrupted study continues where it stopped; the records
-of the runs behind docs/RESULTS.md are kept in docs/study-runs/ (copy them to the workdir to
+of the runs behind docs/RESULTS_LOW_BUDGET.md are kept in docs/study-runs/ (copy them to the workdir to
 continue from them). One part alone (each is a sweep; `:part` reaches get_config and get_sweep):
 
     python scripts/sweep.py --config experiments/study.py:encoder --workdir workdirs/study/encoder --vmap
@@ -28,7 +28,7 @@ VMAP_CHUNK below says how many at once):
 
 The budgets are small on purpose (CPU): the study measures the low-budget regime; each method has
 one learning rate (below, usual values from its paper or PEFT's examples), not tuned per task.
-Expected direction (see docs/RESULTS.md for the measured numbers and verdicts): LoRA, adapters,
+Expected direction (see docs/RESULTS_LOW_BUDGET.md for the measured numbers and verdicts): LoRA, adapters,
 BitFit and IA3 near full fine-tuning; prompt tuning clearly below it at these model sizes.
 """
 

@@ -23,6 +23,7 @@ Each takes an optional last `:<method>`.
 
 The points of one method and part train as one vmapped job (ptune.training.multi); a finished point is
 skipped when run again, so the study resumes after an interruption (an unfinished job restarts).
+The report: `python scripts/report_converged.py --workdir workdirs/converged --collect` (docs/RESULTS.md).
 """
 
 import json
@@ -102,12 +103,13 @@ def chosen_rates(select_dir: str) -> dict:
         path = os.path.join(select_dir, name, "final_metrics.json")
         if os.path.exists(path):
             with open(os.path.join(select_dir, name, "config.json")) as f:
-                lr = json.load(f)["optim"]["learning_rate"]
+                config = json.load(f)
+            # The config's method name, not final_metrics' "method" (the run's label, e.g. "full+head").
+            method, lr = config["method"]["name"], config["optim"]["learning_rate"]
             with open(path) as f:
-                final = json.load(f)
-            key = (final["validation_accuracy"], -lr)
-            if final["method"] not in best or key > best[final["method"]][0]:
-                best[final["method"]] = (key, lr)
+                key = (json.load(f)["validation_accuracy"], -lr)
+            if method not in best or key > best[method][0]:
+                best[method] = (key, lr)
     return {method: lr for method, (_, lr) in best.items()}
 
 

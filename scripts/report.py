@@ -1,9 +1,12 @@
-"""Tables, plots and docs/RESULTS.md from a finished (or partly finished) study:
+"""Tables, plots and docs/RESULTS_LOW_BUDGET.md from a finished (or partly finished) low-budget study:
 
     python scripts/report.py --workdir workdirs/study [--docs docs]
 
+(docs/RESULTS.md is the converged study's, scripts/report_converged.py, which links to this one and
+imports the table and verdict helpers below.)
+
 Reads what scripts/study.py wrote: <part>/results.jsonl and each point's metrics.jsonl and
-predictions.json, cost.json and multitask.json. Every number in RESULTS.md is computed here from
+predictions.json, cost.json and multitask.json. Every number in the report is computed here from
 those files; each claim of the literature gets a verdict computed from the numbers (with the
 threshold stated). A row whose runs are missing says so instead of a number.
 """
@@ -22,10 +25,6 @@ from ptune import atomic, cli, config
 from ptune.errors import UserError
 from ptune.training import sweep
 
-flags.DEFINE_string("workdir", None, "The study's directory (scripts/study.py --workdir).")
-flags.DEFINE_string("docs", "docs", "Where RESULTS.md and results/*.png go.")
-flags.mark_flags_as_required(["workdir"])
-
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STUDY = config.load_module(os.path.join(ROOT, "experiments", "study.py"))
 PARTS = STUDY.PARTS
@@ -35,6 +34,26 @@ DOMAINS = ["amazon", "imdb", "yelp"]
 TARGET = 0.80   # "time to reach a target accuracy": validation accuracy on pooled sentiment (encoder)
 CLOSE = 0.01    # "close to full fine-tuning": within one accuracy point (the papers' own reading)
 MODEL = {"encoder": "MiniLM", "decoder": "SmolLM2"}
+OUTPUT = "RESULTS_LOW_BUDGET.md"
+# The literature's claims each study gives a verdict on (this report and scripts/report_converged.py).
+CLAIMS = {
+    "lora": "LoRA matches full fine-tuning (Hu et al. 2021)",
+    "bitfit": "BitFit within about a point of full fine-tuning (Ben Zaken et al. 2022)",
+    "adapter": "Adapters near full fine-tuning with a few % of the parameters (Houlsby et al. 2019)",
+    "prefix": "Prefix tuning comparable to fine-tuning (Li & Liang 2021)",
+    "prompt": "Prompt tuning falls short of fine-tuning below ~10B parameters (Lester et al. 2021)",
+    "forgetting": "LoRA forgets less than full fine-tuning (Biderman et al. 2024)",
+    "manual": "Manual prompts are sensitive to phrasing (Zhao et al. 2021; Sclar et al. 2023)",
+    "hybrid": "LoRA + prompt is 'the best of both worlds'",
+}
+
+
+def define_flags():
+    """This launcher's flags, defined only when it runs (scripts/report_converged.py imports the module
+    and defines its own)."""
+    flags.DEFINE_string("workdir", None, "The study's directory (scripts/study.py --workdir).")
+    flags.DEFINE_string("docs", "docs", f"Where {OUTPUT} and results/*.png go.")
+    flags.mark_flags_as_required(["workdir"])
 
 
 # ---- reading -------------------------------------------------------------------------------------
@@ -89,11 +108,11 @@ def std(xs):
     return statistics.stdev(xs) if len(xs) > 1 else 0.0
 
 
-def pm(xs, scale=100.0, digits=1) -> str:
-    """'mean ± std (n)' of a list, in points by default; '–' when empty."""
+def pm(xs, scale=100.0, digits=1, always_n=False) -> str:
+    """'mean ± std (n)' of a list, in points by default (n shown when not 3, or always); '–' when empty."""
     if not xs:
         return "–"
-    n = f" ({len(xs)})" if len(xs) != 3 else ""
+    n = f" ({len(xs)})" if len(xs) != 3 or always_n else ""
     return f"{mean(xs) * scale:.{digits}f} ± {std(xs) * scale:.{digits}f}{n}"
 
 
@@ -163,17 +182,41 @@ def steps_to(row, target) -> int | None:
     return reached[0] if reached else None
 
 
-def gap(part_groups, keys, m) -> tuple[float, float, int] | None:
-    """(mean over tasks of method m's validation accuracy − full's, its standard error from the
+def gap(part_groups, keys, m, metric="validation_accuracy") -> tuple[float, float, int] | None:
+    """(mean over tasks of method m's `metric` − full's, its standard error from the
     seeds' spread, number of tasks) over the tasks both ran; None when none."""
     diffs, variances = [], []
     for key in keys:
-        a, f = values(part_groups.get(key(m), []), "validation_accuracy"), \
-            values(part_groups.get(key("full"), []), "validation_accuracy")
+        a, f = values(part_groups.get(key(m), []), metric), values(part_groups.get(key("full"), []), metric)
         if a and f:
             diffs.append(mean(a) - mean(f))
             variances.append(std(a) ** 2 / len(a) + std(f) ** 2 / len(f))
     return (mean(diffs), sum(variances) ** 0.5 / len(diffs), len(diffs)) if diffs else None
+
+
+def hybrid_holds(accs: dict) -> bool:
+    """'Best of both worlds' on one task: the hybrid within CLOSE of its better part, or above it."""
+    return accs["lora+prompt"] >= max(accs["lora"], accs["prompt"]) - CLOSE
+
+
+def near_full(known) -> bool | str | None:
+    """A 'close to full fine-tuning' claim against gaps [(gap, standard error, tasks)]: False when one
+    is below -CLOSE by more than two standard errors, True when all are within CLOSE, else 'inconclusive'."""
+    if not known:
+        return None
+    if any(g < -CLOSE - 2 * se for g, se, _ in known):
+        return False
+    return True if all(g >= -CLOSE for g, _, _ in known) else "inconclusive"
+
+
+def falls_short(known) -> bool | str | None:
+    """A 'below full fine-tuning' claim: True when every gap is clearly (two standard errors) more than
+    CLOSE below, False when one is within CLOSE, else 'inconclusive'."""
+    if not known:
+        return None
+    if all(g < -CLOSE - 2 * se for g, se, _ in known):
+        return True
+    return False if any(g >= -CLOSE for g, _, _ in known) else "inconclusive"
 
 
 # ---- report -----------------------------------------------------------------------------------------
@@ -247,25 +290,14 @@ class Report:
             return "; ".join(f"{size} {m} − full {g[0] * 100:+.1f} ± {g[1] * 100:.1f} points (over {g[2]} task(s))"
                              for size, g in self.gaps[m].items() if g) or "–"
 
-        def near_full(m):
-            known = [g for g in self.gaps[m].values() if g]
-            if not known:
-                return None
-            if any(g < -CLOSE - 2 * se for g, se, _ in known):
-                return False
-            return True if all(g >= -CLOSE for g, _, _ in known) else "inconclusive"
+        def known(m):
+            return [g for g in self.gaps[m].values() if g]
         rule = f"; agrees if no more than {CLOSE * 100:.0f} point below at every size (± = standard error over seeds)"
-        self.verdict("LoRA matches full fine-tuning (Hu et al. 2021)", near_full("lora"), say("lora") + rule)
-        self.verdict("BitFit within about a point of full fine-tuning (Ben Zaken et al. 2022)",
-                     near_full("bitfit"), say("bitfit"))
-        self.verdict("Adapters near full fine-tuning with a few % of the parameters (Houlsby et al. 2019)",
-                     near_full("adapter"), say("adapter"))
-        self.verdict("Prefix tuning comparable to fine-tuning (Li & Liang 2021)", near_full("prefix"), say("prefix"))
-        prompt = [g for g in self.gaps["prompt"].values() if g]
-        below = None if not prompt else (
-            True if all(g < -CLOSE - 2 * se for g, se, _ in prompt) else
-            False if any(g >= -CLOSE for g, _, _ in prompt) else "inconclusive")
-        self.verdict("Prompt tuning falls short of fine-tuning below ~10B parameters (Lester et al. 2021)", below,
+        self.verdict(CLAIMS["lora"], near_full(known("lora")), say("lora") + rule)
+        self.verdict(CLAIMS["bitfit"], near_full(known("bitfit")), say("bitfit"))
+        self.verdict(CLAIMS["adapter"], near_full(known("adapter")), say("adapter"))
+        self.verdict(CLAIMS["prefix"], near_full(known("prefix")), say("prefix"))
+        self.verdict(CLAIMS["prompt"], falls_short(known("prompt")),
                      say("prompt") + "; agrees if clearly (two standard errors) more than a point below at both "
                      "(small) sizes")
 
@@ -371,7 +403,7 @@ class Report:
         self.add(table(["method", "Brown perplexity", "change vs base", "sentiment val acc"], rows))
         changes = {m: d for m, d, _ in points}
         if "lora" in changes and "full" in changes:
-            self.verdict("LoRA forgets less than full fine-tuning (Biderman et al. 2024)",
+            self.verdict(CLAIMS["forgetting"],
                          changes["lora"] < changes["full"],
                          f"Brown perplexity change: LoRA {changes['lora']:+.2f}, full {changes['full']:+.2f} "
                          f"(base {base:.2f})")
@@ -410,7 +442,7 @@ class Report:
                         "agreement across seeds", "seeds measured"], rows) if rows else "Not run.")
         manual = fragility(by(self.d["decoder"], "method").get("manual", []))
         if manual:
-            self.verdict("Manual prompts are sensitive to phrasing (Zhao et al. 2021; Sclar et al. 2023)",
+            self.verdict(CLAIMS["manual"],
                          manual["spread"] > 0.05, f"zero-shot SmolLM2: best template {manual['best'] * 100:.1f}%, "
                          f"worst {manual['worst'] * 100:.1f}% (spread {manual['spread'] * 100:.1f} points; "
                          "agrees if more than 5)")
@@ -526,11 +558,11 @@ class Report:
             if None in accs.values():
                 continue
             rows.append([label, *[f"{accs[m] * 100:.1f}" for m in ("lora", "prompt", "lora+prompt")]])
-            wins.append(accs["lora+prompt"] >= max(accs["lora"], accs["prompt"]) - CLOSE)
+            wins.append(hybrid_holds(accs))
         self.add("## Hybrid: LoRA + prompt tuning vs its parts", table(["task", "lora", "prompt", "lora+prompt"], rows)
                  if rows else "Not run.")
         if wins:
-            self.verdict("LoRA + prompt is 'the best of both worlds'", all(wins),
+            self.verdict(CLAIMS["hybrid"], all(wins),
                          f"the hybrid is within a point of its better part or above it on {sum(wins)} of {len(wins)} "
                          "tasks")
 
@@ -554,11 +586,13 @@ class Report:
                   "learning rate per method; the papers trained for thousands of steps with tuned rates, so each "
                   "verdict speaks for this regime.")
         planned = table(["part", "planned points", "finished", "not run (points)"], self.planned)
-        text = "\n\n".join(["# Results: fine-tuning vs prompt-tuning, measured", intro,
+        title = ("# Results of the low-budget study (not converged): fine-tuning vs prompt-tuning\n\n"
+                 "The converged study, which supersedes these runs, is in [RESULTS.md](RESULTS.md).")
+        text = "\n\n".join([title, intro,
                             "## The literature's claims against these runs", regime, verdicts,
                             "## What ran", "The sweeps' points (experiments/study.py) that these results hold; a "
                             "point not run is missing from every table below.", planned, *self.out]) + "\n"
-        path = os.path.join(self.docs, "RESULTS.md")
+        path = os.path.join(self.docs, OUTPUT)
         atomic.write_text(path, text)
         print(f"wrote {path} and {len([b for b in self.out if b.startswith('![')])} plots")
 
@@ -604,4 +638,5 @@ def main():
 
 
 if __name__ == "__main__":
+    define_flags()
     cli.run(main)

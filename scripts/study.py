@@ -12,7 +12,7 @@ Stages, each skipped when its results exist (so an interrupted study continues):
   multitask   the encoder's four tasks as LoRA adapters in one bank vs one full model per task:
               storage, swap time, mixed-batch throughput
   report      copies the runs' records (no checkpoints, no event files) to --records, then
-              scripts/report.py writes tables, plots and docs/RESULTS.md from them
+              scripts/report.py writes tables, plots and docs/RESULTS_LOW_BUDGET.md from them
 --stages picks some of them (comma-separated).
 """
 
@@ -41,7 +41,7 @@ COST_STEPS = {"encoder": None, "decoder": 8}   # None: the part's recipe
 flags.DEFINE_string("workdir", None, "The study's directory (one sub-directory per stage).")
 flags.DEFINE_string("stages", ",".join(STAGES), f"Stages to run, of {STAGES}.")
 flags.DEFINE_string("measure", "", "Internal: 'part:method' runs one cost measurement in --workdir (cost stage).")
-flags.DEFINE_string("docs", os.path.join(ROOT, "docs"), "Where the report writes RESULTS.md and its plots.")
+flags.DEFINE_string("docs", os.path.join(ROOT, "docs"), "Where the report writes RESULTS_LOW_BUDGET.md and its plots.")
 flags.DEFINE_string("records", os.path.join(ROOT, "docs", "study-runs"),
                     "Where the report stage keeps the runs' records (metrics, predictions, configs) it reads.")
 flags.mark_flags_as_required(["workdir"])

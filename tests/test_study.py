@@ -100,7 +100,7 @@ def test_report_computes_tables_and_verdicts(tmp_path, lora_gap, verdict):
     docs = tmp_path / "docs"
     subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "report.py"), f"--workdir={tmp_path}",
                     f"--docs={docs}"], check=True, capture_output=True, text=True)
-    text = (docs / "RESULTS.md").read_text()
+    text = (docs / "RESULTS_LOW_BUDGET.md").read_text()
     lines = text.splitlines()
     row = lambda prefix: next(line for line in lines if line.startswith(prefix))
     # mean ± std in points over the three seeds, per task; the test column of sentiment
@@ -151,8 +151,8 @@ def test_report_stage_keeps_only_the_records_it_reads(tmp_path):
     assert sorted(p.name for p in kept.iterdir()) == sorted(p.name for p in finished.iterdir()
                                                             if p.name in ("metrics.jsonl", "predictions.json"))
     assert not (records / "encoder" / unfinished.name).exists() and not (records / "cost").exists()
-    assert (records / "cost.json").exists() and (docs / "RESULTS.md").exists()
-    assert f"--workdir {records}" in (docs / "RESULTS.md").read_text()
+    assert (records / "cost.json").exists() and (docs / "RESULTS_LOW_BUDGET.md").exists()
+    assert f"--workdir {records}" in (docs / "RESULTS_LOW_BUDGET.md").read_text()
 
 
 # ---- the converged study (issue 21) ---------------------------------------------------------------
