@@ -74,7 +74,7 @@ CHECKED = {
     "gpt2": {"scale_attn_weights": (True, lambda v, c: v is True, "True"),
              "scale_attn_by_inverse_layer_idx": _OFF, "add_cross_attention": _OFF},
     "llama": {"attention_bias": _OFF, "mlp_bias": _OFF, "head_dim": _HEAD_DIM, "rope_interleaved": _OFF},
-    "qwen2": {"head_dim": _HEAD_DIM,
+    "qwen2": {"head_dim": _HEAD_DIM, "use_mrope": _OFF,     # Qwen2-VL's multimodal RoPE
               "use_sliding_window": (False, _qwen2_windows, "windows no shorter than max_position_embeddings")},
     "mistral": {"head_dim": _HEAD_DIM,
                 "sliding_window": (4096, lambda v, c: v is None or v >= c["max_position_embeddings"],
