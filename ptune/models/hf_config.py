@@ -43,7 +43,8 @@ _LLAMA = frozenset({"vocab_size", "hidden_size", "num_hidden_layers", "num_atten
                     "rope_parameters", "rope_scaling", "partial_rotary_factor", "original_max_position_embeddings",
                     "tie_word_embeddings"})
 UNDERSTOOD = {
-    "gpt2": frozenset({"vocab_size", "n_embd", "n_layer", "n_head", "n_inner", "n_positions", "n_ctx",
+    "gpt2": frozenset({"vocab_size", "n_embd", "n_layer", "n_head", "n_inner", "n_positions",
+                       "n_ctx",                       # old configs' copy of n_positions
                        "layer_norm_epsilon", "activation_function", "tie_word_embeddings",
                        "reorder_and_upcast_attn",     # the same attention, computed in float32 (ptune does)
                        # GPT2DoubleHeadsModel's multiple-choice head, which ptune does not model

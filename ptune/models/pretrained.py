@@ -70,25 +70,26 @@ def read_gguf(path: pathlib.Path) -> tuple[dict, dict[str, np.ndarray]]:
             continue
         key = _gguf_to_hf(name)
         if key.endswith(("q_proj.weight", "k_proj.weight")):
-            weight = _unpermute_rope(weight, config["num_attention_heads" if "q_proj" in key else "num_key_value_heads"])
+            heads = config["num_attention_heads" if "q_proj" in key else "num_key_value_heads"]
+            weight = _unpermute_rope(weight, heads)
         state[key] = weight
     return config, state
 
 
 # GGUF `llama.*` metadata -> config.json field. Any other `llama.*` key is refused by name unless
-# `_gguf_config` checks it (correct or refused, as for config.json: see hf_config).
+# `_gguf_config` checks or reads it (_GGUF_HANDLED): correct or refused, as config.json (see hf_config).
 _GGUF_FIELDS = {"vocab_size": "vocab_size", "embedding_length": "hidden_size", "block_count": "num_hidden_layers",
                 "attention.head_count": "num_attention_heads", "attention.head_count_kv": "num_key_value_heads",
                 "feed_forward_length": "intermediate_size", "context_length": "max_position_embeddings",
                 "attention.layer_norm_rms_epsilon": "rms_norm_eps", "rope.freq_base": "rope_theta"}
-_GGUF_CHECKED = ("rope.dimension_count", "attention.key_length", "attention.value_length", "expert_count",
+_GGUF_HANDLED = ("rope.dimension_count", "attention.key_length", "attention.value_length", "expert_count",
                  "expert_used_count", "rope.scaling.type", "rope.scaling.factor", "rope.scale_linear",
-                 "rope.scaling.original_context_length", "rope.scaling.finetuned")
+                 "rope.scaling.original_context_length", "rope.scaling.finetuned")   # the last two: yarn's only
 
 
 def _gguf_config(path, meta: dict) -> dict:
     """The config.json dict of a llama GGUF's metadata (`llama.` prefix dropped)."""
-    unknown = sorted(set(meta) - set(_GGUF_FIELDS) - set(_GGUF_CHECKED))
+    unknown = sorted(set(meta) - set(_GGUF_FIELDS) - set(_GGUF_HANDLED))
     if unknown:
         raise UserError(f"{path}: GGUF metadata {', '.join('llama.' + k for k in unknown)} unknown to ptune, which "
                         "refuses what may change the numerics rather than ignore it")

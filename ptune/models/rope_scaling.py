@@ -53,6 +53,11 @@ def check(params: dict) -> None:
         raise UserError(f"rope_type {rope_type!r}: " + "; ".join(
             ([f"missing {missing}"] if missing else []) + ([f"parameter(s) {unknown} not implemented"] if unknown
                                                             else [])))
+    for key in required:
+        value = params[key]
+        optional_factor = rope_type == "yarn" and key == "factor" and value is None   # derived, as in transformers
+        if not optional_factor and (isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0):
+            raise UserError(f"rope_type {rope_type!r}: {key}={value!r} must be a number > 0")
 
 
 @functools.lru_cache(maxsize=64)
@@ -104,7 +109,7 @@ def _yarn(base: np.ndarray, head_dim: int, theta: float, p: dict, max_positions:
 
 def llama3_from_divisors(divisors: np.ndarray, head_dim: int, theta: float) -> tuple | None:
     """The llama3 scaling whose frequencies are the unscaled ones divided by `divisors` (a GGUF's
-    `rope_freqs` tensor), or None when no llama3 scaling gives them.
+    `rope_freqs` tensor; all ones: () for unscaled), or None when no llama3 scaling gives them.
 
     llama3 depends only on factor and the ratios of original_max_position_embeddings (L),
     low_freq_factor and high_freq_factor, so low_freq_factor = 1 (Llama 3.x's value) loses nothing.
@@ -112,10 +117,14 @@ def llama3_from_divisors(divisors: np.ndarray, head_dim: int, theta: float) -> t
     linear in inv_freq: two or more such frequencies fit L and h; the fit is checked on every frequency.
     """
     divisors = np.asarray(divisors, np.float64)
-    factor = round(float(divisors.max()), 5)             # stored as float32
     inv = 1.0 / theta ** (np.arange(0, head_dim, 2, dtype=np.float64) / head_dim)
+    if divisors.shape != inv.shape:
+        return None
+    if np.allclose(divisors, 1, rtol=0, atol=1e-6):
+        return ()
+    factor = round(float(divisors.max()), 5)             # stored as float32
     medium = (divisors > 1 + 1e-6) & (divisors < factor * (1 - 1e-6))
-    if factor <= 1 or medium.sum() < 2 or divisors.shape != inv.shape:
+    if factor <= 1 or medium.sum() < 2:
         return None
     s = (1 / divisors[medium] - 1 / factor) / (1 - 1 / factor)
     slope, intercept = np.polyfit(inv[medium], s, 1)

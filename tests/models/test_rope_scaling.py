@@ -161,21 +161,23 @@ def _write_gguf(path, model, arch="llama", meta=(), extra=(), raw_type=None):
     return path
 
 
-def _llama3_model():
-    return _reference(SCALINGS["llama3"])
-
-
-def _rope_freqs(model):
-    return ("rope_freqs.weight", _llama_cpp_rope_freqs(model.config.head_dim, 10000.0, SCALINGS["llama3"]))
-
-
 def test_llama3_gguf_rope_freqs_give_transformers_logits(tmp_path):
-    model = _llama3_model()
-    cfg, params = pretrained.load(_write_gguf(tmp_path / "llama3.gguf", model, extra=[_rope_freqs(model)]))
+    model = _reference(SCALINGS["llama3"])
+    rope_freqs = _llama_cpp_rope_freqs(model.config.head_dim, 10000.0, SCALINGS["llama3"])
+    path = _write_gguf(tmp_path / "llama3.gguf", model, extra=[("rope_freqs.weight", rope_freqs)])
+    cfg, params = pretrained.load(path)
     assert cfg.rope_scaling == rope_scaling.normalise(SCALINGS["llama3"])
     with torch.no_grad():
         want = model(torch.tensor(IDS)).logits.numpy()
     assert np.abs(np.asarray(models.build(cfg).apply({"params": params}, IDS)) - want).max() <= 1e-5
+
+
+@pytest.mark.parametrize("head_dim,factor", [(64, 32.0), (128, 8.0)])   # Llama 3.2 1B, Llama 3.1 8B
+def test_published_llama3_rope_freqs_are_recognised(head_dim, factor):
+    params = {**SCALINGS["llama3"], "factor": factor, "original_max_position_embeddings": 8192}
+    divisors = _llama_cpp_rope_freqs(head_dim, 500000.0, params)
+    assert rope_scaling.llama3_from_divisors(divisors, head_dim, 500000.0) == rope_scaling.normalise(params)
+    assert rope_scaling.llama3_from_divisors(np.ones(head_dim // 2), head_dim, 500000.0) == ()
 
 
 def test_linear_gguf_scaling_is_read(tmp_path):
