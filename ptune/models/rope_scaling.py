@@ -49,10 +49,10 @@ def check(params: dict) -> None:
     required, optional = TYPES[rope_type]
     missing = [k for k in required if k not in params]
     unknown = sorted(set(params) - set(required) - set(optional) - {"rope_type"})
-    if missing or unknown:
-        raise UserError(f"rope_type {rope_type!r}: " + "; ".join(
-            ([f"missing {missing}"] if missing else []) + ([f"parameter(s) {unknown} not implemented"] if unknown
-                                                            else [])))
+    problems = ([f"missing {missing}"] if missing else []) + ([f"parameter(s) {unknown} not implemented"]
+                                                              if unknown else [])
+    if problems:
+        raise UserError(f"rope_type {rope_type!r}: {'; '.join(problems)}")
     for key in required:
         value = params[key]
         optional_factor = rope_type == "yarn" and key == "factor" and value is None   # derived, as in transformers
