@@ -105,8 +105,17 @@ def check_fields(c: dict) -> None:
 
 def config_from_hf(hf_config: dict, **overrides) -> ModelConfig:
     """A ModelConfig from an HF config.json dict; UserError for a field ptune cannot honour."""
-    check_fields(hf_config)
-    model_type, c = hf_config["model_type"], hf_config
+    try:
+        check_fields(hf_config)
+        family, fields = _fields(hf_config)
+    except KeyError as e:
+        raise UserError(f"config.json: {hf_config.get('model_type')} config lacks the field {e.args[0]!r}") from None
+    return ModelConfig(family=family, **{**fields, **overrides})
+
+
+def _fields(c: dict) -> tuple[str, dict]:
+    """(family, ModelConfig fields) of a checked config.json dict."""
+    model_type = c["model_type"]
     family = HF_FAMILIES[model_type]
     if family == "gpt2":
         act_key = "activation_function"
@@ -131,7 +140,7 @@ def config_from_hf(hf_config: dict, **overrides) -> ModelConfig:
     if fields["activation"] not in ACTIVATIONS:
         raise UserError(f"config.json: {act_key}={fields['activation']!r} is not implemented; ptune implements "
                         f"{sorted(ACTIVATIONS)}")
-    return ModelConfig(family=family, **{**fields, **overrides})
+    return family, fields
 
 
 def _rope(c: dict) -> tuple[float, tuple]:

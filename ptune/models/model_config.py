@@ -52,7 +52,10 @@ class ModelConfig:
                 raise UserError(f"model.{key}={getattr(self, key)!r}; choose one of {DTYPES}")
         if self.remat not in REMAT:
             raise UserError(f"model.remat={self.remat!r}; choose one of {REMAT}")
-        object.__setattr__(self, "rope_scaling", rope_scaling.normalise(self.rope_scaling))   # hashable
+        try:
+            object.__setattr__(self, "rope_scaling", rope_scaling.normalise(self.rope_scaling))   # hashable
+        except UserError as e:
+            raise UserError(f"model.rope_scaling: {e}") from None
         if self.rope_scaling and self.family != "llama":
             raise UserError(f"model.rope_scaling applies to the llama family, not {self.family}")
         if self.num_kv_heads is None:

@@ -293,6 +293,13 @@ def test_fields_ptune_cannot_honour_are_refused(preset, changes, match):
         hf_config.config_from_hf({**_base(preset), **changes})
 
 
+def test_a_missing_field_is_named():
+    config = _base("llama-tiny")
+    del config["intermediate_size"]
+    with pytest.raises(ValueError, match=r"llama config lacks the field 'intermediate_size'"):
+        hf_config.config_from_hf(config)
+
+
 def test_honoured_variants_load():
     """What the checks accept: windows that never bind, a bias-free Llama, head_dim as ptune derives it."""
     assert hf_config.config_from_hf({**_base("llama-tiny"), "model_type": "mistral", "sliding_window": 128})
@@ -306,8 +313,10 @@ def test_honoured_variants_load():
 
 
 def test_rope_scaling_in_model_config_is_checked():
-    with pytest.raises(ValueError, match=r"rope_type 'dynamic'"):
+    with pytest.raises(ValueError, match=r"model.rope_scaling: rope_type 'dynamic'"):
         models.model_config("llama-tiny", rope_scaling={"rope_type": "dynamic", "factor": 2.0})
+    with pytest.raises(ValueError, match=r"rope_type 'linear': factor='2' must be a number > 0"):
+        models.model_config("llama-tiny", rope_scaling={"rope_type": "linear", "factor": "2"})
     with pytest.raises(ValueError, match=r"rope_scaling applies to the llama family"):
         models.model_config("gpt2-tiny", rope_scaling={"rope_type": "linear", "factor": 2.0})
     assert models.model_config("llama-tiny", rope_scaling=[["rope_type", "linear"], ["factor", 2.0]]).rope_scaling == (
