@@ -46,7 +46,7 @@ def test_ptune_and_scripts_load_nothing_untrusted():
 
 
 def test_weights_are_read_only_from_safetensors_or_gguf():
-    readers = ROOT / "ptune" / "models" / "checkpoints.py"
+    readers = ROOT / "ptune" / "models" / "pretrained.py"
     text = readers.read_text()
     assert "safetensors.numpy import load_file" in text and "gguf.GGUFReader" in text
     assert not re.search(r"\.bin\b.*open|open\(.*\.bin", text)

@@ -45,15 +45,14 @@ class Linear(nn.Module):
         return self.sites.wrap_linear("layer", layer, call)(x.astype(self.dtype))
 
 
-def rope(x, positions, theta: float):
-    """Rotary embedding in the HF 'rotate_half' convention. x: (B,T,H,D), positions: (B,T)."""
-    d = x.shape[-1]
-    inv_freq = 1.0 / (theta ** (jnp.arange(0, d, 2, dtype=jnp.float32) / d))
-    angles = positions[..., None].astype(jnp.float32) * inv_freq            # (B,T,D/2)
+def rope(x, positions, inv_freq, scale: float = 1.0):
+    """Rotary embedding in the HF 'rotate_half' convention. x: (B,T,H,D), positions: (B,T),
+    inv_freq: (D/2,) from `rope_scaling.frequencies`, scale: its factor on cos and sin (YaRN)."""
+    angles = positions[..., None].astype(jnp.float32) * jnp.asarray(inv_freq, jnp.float32)   # (B,T,D/2)
     angles = jnp.concatenate([angles, angles], -1)[:, :, None, :]
     x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
     rotated = jnp.concatenate([-x2, x1], -1)
-    return (x * jnp.cos(angles) + rotated * jnp.sin(angles)).astype(x.dtype)
+    return (x * (jnp.cos(angles) * scale) + rotated * (jnp.sin(angles) * scale)).astype(x.dtype)
 
 
 def segment_positions(mask):

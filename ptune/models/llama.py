@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import flax.linen as nn
 
-from ptune.models import common
+from ptune.models import common, rope_scaling
 from ptune.models.layers import ACTIVATIONS, Linear, attend, rope
 from ptune.models.model_config import ModelConfig
 from ptune.models.sites import Sites
@@ -24,8 +24,9 @@ class LlamaAttention(nn.Module):
         B, T, _ = x.shape
         proj = lambda n, heads, name: Linear(heads * cfg.head_dim, ("embed", "heads"), cfg.qkv_bias, self.sites,
                                              dtype=dt, name=name)(x, deterministic).reshape(B, T, heads, cfg.head_dim)
-        q = rope(proj("q", cfg.num_heads, "q_proj"), p.positions, cfg.rope_theta)
-        k = rope(proj("k", cfg.num_kv_heads, "k_proj"), p.positions, cfg.rope_theta)
+        inv_freq, scale = rope_scaling.frequencies(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling, cfg.max_positions)
+        q = rope(proj("q", cfg.num_heads, "q_proj"), p.positions, inv_freq, scale)
+        k = rope(proj("k", cfg.num_kv_heads, "k_proj"), p.positions, inv_freq, scale)
         v = proj("v", cfg.num_kv_heads, "v_proj")
         prefix = None if p.prefix is None else p.prefix[layer]
         out = attend(self, q, k, v, p.visible, prefix=prefix, cache_index=p.cache_index, dtype=dt)

@@ -7,6 +7,7 @@ import dataclasses
 import jax.numpy as jnp
 
 from ptune.errors import UserError
+from ptune.models import rope_scaling
 
 FAMILIES = ("gpt2", "llama", "bert")
 DTYPES = ("float32", "bfloat16")
@@ -33,6 +34,7 @@ class ModelConfig:
     norm_eps: float = 1e-5
     activation: str = "gelu_new"
     rope_theta: float = 10000.0         # llama
+    rope_scaling: tuple = ()            # llama: HF rope_parameters as sorted (key, value) pairs; see rope_scaling
     tie_embeddings: bool = True         # decoders: lm head = token embedding
     qkv_bias: bool = False              # llama (Qwen2 style)
     type_vocab_size: int = 2            # bert
@@ -50,6 +52,12 @@ class ModelConfig:
                 raise UserError(f"model.{key}={getattr(self, key)!r}; choose one of {DTYPES}")
         if self.remat not in REMAT:
             raise UserError(f"model.remat={self.remat!r}; choose one of {REMAT}")
+        try:
+            object.__setattr__(self, "rope_scaling", rope_scaling.normalise(self.rope_scaling))   # hashable
+        except UserError as e:
+            raise UserError(f"model.rope_scaling: {e}") from None
+        if self.rope_scaling and self.family != "llama":
+            raise UserError(f"model.rope_scaling applies to the llama family, not {self.family}")
         if self.num_kv_heads is None:
             object.__setattr__(self, "num_kv_heads", self.num_heads)
         for key in ("vocab_size", "hidden_size", "num_layers", "num_heads", "num_kv_heads", "intermediate_size",

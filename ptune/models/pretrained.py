@@ -17,76 +17,14 @@ import jax
 import numpy as np
 
 from ptune.errors import UserError
-from ptune.models import build, from_checkpoint
+from ptune.models import build, from_checkpoint, rope_scaling
+from ptune.models.hf_config import HF_CLASSES, HF_FAMILIES, config_from_hf, config_to_hf
 from ptune.models.model_config import ModelConfig
 from ptune.models.sites import Sites
 
-# HF `model_type` -> ptune family.
-HF_FAMILIES = {"gpt2": "gpt2", "llama": "llama", "qwen2": "llama", "mistral": "llama", "bert": "bert"}
-
-
-def config_from_hf(hf_config: dict, **overrides) -> ModelConfig:
-    """A ModelConfig from an HF config.json dict."""
-    model_type = hf_config.get("model_type")
-    if model_type not in HF_FAMILIES:
-        raise UserError(f"config.json: unknown architecture model_type={model_type!r}; ptune loads "
-                        f"{sorted(HF_FAMILIES)}")
-    family, c = HF_FAMILIES[model_type], hf_config
-    if family == "gpt2":
-        fields = dict(vocab_size=c["vocab_size"], hidden_size=c["n_embd"], num_layers=c["n_layer"],
-                      num_heads=c["n_head"], intermediate_size=c.get("n_inner") or 4 * c["n_embd"],
-                      max_positions=c["n_positions"], norm_eps=c.get("layer_norm_epsilon", 1e-5),
-                      activation=c.get("activation_function", "gelu_new"))
-    elif family == "llama":
-        fields = dict(vocab_size=c["vocab_size"], hidden_size=c["hidden_size"], num_layers=c["num_hidden_layers"],
-                      num_heads=c["num_attention_heads"], num_kv_heads=c.get("num_key_value_heads"),
-                      intermediate_size=c["intermediate_size"], max_positions=c["max_position_embeddings"],
-                      norm_eps=c.get("rms_norm_eps", 1e-6), activation=c.get("hidden_act", "silu"),
-                      rope_theta=c.get("rope_theta", (c.get("rope_parameters") or {}).get("rope_theta", 10000.0)),
-                      tie_embeddings=c.get("tie_word_embeddings", False),
-                      qkv_bias=c.get("attention_bias", model_type == "qwen2"))
-    else:
-        fields = dict(vocab_size=c["vocab_size"], hidden_size=c["hidden_size"], num_layers=c["num_hidden_layers"],
-                      num_heads=c["num_attention_heads"], intermediate_size=c["intermediate_size"],
-                      max_positions=c["max_position_embeddings"], norm_eps=c.get("layer_norm_eps", 1e-12),
-                      activation=c.get("hidden_act", "gelu"), type_vocab_size=c.get("type_vocab_size", 2))
-    return ModelConfig(family=family, **{**fields, **overrides})
-
-
-# ptune family -> transformers classes: (language model, sequence classifier, bare body).
-HF_CLASSES = {"gpt2": ("GPT2LMHeadModel", "GPT2ForSequenceClassification", "GPT2Model"),
-              "llama": ("LlamaForCausalLM", "LlamaForSequenceClassification", "LlamaModel"),
-              "qwen2": ("Qwen2ForCausalLM", "Qwen2ForSequenceClassification", "Qwen2Model"),
-              "bert": ("BertForMaskedLM", "BertForSequenceClassification", "BertModel")}
-
-
-def config_to_hf(cfg: ModelConfig) -> dict:
-    """The HF config.json dict of a ModelConfig (the inverse of `config_from_hf`).
-
-    `architectures` names the class whose state dict `hf.to_hf` writes: the sequence
-    classifier with a task head, else the LM (decoders) or the bare body (BERT: ptune has
-    no masked-LM head).
-    """
-    model_type = "qwen2" if cfg.qkv_bias else cfg.family   # LLaMA's attention_bias would add o_proj's too
-    if cfg.family == "gpt2":
-        fields = dict(n_embd=cfg.hidden_size, n_layer=cfg.num_layers, n_head=cfg.num_heads,
-                      n_inner=cfg.intermediate_size, n_positions=cfg.max_positions,
-                      layer_norm_epsilon=cfg.norm_eps, activation_function=cfg.activation)
-    else:
-        fields = dict(hidden_size=cfg.hidden_size, num_hidden_layers=cfg.num_layers,
-                      num_attention_heads=cfg.num_heads, intermediate_size=cfg.intermediate_size,
-                      max_position_embeddings=cfg.max_positions, hidden_act=cfg.activation)
-    if cfg.family == "llama":
-        fields.update(num_key_value_heads=cfg.num_kv_heads, head_dim=cfg.head_dim, rms_norm_eps=cfg.norm_eps,
-                      rope_theta=cfg.rope_theta, rope_parameters={"rope_type": "default", "rope_theta": cfg.rope_theta})
-    if cfg.family == "bert":
-        fields.update(layer_norm_eps=cfg.norm_eps, type_vocab_size=cfg.type_vocab_size)
-    lm, classifier, body = HF_CLASSES[model_type]
-    architecture = classifier if cfg.num_labels else lm if cfg.causal else body
-    labels = dict(num_labels=cfg.num_labels) if cfg.num_labels else {}
-    return dict(model_type=model_type, architectures=[architecture], vocab_size=cfg.vocab_size,
-                tie_word_embeddings=cfg.tie_embeddings, **fields, **labels)
-
+# config_from_hf and its kin live in hf_config; callers may keep reaching them here.
+__all__ = ["HF_CLASSES", "HF_FAMILIES", "config_from_hf", "config_to_hf", "load", "load_tokenizer", "read",
+           "read_gguf", "read_hf_dir"]
 
 def read_hf_dir(path: pathlib.Path) -> tuple[dict, dict[str, np.ndarray]]:
     """(config.json dict, state dict) from an HF directory with one or more safetensors files."""
@@ -110,28 +48,83 @@ def read_gguf(path: pathlib.Path) -> tuple[dict, dict[str, np.ndarray]]:
     """(HF-style config dict, HF-named f32 state dict) from a LLaMA-family GGUF file."""
     import gguf
     reader = gguf.GGUFReader(str(path))
-    field = lambda key, default=None: reader.fields[key].contents() if key in reader.fields else default
-    arch = field("general.architecture")
+    arch = reader.fields["general.architecture"].contents() if "general.architecture" in reader.fields else None
     if arch != "llama":
-        raise UserError(f"{path}: GGUF architecture {arch!r}; ptune reads only 'llama' GGUF files")
-    heads, kv_heads = field("llama.attention.head_count"), field("llama.attention.head_count_kv")
-    config = {"model_type": "llama", "vocab_size": field("llama.vocab_size"),
-              "hidden_size": field("llama.embedding_length"), "num_hidden_layers": field("llama.block_count"),
-              "num_attention_heads": heads, "num_key_value_heads": kv_heads,
-              "intermediate_size": field("llama.feed_forward_length"),
-              "max_position_embeddings": field("llama.context_length"),
-              "rms_norm_eps": field("llama.attention.layer_norm_rms_epsilon"),
-              "rope_theta": field("llama.rope.freq_base", 10000.0)}
-    names = {t.name for t in reader.tensors}
-    config["tie_word_embeddings"] = "output.weight" not in names
+        raise UserError(f"{path}: GGUF architecture {arch!r} is not supported; ptune reads only 'llama' GGUF files")
+    meta = {k[len("llama."):]: f.contents() for k, f in reader.fields.items() if k.startswith("llama.")}
+    config = _gguf_config(path, meta)
+    tensors = {t.name: t for t in reader.tensors}
+    unknown = sorted(n for n in tensors if n != "rope_freqs.weight" and _gguf_to_hf(n) is None)
+    if unknown:
+        raise UserError(f"{path}: GGUF tensor(s) {', '.join(unknown)} are not part of the LLaMA model ptune builds")
+    config["tie_word_embeddings"] = "output.weight" not in tensors
     state = {}
-    for t in reader.tensors:
-        weight = gguf.quants.dequantize(t.data, t.tensor_type).astype(np.float32)
-        key = _gguf_to_hf(t.name)
+    for name, t in tensors.items():
+        try:
+            weight = gguf.quants.dequantize(t.data, t.tensor_type).astype(np.float32)
+        except NotImplementedError:
+            raise UserError(f"{path}: tensor {name} is quantised as {t.tensor_type.name}, which ptune cannot "
+                            "dequantize (the gguf package has no dequantizer for it)") from None
+        if name == "rope_freqs.weight":
+            _set_rope(path, config, _rope_freqs_scaling(path, config, weight))
+            continue
+        key = _gguf_to_hf(name)
         if key.endswith(("q_proj.weight", "k_proj.weight")):
-            weight = _unpermute_rope(weight, heads if "q_proj" in key else kv_heads)
+            heads = config["num_attention_heads" if "q_proj" in key else "num_key_value_heads"]
+            weight = _unpermute_rope(weight, heads)
         state[key] = weight
     return config, state
+
+
+# GGUF `llama.*` metadata -> config.json field. Any other `llama.*` key is refused by name unless
+# `_gguf_config` checks or reads it (_GGUF_HANDLED): correct or refused, as config.json (see hf_config).
+_GGUF_FIELDS = {"vocab_size": "vocab_size", "embedding_length": "hidden_size", "block_count": "num_hidden_layers",
+                "attention.head_count": "num_attention_heads", "attention.head_count_kv": "num_key_value_heads",
+                "feed_forward_length": "intermediate_size", "context_length": "max_position_embeddings",
+                "attention.layer_norm_rms_epsilon": "rms_norm_eps", "rope.freq_base": "rope_theta"}
+_GGUF_HANDLED = ("rope.dimension_count", "attention.key_length", "attention.value_length", "expert_count",
+                 "expert_used_count", "rope.scaling.type", "rope.scaling.factor", "rope.scale_linear",
+                 "rope.scaling.original_context_length", "rope.scaling.finetuned")   # the last two: yarn's only
+
+
+def _gguf_config(path, meta: dict) -> dict:
+    """The config.json dict of a llama GGUF's metadata (`llama.` prefix dropped)."""
+    unknown = sorted(set(meta) - set(_GGUF_FIELDS) - set(_GGUF_HANDLED))
+    if unknown:
+        raise UserError(f"{path}: GGUF metadata {', '.join('llama.' + k for k in unknown)} unknown to ptune, which "
+                        "refuses what may change the numerics rather than ignore it")
+    config = {"model_type": "llama", "rope_theta": 10000.0, **{_GGUF_FIELDS[k]: v for k, v in meta.items()
+                                                                 if k in _GGUF_FIELDS}}
+    head_dim = config["hidden_size"] // config["num_attention_heads"]
+    for key, ok in (("rope.dimension_count", head_dim), ("attention.key_length", head_dim),
+                    ("attention.value_length", head_dim), ("expert_count", 0), ("expert_used_count", 0)):
+        if meta.get(key, ok) != ok:
+            raise UserError(f"{path}: GGUF llama.{key}={meta[key]} is not implemented (ptune implements {ok})")
+    kind = meta.get("rope.scaling.type", "linear" if "rope.scale_linear" in meta else "none")
+    if kind not in ("none", "linear"):
+        raise UserError(f"{path}: GGUF llama.rope.scaling.type={kind!r} is not implemented (ptune reads "
+                        "'none', 'linear' and Llama 3's rope_freqs tensor)")
+    if kind == "linear":
+        _set_rope(path, config, {"rope_type": "linear",
+                                 "factor": meta.get("rope.scaling.factor", meta.get("rope.scale_linear"))})
+    return config
+
+
+def _set_rope(path, config: dict, scaling: dict) -> None:
+    if "rope_parameters" in config:
+        raise UserError(f"{path}: GGUF has both llama.rope.scaling.type and a rope_freqs tensor; ptune "
+                        "implements one RoPE scaling at a time")
+    config["rope_parameters"] = {**scaling, "rope_theta": config["rope_theta"]}
+
+
+def _rope_freqs_scaling(path, config: dict, divisors: np.ndarray) -> dict:
+    """Llama 3.x's scaling from the per-frequency divisors llama.cpp stores as `rope_freqs`."""
+    head_dim = config["hidden_size"] // config["num_attention_heads"]
+    scaling = rope_scaling.llama3_from_divisors(divisors, head_dim, config["rope_theta"])
+    if scaling is None:
+        raise UserError(f"{path}: GGUF tensor rope_freqs holds per-frequency RoPE divisors that are no llama3 "
+                        "scaling; ptune implements only llama3's")
+    return dict(scaling)
 
 
 _GGUF_NAMES = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head",
@@ -141,11 +134,14 @@ _GGUF_NAMES = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", 
                "ffn_down": "mlp.down_proj"}
 
 
-def _gguf_to_hf(name: str) -> str:
+def _gguf_to_hf(name: str) -> str | None:
+    """The HF key of a GGUF tensor name, or None for a tensor ptune has no parameter for."""
     parts = name.split(".")                        # blk.3.attn_q.weight | token_embd.weight
-    if parts[0] == "blk":
+    if parts[0] == "blk" and len(parts) == 4 and parts[2] in _GGUF_NAMES:
         return f"model.layers.{parts[1]}.{_GGUF_NAMES[parts[2]]}.{parts[3]}"
-    return f"{_GGUF_NAMES[parts[0]]}.{parts[1]}"
+    if len(parts) == 2 and parts[0] in _GGUF_NAMES:
+        return f"{_GGUF_NAMES[parts[0]]}.{parts[1]}"
+    return None
 
 
 def _unpermute_rope(w: np.ndarray, heads: int) -> np.ndarray:
