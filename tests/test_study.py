@@ -171,8 +171,9 @@ def test_converged_study_selects_a_rate_per_method_then_trains_two_more_seeds_at
                                  ("full", 2e-5, 0.91), ("full", 5e-5, 0.91)]:
         point = tmp_path / f"{method}-{lr}"
         point.mkdir()
-        (point / "config.json").write_text(json.dumps({"optim": {"learning_rate": lr}}))
-        (point / "final_metrics.json").write_text(json.dumps({"method": method, "validation_accuracy": accuracy}))
+        (point / "config.json").write_text(json.dumps({"method": {"name": method}, "optim": {"learning_rate": lr}}))
+        # As a real run writes it: the label names the head too.
+        (point / "final_metrics.json").write_text(json.dumps({"method": f"{method}+head", "validation_accuracy": accuracy}))
     assert study.chosen_rates(str(tmp_path)) == {"lora": 5e-4, "full": 2e-5}
     seeds = study.get_sweep(f"seeds:sentiment:{tmp_path}:lora")
     assert [(p["optim.learning_rate"], p["seed"]) for p in seeds] == [(5e-4, 1), (5e-4, 2)]
@@ -187,8 +188,8 @@ def test_converged_study_other_tasks_use_sentiments_rates_and_kshot_trains_to_co
     for method, lr in [("full", 5e-5), ("lora", 5e-4), ("prompt", 3e-2)]:
         point = tmp_path / method
         point.mkdir()
-        (point / "config.json").write_text(json.dumps({"optim": {"learning_rate": lr}}))
-        (point / "final_metrics.json").write_text(json.dumps({"method": method, "validation_accuracy": 0.9}))
+        (point / "config.json").write_text(json.dumps({"method": {"name": method}, "optim": {"learning_rate": lr}}))
+        (point / "final_metrics.json").write_text(json.dumps({"method": f"{method}+head", "validation_accuracy": 0.9}))
     topic = study.get_sweep(f"transfer:topic:{tmp_path}")
     assert [(p["method"], p["optim.learning_rate"], p["seed"]) for p in topic][:3] == [
         ("full", 5e-5, 0), ("full", 5e-5, 1), ("full", 5e-5, 2)] and len(topic) == 9
