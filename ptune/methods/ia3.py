@@ -6,7 +6,7 @@ from ptune.models.sites import IA3, KINDS, Sites, targets_regex
 
 
 def make(model_config, targets=None, feedforward=None) -> Method:
-    defaults = KINDS["ia3"].defaults[model_config.family]
+    defaults = KINDS["ia3"].defaults_for(model_config.family, model_config.model_type)
     # feedforward=[] is meaningful (no layer scaled on its input), so only None takes the default.
     targets, feedforward = module_names("ia3", "targets", targets), module_names("ia3", "feedforward", feedforward)
     feedforward = defaults["feedforward"] if feedforward is None else feedforward

@@ -8,6 +8,7 @@ from ptune.models.sites import KINDS, LoHa, Sites, targets_regex
 def make(model_config, rank: int = 8, alpha: float = 8.0, targets=None) -> Method:
     positive_int("loha", "rank", rank)
     alpha = number("loha", "alpha", alpha, lambda v: v > 0, "> 0")
-    targets = module_names("loha", "targets", targets) or KINDS["loha"].defaults[model_config.family]["targets"]
+    targets = module_names("loha", "targets", targets) or KINDS["loha"].defaults_for(
+        model_config.family, model_config.model_type)["targets"]
     targets = targets_regex(targets)
     return Method("loha", Sites(loha=LoHa(rank, alpha, targets)), rules=[(KINDS["loha"].leaves, "loha")])

@@ -20,7 +20,8 @@ def make(model_config, rank: int = 8, alpha: float = 8.0, targets=None, decompos
                                    or decompose_factor <= 0):
         raise UserError(f"method lokr: decompose_factor={decompose_factor!r} must be a positive integer, or -1 "
                         "(each side factored near its square root)")
-    targets = module_names("lokr", "targets", targets) or KINDS["lokr"].defaults[model_config.family]["targets"]
+    targets = module_names("lokr", "targets", targets) or KINDS["lokr"].defaults_for(
+        model_config.family, model_config.model_type)["targets"]
     targets = targets_regex(targets)
     sites = Sites(lokr=LoKr(rank, alpha, targets, decompose_both, decompose_factor))
     return Method("lokr", sites, rules=[(KINDS["lokr"].leaves, "lokr")])

@@ -40,7 +40,7 @@ def lora_spec(method: str, model_config, rank, alpha, targets, rslora, dropout, 
     dropout = number(method, "dropout", dropout, lambda v: 0 <= v < 1, "in [0, 1)")
     if not (isinstance(init, str) and re.fullmatch(r"random|pissa|pissa_niter_\d+|olora", init)):
         raise UserError(f"method {method}: init={init!r}; choose one of {INITS} (PEFT's init_lora_weights)")
-    defaults = KINDS[method].defaults[model_config.family]
+    defaults = KINDS[method].defaults_for(model_config.family, model_config.model_type)
     targets = targets_regex(module_names(method, "targets", targets) or defaults["targets"])
     return LoRA(rank, alpha, targets, rslora, dropout, from_base=init != "random")
 

@@ -20,7 +20,8 @@ def make(model_config, rank: int = 256, targets=None, d_initial: float = 0.1, dr
     if isinstance(projection_seed, bool) or not isinstance(projection_seed, int) or not 0 <= projection_seed < 2**32:
         raise UserError(f"method vera: projection_seed={projection_seed!r} must be an integer in [0, 2**32), as "
                          "torch.Generator.manual_seed takes it")
-    targets = module_names("vera", "targets", targets) or KINDS["vera"].defaults[model_config.family]["targets"]
+    targets = module_names("vera", "targets", targets) or KINDS["vera"].defaults_for(
+        model_config.family, model_config.model_type)["targets"]
     targets = targets_regex(targets)
     spec = VeRA(rank, targets, projection_shape(model_config, targets), projection_seed, d_initial, dropout)
     return Method("vera", Sites(vera=spec), rules=[(r"/vera_lambda_[bd]$", "vera")])

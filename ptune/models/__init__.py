@@ -16,17 +16,19 @@ from ptune import partition
 from ptune.errors import UserError
 from ptune.models.bert import Bert
 from ptune.models.gpt2 import GPT2
+from ptune.models.hf_config import HF_FAMILIES
 from ptune.models.llama import Llama
 from ptune.models.model_config import PRESETS, ModelConfig, model_config
 from ptune.models.sites import KINDS, Sites, is_site
 
 FAMILIES = {"gpt2": GPT2, "llama": Llama, "bert": Bert}
 
-# PEFT's default target modules per family, as the built-in kinds declare them (`SiteKind.defaults`):
-# {"gpt2": {"lora": [...], "ia3": [...], "ia3_feedforward": [...]}, ...}.
-DEFAULT_TARGETS = {family: {kind.name if option == "targets" else f"{kind.name}_{option}": names
-                            for kind in KINDS.values() for option, names in kind.defaults.get(family, {}).items()}
-                   for family in FAMILIES}
+# PEFT's default target modules per family and HF model type, as the built-in kinds declare them
+# (`SiteKind.defaults_for`): {"gpt2": {"lora": [...], "ia3": [...], "ia3_feedforward": [...]}, ..., "qwen3": ...}.
+DEFAULT_TARGETS = {model_type: {kind.name if option == "targets" else f"{kind.name}_{option}": names
+                                for kind in KINDS.values()
+                                for option, names in kind.defaults_for(family, model_type).items()}
+                   for model_type, family in HF_FAMILIES.items()}
 
 __all__ = ["DEFAULT_TARGETS", "FAMILIES", "PRESETS", "WORD_EMBEDDINGS", "ModelConfig", "Sites", "build", "init",
            "abstract_params", "from_checkpoint", "linear_layers", "model_config", "init_cache"]

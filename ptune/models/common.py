@@ -74,7 +74,7 @@ def prepare(model: nn.Module, tok, attention_mask, positions, *, decode: bool, w
     q_slots = jnp.broadcast_to(q_slots, (B, L))
     prefix = sites.layer_kv(cfg)
     shared = kv_mask.shape[1] - attention_mask.shape[1]   # the soft prompt's slots lead kv_mask
-    visible = visible_mask(kv_mask, q_slots, causal, n_prefix, shared)
+    visible = visible_mask(kv_mask, q_slots, causal, n_prefix, shared, cfg.sliding_window)
     prepended = n_prompt if with_prompt else 0
     return Prepared(tok, positions, this_mask, visible, prefix, cache_index, prepended)
 

@@ -18,7 +18,8 @@ from ptune.models.model_config import ModelConfig
 from ptune.models.ops import ACTIVATIONS
 
 # HF `model_type` -> ptune family.
-HF_FAMILIES = {"gpt2": "gpt2", "llama": "llama", "qwen2": "llama", "mistral": "llama", "bert": "bert"}
+HF_FAMILIES = {"gpt2": "gpt2", "llama": "llama", "qwen2": "llama", "qwen3": "llama", "mistral": "llama",
+               "bert": "bert"}
 
 METADATA = frozenset({
     "_name_or_path", "architectures", "model_type", "transformers_version", "torch_dtype", "dtype", "use_bfloat16",
@@ -41,7 +42,8 @@ METADATA = frozenset({
 _LLAMA = frozenset({"vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
                     "intermediate_size", "max_position_embeddings", "rms_norm_eps", "hidden_act", "rope_theta",
                     "rope_parameters", "rope_scaling", "partial_rotary_factor", "original_max_position_embeddings",
-                    "tie_word_embeddings"})
+                    "tie_word_embeddings", "head_dim"})
+_QWEN_WINDOWS = frozenset({"sliding_window", "max_window_layers"})   # read by use_sliding_window's check
 UNDERSTOOD = {
     "gpt2": frozenset({"vocab_size", "n_embd", "n_layer", "n_head", "n_inner", "n_positions",
                        "n_ctx",                       # old configs' copy of n_positions
@@ -49,37 +51,48 @@ UNDERSTOOD = {
                        "reorder_and_upcast_attn",     # the same attention, computed in float32 (ptune does)
                        # GPT2DoubleHeadsModel's multiple-choice head, which ptune does not model
                        "summary_type", "summary_use_proj", "summary_activation", "summary_proj_to_labels"}),
-    "llama": _LLAMA, "mistral": _LLAMA,
-    "qwen2": _LLAMA | {"sliding_window", "max_window_layers", "layer_types"},   # read by use_sliding_window's check
+    "llama": _LLAMA, "mistral": _LLAMA | {"sliding_window"}, "qwen2": _LLAMA | _QWEN_WINDOWS,
+    "qwen3": _LLAMA | _QWEN_WINDOWS,
     "bert": frozenset({"vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size",
                        "max_position_embeddings", "layer_norm_eps", "hidden_act", "type_vocab_size",
                        "tie_word_embeddings"}),   # ties BERT's masked-LM head, which ptune does not model
 }
 
 
-def _qwen2_windows(use: bool, c: dict) -> bool:
-    """False where some layer's sliding window is shorter than the context (transformers' rule:
-    a window only with use_sliding_window, on the layers layer_types or max_window_layers says)."""
-    window = c.get("sliding_window", 4096) if use else None
-    layers = c.get("layer_types") or ["sliding_attention" if i >= c.get("max_window_layers", 28) else "full_attention"
-                                      for i in range(c["num_hidden_layers"])]
-    binding = window is not None and window < c["max_position_embeddings"] and "sliding_attention" in layers
-    return not binding and set(layers) <= {"full_attention", "sliding_attention"}
+def layer_windows(c: dict) -> list:
+    """Each layer's sliding window as transformers applies it (None: full attention). Mistral's
+    `sliding_window` is every layer's; Qwen2's and Qwen3's only with use_sliding_window, on the layers
+    layer_types names (else those from max_window_layers on). A window no shorter than the context never
+    hides a key, so it is None here too."""
+    if c["model_type"] == "mistral":
+        window, layers = c.get("sliding_window", 4096), ["sliding_attention"] * c["num_hidden_layers"]
+    elif c["model_type"] in ("qwen2", "qwen3"):
+        window = c.get("sliding_window", 4096) if c.get("use_sliding_window", False) else None
+        layers = c.get("layer_types") or ["sliding_attention" if i >= c.get("max_window_layers", 28)
+                                          else "full_attention" for i in range(c["num_hidden_layers"])]
+    else:
+        return [None] * c["num_hidden_layers"]
+    binds = window is not None and window < c["max_position_embeddings"]
+    return [window if binds and kind == "sliding_attention" else None for kind in layers]
 
 
 _OFF = (False, lambda v, c: not v, "off")
-_HEAD_DIM = (None, lambda v, c: v in (None, c["hidden_size"] // c["num_attention_heads"]),
-             "hidden_size / num_attention_heads")
+# ptune gives every layer the same window (ModelConfig.sliding_window), or none.
+_ONE_WINDOW = (False, lambda v, c: len(set(layer_windows(c))) == 1,
+               "with one window on every layer (a window shorter than max_position_embeddings on some layers "
+               "only, as layer_types or max_window_layers say, is not implemented)")
+_LAYER_TYPES = (None, lambda v, c: set(v or ()) <= {"full_attention", "sliding_attention"},
+                "full_attention and sliding_attention")
 # model type -> {field: (transformers' default, accepted(value, config), what ptune implements)}.
 CHECKED = {
     "gpt2": {"scale_attn_weights": (True, lambda v, c: v is True, "True"),
              "scale_attn_by_inverse_layer_idx": _OFF, "add_cross_attention": _OFF},
-    "llama": {"attention_bias": _OFF, "mlp_bias": _OFF, "head_dim": _HEAD_DIM, "rope_interleaved": _OFF},
-    "qwen2": {"head_dim": _HEAD_DIM, "use_mrope": _OFF,     # Qwen2-VL's multimodal RoPE
-              "use_sliding_window": (False, _qwen2_windows, "windows no shorter than max_position_embeddings")},
-    "mistral": {"head_dim": _HEAD_DIM,
-                "sliding_window": (4096, lambda v, c: v is None or v >= c["max_position_embeddings"],
-                                   "null or >= max_position_embeddings")},
+    "llama": {"attention_bias": _OFF, "mlp_bias": _OFF, "rope_interleaved": _OFF},
+    "qwen2": {"use_mrope": _OFF,     # Qwen2-VL's multimodal RoPE
+              "layer_types": _LAYER_TYPES, "use_sliding_window": _ONE_WINDOW},
+    "qwen3": {"attention_bias": _OFF,   # Qwen3's would bias o_proj too
+              "layer_types": _LAYER_TYPES, "use_sliding_window": _ONE_WINDOW},
+    "mistral": {},
     "bert": {"position_embedding_type": ("absolute", lambda v, c: v == "absolute", "'absolute'"),
              "is_decoder": _OFF, "add_cross_attention": _OFF, "pruned_heads": (None, lambda v, c: not v, "none")},
 }
@@ -101,6 +114,10 @@ def check_fields(c: dict) -> None:
         if not accepted(c.get(key, default), c):
             raise UserError(f"config.json: {model_type} {key}={c.get(key, default)!r} changes what the model "
                             f"computes and ptune does not implement it (it implements {key} {implemented})")
+
+
+# transformers' head_dim where config.json has none (None: hidden_size / num_attention_heads).
+_HEAD_DIM = {"qwen3": 128}
 
 
 def config_from_hf(hf_config: dict, **overrides) -> ModelConfig:
@@ -130,7 +147,8 @@ def _fields(c: dict) -> tuple[str, dict]:
                       intermediate_size=c["intermediate_size"], max_positions=c["max_position_embeddings"],
                       norm_eps=c.get("rms_norm_eps", 1e-6), activation=c.get(act_key, "silu"), rope_theta=theta,
                       rope_scaling=scaling, tie_embeddings=c.get("tie_word_embeddings", False),
-                      qkv_bias=model_type == "qwen2")
+                      head_dim=c.get("head_dim", _HEAD_DIM.get(model_type)), qkv_bias=model_type == "qwen2",
+                      qk_norm=model_type == "qwen3", sliding_window=layer_windows(c)[0])
     else:
         act_key = "hidden_act"
         fields = dict(vocab_size=c["vocab_size"], hidden_size=c["hidden_size"], num_layers=c["num_hidden_layers"],
@@ -165,11 +183,22 @@ def _rope(c: dict) -> tuple[float, tuple]:
         raise UserError(f"config.json: {source}: {e}") from None
 
 
-# ptune family -> transformers classes: (language model, sequence classifier, bare body).
+# HF model type (ModelConfig.model_type) -> transformers classes: (language model, sequence classifier, bare body).
 HF_CLASSES = {"gpt2": ("GPT2LMHeadModel", "GPT2ForSequenceClassification", "GPT2Model"),
               "llama": ("LlamaForCausalLM", "LlamaForSequenceClassification", "LlamaModel"),
               "qwen2": ("Qwen2ForCausalLM", "Qwen2ForSequenceClassification", "Qwen2Model"),
+              "qwen3": ("Qwen3ForCausalLM", "Qwen3ForSequenceClassification", "Qwen3Model"),
+              "mistral": ("MistralForCausalLM", "MistralForSequenceClassification", "MistralModel"),
               "bert": ("BertForMaskedLM", "BertForSequenceClassification", "BertModel")}
+
+
+def _window_fields(model_type: str, window: int | None) -> dict:
+    """config.json's window fields: Mistral's sliding_window (4096 where absent), Qwen's on every layer."""
+    if model_type == "mistral":
+        return dict(sliding_window=window)
+    if model_type in ("qwen2", "qwen3") and window is not None:
+        return dict(use_sliding_window=True, sliding_window=window, max_window_layers=0)
+    return {}
 
 
 def config_to_hf(cfg: ModelConfig) -> dict:
@@ -179,7 +208,10 @@ def config_to_hf(cfg: ModelConfig) -> dict:
     classifier with a task head, else the LM (decoders) or the bare body (BERT: ptune has
     no masked-LM head).
     """
-    model_type = "qwen2" if cfg.qkv_bias else cfg.family   # LLaMA's attention_bias would add o_proj's too
+    model_type = cfg.model_type
+    if cfg.qk_norm and cfg.qkv_bias:
+        raise UserError("model: qk_norm with qkv_bias has no HF model type (Qwen3's attention_bias would bias "
+                        "o_proj too); it cannot be exported as an HF config")
     if cfg.family == "gpt2":
         fields = dict(n_embd=cfg.hidden_size, n_layer=cfg.num_layers, n_head=cfg.num_heads,
                       n_inner=cfg.intermediate_size, n_positions=cfg.max_positions,
@@ -192,7 +224,8 @@ def config_to_hf(cfg: ModelConfig) -> dict:
         rope = {"rope_type": "default", **dict(cfg.rope_scaling)}
         fields.update(num_key_value_heads=cfg.num_kv_heads, head_dim=cfg.head_dim, rms_norm_eps=cfg.norm_eps,
                       rope_theta=cfg.rope_theta, rope_parameters={**rope, "rope_theta": cfg.rope_theta},
-                      **({"rope_scaling": rope} if cfg.rope_scaling else {}))   # the field transformers 4 reads
+                      **({"rope_scaling": rope} if cfg.rope_scaling else {}),   # the field transformers 4 reads
+                      **_window_fields(model_type, cfg.sliding_window))
     if cfg.family == "bert":
         fields.update(layer_norm_eps=cfg.norm_eps, type_vocab_size=cfg.type_vocab_size)
     lm, classifier, body = HF_CLASSES[model_type]

@@ -71,13 +71,16 @@ def segment_positions(mask):
     return jnp.maximum(count - 1 - base, 0)
 
 
-def visible_mask(kv_mask, q_slots, causal: bool, prefix_len: int = 0, shared: int = 0):
+def visible_mask(kv_mask, q_slots, causal: bool, prefix_len: int = 0, shared: int = 0, window: int | None = None):
     """(B,1,T,prefix_len+S) bool: which keys each query sees. kv_mask: (B,S) segment ids (see
     `segment_positions`); q_slots: (B,T) each query's slot in kv_mask.
 
     A real query sees the real keys of its own segment, the first `shared` slots (the soft prompt)
     and the prefix, which every example of a packed row shares; a padding query sees every real key.
     With 0/1 masks that is every real key for every query, as before packing.
+    A `window` (sliding-window attention) hides keys `window` or more slots before the query; the
+    prefix counts as the slots just before the first, as in transformers, where it is the KV cache's
+    first entries. A KV cache keeps every slot, so this is exact in decode mode too.
     """
     keys = kv_mask[:, None, :]
     q_segment = jnp.take_along_axis(kv_mask, q_slots, axis=1)[:, :, None]
@@ -88,6 +91,9 @@ def visible_mask(kv_mask, q_slots, causal: bool, prefix_len: int = 0, shared: in
     if prefix_len:
         pre = jnp.ones(visible.shape[:2] + (prefix_len,), bool)
         visible = jnp.concatenate([pre, visible], -1)
+    if window is not None:
+        key_slots = jnp.arange(-prefix_len, kv_mask.shape[1])
+        visible = visible & (q_slots[:, :, None] - key_slots < window)
     return visible[:, None]
 
 

@@ -1,6 +1,7 @@
-"""LLaMA family: RoPE, RMSNorm, SwiGLU, grouped-query attention, optional qkv bias and
-tied embeddings (HF `LlamaForCausalLM` / `LlamaForSequenceClassification` names), so
-SmolLM2-, Llama- and Qwen2-style checkpoints fit."""
+"""LLaMA family: RoPE, RMSNorm, SwiGLU, grouped-query attention, optional qkv bias, q/k norms,
+explicit head width, sliding-window attention and tied embeddings (HF `LlamaForCausalLM` /
+`LlamaForSequenceClassification` names), so SmolLM2-, Llama-, Qwen2-, Qwen3- and Mistral-style
+checkpoints fit."""
 
 from __future__ import annotations
 
@@ -24,9 +25,11 @@ class LlamaAttention(nn.Module):
         B, T, _ = x.shape
         proj = lambda n, heads, name: Linear(heads * cfg.head_dim, ("embed", "heads"), cfg.qkv_bias, self.sites,
                                              dtype=dt, name=name)(x, deterministic).reshape(B, T, heads, cfg.head_dim)
+        # Qwen3 normalises each head's q and k (one weight of head_dim shared by the heads) before RoPE.
+        norm = lambda h, name: nn.RMSNorm(cfg.norm_eps, dtype=dt, name=name)(h) if cfg.qk_norm else h
         inv_freq, scale = rope_scaling.frequencies(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling, cfg.max_positions)
-        q = rope(proj("q", cfg.num_heads, "q_proj"), p.positions, inv_freq, scale)
-        k = rope(proj("k", cfg.num_kv_heads, "k_proj"), p.positions, inv_freq, scale)
+        q = rope(norm(proj("q", cfg.num_heads, "q_proj"), "q_norm"), p.positions, inv_freq, scale)
+        k = rope(norm(proj("k", cfg.num_kv_heads, "k_proj"), "k_norm"), p.positions, inv_freq, scale)
         v = proj("v", cfg.num_kv_heads, "v_proj")
         prefix = None if p.prefix is None else p.prefix[layer]
         out = attend(self, q, k, v, p.visible, prefix=prefix, cache_index=p.cache_index, dtype=dt)

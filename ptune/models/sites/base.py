@@ -89,13 +89,18 @@ class SiteKind:
     # "replicated" (unless config.mesh.shard_sites matches the leaf) or "logical" (by the logical axes
     # its parameters carry, like the base); None: the kind has not said, and sharding it is an error.
     sharding: str | None = None
-    # PEFT's default options per model family, e.g. {"gpt2": {"targets": ["c_attn"]}}.
+    # PEFT's default options per model family, e.g. {"gpt2": {"targets": ["c_attn"]}}, and per HF model
+    # type (ModelConfig.model_type) where PEFT's differ from the family's (see `defaults_for`).
     defaults: Mapping[str, Mapping[str, Any]] = {}
     # The bank: leaf name -> the one axis along which a task's leaf may be smaller (zero-padded, exact).
     paddable: Mapping[str, int] = {}
     # HF PEFT: its peft_type, and the adapter_config.json keys its loader reads or that change nothing.
     peft_type: str | None = None
     peft_options: frozenset = frozenset()
+
+    def defaults_for(self, family: str, model_type: str | None = None) -> Mapping[str, Any]:
+        """PEFT's default options for a model: its HF model type's where PEFT names them apart, else its family's."""
+        return self.defaults.get(model_type) or self.defaults.get(family, {})
 
     def owns(self, path: str) -> bool:
         return bool(re.search(self.leaves, path))

@@ -27,6 +27,9 @@ class IA3Kind(SiteKind):
     name, spec, leaves, wraps, sharding = "ia3", IA3, r"/ia3$", "layer", "replicated"
     defaults = {"gpt2": {"targets": ["c_attn", "mlp.c_proj"], "feedforward": ["mlp.c_proj"]},
                 "llama": {"targets": ["k_proj", "v_proj", "down_proj"], "feedforward": ["down_proj"]},
+                # PEFT scales the queries, not the keys, of Qwen models
+                **dict.fromkeys(("qwen2", "qwen3"), {"targets": ["q_proj", "v_proj", "down_proj"],
+                                                     "feedforward": ["down_proj"]}),
                 "bert": {"targets": ["key", "value", "output.dense"], "feedforward": ["output.dense"]}}
     peft_type, peft_options = "IA3", frozenset({"feedforward_modules", "init_ia3_weights"})
 
