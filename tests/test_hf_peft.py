@@ -32,10 +32,11 @@ TOL = 1e-4
 OPTIONS = {
     "lora": {"gpt2-tiny": dict(rank=2, alpha=5.0, targets=["c_attn", "mlp.c_proj"]),
              "llama-tiny": dict(rank=2, alpha=3.0, rslora=True, targets=["q_proj", "v_proj", "down_proj"]),
+             "qwen3-tiny": dict(rank=2, alpha=3.0, targets=["q_proj", "k_proj", "o_proj"]),   # k_proj: under k_norm
              "bert-tiny": dict(rank=2, alpha=5.0)},
     "ia3": {}, "prompt": dict(length=3, init="uniform"), "prefix": dict(length=3, hidden=16),
 }
-CASES = [(preset, name) for preset in ("gpt2-tiny", "llama-tiny", "bert-tiny")
+CASES = [(preset, name) for preset in ("gpt2-tiny", "llama-tiny", "bert-tiny", "qwen3-tiny")
          for name in ("lora", "ia3", "prompt", "prefix") if (preset, name) != ("bert-tiny", "prefix")]
 # PEFT configs for adapters made in torch.
 # GPT-2's LoRA covers only layer 1: ptune reads the layers from the file's keys.
@@ -168,7 +169,7 @@ def test_peft_adapter_imports_with_matching_logits(preset, name):
     assert diff < TOL
 
 
-@pytest.mark.parametrize("preset", ["gpt2-tiny", "llama-tiny", "bert-tiny"])
+@pytest.mark.parametrize("preset", ["gpt2-tiny", "llama-tiny", "bert-tiny", "qwen3-tiny"])
 def test_merged_lora_and_ia3_load_in_transformers(preset):
     cfg, _, _ = _base(preset)
     method = methods.get("lora+ia3", cfg, lora=OPTIONS["lora"][preset])

@@ -158,8 +158,12 @@ def test_model_config_refusals():
         hf_config.config_to_hf(models.model_config("qwen3-tiny", qkv_bias=True))
 
 
-@pytest.mark.parametrize("overrides", [{}, {"sliding_window": 8}, {"qk_norm": False, "qkv_bias": True, "sliding_window": 8},
-                                       {"qk_norm": False, "head_dim": 24, "sliding_window": 8}])
+EXPORTED = {"qwen3": {}, "qwen3-window": {"sliding_window": 8},
+            "qwen2-window": {"qk_norm": False, "qkv_bias": True, "sliding_window": 8},
+            "mistral-head-dim": {"qk_norm": False, "head_dim": 24, "sliding_window": 8}}
+
+
+@pytest.mark.parametrize("overrides", EXPORTED.values(), ids=EXPORTED)
 def test_exported_configs_round_trip_and_transformers_builds_the_same_shapes(overrides):
     cfg = models.model_config("qwen3-tiny", **overrides)
     exported = hf_config.config_to_hf(cfg)

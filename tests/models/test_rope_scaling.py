@@ -208,7 +208,8 @@ def test_gguf_refusals(tmp_path):
 
 # ----------------------------------------------------------------------------- config.json fields
 
-@pytest.mark.parametrize("cls", ["LlamaConfig", "Qwen2Config", "GPT2Config", "BertConfig"])
+@pytest.mark.parametrize("cls", ["LlamaConfig", "Qwen2Config", "Qwen3Config", "MistralConfig", "GPT2Config",
+                                 "BertConfig"])
 def test_configs_transformers_writes_load(tmp_path, cls):
     config = getattr(transformers, cls)()
     config.save_pretrained(tmp_path)
@@ -266,16 +267,12 @@ REFUSED = [
     ("llama-tiny", {"partial_rotary_factor": 0.5}, r"partial_rotary_factor=0.5"),
     ("llama-tiny", {"attention_bias": True}, r"llama attention_bias=True changes what the model computes"),
     ("llama-tiny", {"mlp_bias": True}, r"mlp_bias=True"),
-    ("llama-tiny", {"head_dim": 32}, r"head_dim=32 .*hidden_size / num_attention_heads"),
     ("llama-tiny", {"hidden_act": "relu2"}, r"hidden_act='relu2' is not implemented"),
     ("llama-tiny", {"attn_logit_softcapping": 50.0}, r"field\(s\) attn_logit_softcapping unknown to ptune"),
     ("llama-tiny", {"final_logit_softcapping": 30.0, "quantization_config": {"quant_method": "gptq"}},
      r"field\(s\) final_logit_softcapping, quantization_config unknown"),
-    ("llama-tiny", {"model_type": "mistral", "sliding_window": 64}, r"mistral sliding_window=64"),
-    ("llama-tiny", {"model_type": "mistral", "max_position_embeddings": 8192},   # transformers' default window
-     r"mistral sliding_window=4096"),
     ("llama-tiny", {"model_type": "qwen2", "use_sliding_window": True, "sliding_window": 64, "max_window_layers": 1},
-     r"qwen2 use_sliding_window=True"),
+     r"qwen2 use_sliding_window=True"),   # a window on some layers only
     ("llama-tiny", {"model_type": "qwen2", "use_mrope": True}, r"qwen2 use_mrope=True"),
     ("gpt2-tiny", {"scale_attn_by_inverse_layer_idx": True}, r"gpt2 scale_attn_by_inverse_layer_idx=True"),
     ("gpt2-tiny", {"add_cross_attention": True}, r"add_cross_attention=True"),
@@ -283,7 +280,7 @@ REFUSED = [
     ("bert-tiny", {"is_decoder": True}, r"bert is_decoder=True"),
     ("bert-tiny", {"is_encoder_decoder": True}, r"is_encoder_decoder=True"),
     ("llama-tiny", {"model_type": "gemma2"},
-     r"unknown architecture model_type='gemma2'; ptune loads \['bert', 'gpt2', 'llama', 'mistral', 'qwen2'\]"),
+     r"unknown architecture model_type='gemma2'; ptune loads \['bert', 'gpt2', 'llama', 'mistral', 'qwen2', 'qwen3'\]"),
 ]
 
 
@@ -301,8 +298,14 @@ def test_a_missing_field_is_named():
 
 
 def test_honoured_variants_load():
-    """What the checks accept: windows that never bind, a bias-free Llama, head_dim as ptune derives it."""
-    assert hf_config.config_from_hf({**_base("llama-tiny"), "model_type": "mistral", "sliding_window": 128})
+    """What the checks accept: windows (those that never bind read as none), a bias-free Llama, any head_dim."""
+    assert hf_config.config_from_hf({**_base("llama-tiny"), "model_type": "mistral", "sliding_window": 128}) == \
+        models.model_config("llama-tiny")
+    assert hf_config.config_from_hf({**_base("llama-tiny"), "model_type": "mistral", "sliding_window": 64}
+                                    ).sliding_window == 64
+    assert hf_config.config_from_hf({**_base("llama-tiny"), "model_type": "mistral", "max_position_embeddings": 8192}
+                                    ).sliding_window == 4096   # transformers' default window
+    assert hf_config.config_from_hf({**_base("llama-tiny"), "head_dim": 32}).head_dim == 32
     assert hf_config.config_from_hf({**_base("llama-tiny"), "model_type": "qwen2", "use_sliding_window": True,
                                      "sliding_window": 64, "max_window_layers": 2})   # no sliding layer
     cfg = models.model_config("llama-tiny")
