@@ -95,9 +95,11 @@ def _gguf_config(path, meta: dict) -> dict:
                         "refuses what may change the numerics rather than ignore it")
     config = {"model_type": "llama", "rope_theta": 10000.0, **{_GGUF_FIELDS[k]: v for k, v in meta.items()
                                                                  if k in _GGUF_FIELDS}}
-    head_dim = config["hidden_size"] // config["num_attention_heads"]
-    for key, ok in (("rope.dimension_count", head_dim), ("attention.key_length", head_dim),
-                    ("attention.value_length", head_dim), ("expert_count", 0), ("expert_used_count", 0)):
+    # key_length is the head width (Mistral Nemo's 128 against 5120 / 32); values and RoPE must share it.
+    config["head_dim"] = head_dim = meta.get("attention.key_length",
+                                             config["hidden_size"] // config["num_attention_heads"])
+    for key, ok in (("rope.dimension_count", head_dim), ("attention.value_length", head_dim),
+                    ("expert_count", 0), ("expert_used_count", 0)):
         if meta.get(key, ok) != ok:
             raise UserError(f"{path}: GGUF llama.{key}={meta[key]} is not implemented (ptune implements {ok})")
     kind = meta.get("rope.scaling.type", "linear" if "rope.scale_linear" in meta else "none")
@@ -119,8 +121,7 @@ def _set_rope(path, config: dict, scaling: dict) -> None:
 
 def _rope_freqs_scaling(path, config: dict, divisors: np.ndarray) -> dict:
     """Llama 3.x's scaling from the per-frequency divisors llama.cpp stores as `rope_freqs`."""
-    head_dim = config["hidden_size"] // config["num_attention_heads"]
-    scaling = rope_scaling.llama3_from_divisors(divisors, head_dim, config["rope_theta"])
+    scaling = rope_scaling.llama3_from_divisors(divisors, config["head_dim"], config["rope_theta"])
     if scaling is None:
         raise UserError(f"{path}: GGUF tensor rope_freqs holds per-frequency RoPE divisors that are no llama3 "
                         "scaling; ptune implements only llama3's")

@@ -89,6 +89,22 @@ def test_cached_decoding_matches_transformers(checkpoint, name):
     assert diff <= TOL
 
 
+def test_windowed_rows_pad_and_pack_as_if_alone(checkpoint):
+    """The window counts slots; a segment's slots are consecutive, so a left-padded row and a row packing
+    two examples see, in each example, the keys it would see alone."""
+    path, want = checkpoint("mistral-window")
+    cfg, params = pretrained.load(path)
+    apply = jax.jit(models.build(cfg).apply)
+    a, b = IDS[0, :14], IDS[1, :10]
+    alone = [np.asarray(apply({"params": params}, x[None]))[0] for x in (a, b)]
+    np.testing.assert_allclose(alone[0], want[0, :14], atol=TOL)
+    packed = np.asarray(apply({"params": params}, np.concatenate([a, b])[None],
+                              np.repeat([1, 2], [14, 10])[None]))[0]
+    padded = np.asarray(apply({"params": params}, np.pad(b, (4, 0))[None], np.pad(np.ones(10, int), (4, 0))[None]))
+    assert np.abs(packed - np.concatenate(alone)).max() <= TOL
+    assert np.abs(padded[0, 4:] - alone[1]).max() <= TOL
+
+
 def test_qwen3_default_targets_are_pefts():
     """PEFT's tables: LoRA's q_proj/v_proj as for Llama, but IA3 scales Qwen's queries, not its keys."""
     cfg = models.model_config("qwen3-tiny")

@@ -28,11 +28,12 @@ SCALINGS = {"llama3": {"rope_type": "llama3", "factor": 32.0, "low_freq_factor":
             "yarn": {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": CONTEXT}}
 
 
-def _reference(rope: dict):
+def _reference(rope: dict, **fields):
     """transformers' Llama with `rope`, weights large enough that positions move the logits by O(1)."""
     config = transformers.LlamaConfig(vocab_size=260, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
                                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
-                                      tie_word_embeddings=True, rope_parameters={"rope_theta": 10000.0, **rope})
+                                      tie_word_embeddings=True, rope_parameters={"rope_theta": 10000.0, **rope},
+                                      **fields)
     torch.manual_seed(0)
     model = transformers.LlamaForCausalLM(config).eval()
     with torch.no_grad():
@@ -135,7 +136,8 @@ def _write_gguf(path, model, arch="llama", meta=(), extra=(), raw_type=None):
                        ("embedding_length", c.hidden_size), ("feed_forward_length", c.intermediate_size),
                        ("head_count", c.num_attention_heads), ("head_count_kv", c.num_key_value_heads),
                        ("layer_norm_rms_eps", c.rms_norm_eps), ("rope_freq_base", c.rope_parameters["rope_theta"]),
-                       ("vocab_size", c.vocab_size), ("rope_dimension_count", c.head_dim)):
+                       ("vocab_size", c.vocab_size), ("rope_dimension_count", c.head_dim),
+                       ("key_length", c.head_dim), ("value_length", c.head_dim)):
         getattr(writer, f"add_{add}")(value)
     for key, value in meta:
         writer.add_key_value(key, value[0], value[1])
@@ -178,6 +180,18 @@ def test_published_llama3_rope_freqs_are_recognised(head_dim, factor):
     divisors = _llama_cpp_rope_freqs(head_dim, 500000.0, params)
     assert rope_scaling.llama3_from_divisors(divisors, head_dim, 500000.0) == rope_scaling.normalise(params)
     assert rope_scaling.llama3_from_divisors(np.ones(head_dim // 2), head_dim, 500000.0) == ()
+
+
+def test_gguf_head_dim_is_read(tmp_path):
+    """llama.attention.key_length is the head width, which may differ from hidden / heads (Mistral Nemo)."""
+    model = _reference(SCALINGS["llama3"], head_dim=48)
+    rope_freqs = _llama_cpp_rope_freqs(48, 10000.0, SCALINGS["llama3"])
+    cfg, params = pretrained.load(_write_gguf(tmp_path / "head-dim.gguf", model,
+                                              extra=[("rope_freqs.weight", rope_freqs)]))
+    assert cfg.head_dim == 48 and cfg.rope_scaling == rope_scaling.normalise(SCALINGS["llama3"])
+    with torch.no_grad():
+        want = model(torch.tensor(IDS)).logits.numpy()
+    assert np.abs(np.asarray(models.build(cfg).apply({"params": params}, IDS)) - want).max() <= 1e-5
 
 
 def test_linear_gguf_scaling_is_read(tmp_path):
