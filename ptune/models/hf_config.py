@@ -72,7 +72,8 @@ def layer_windows(c: dict) -> list:
                                           else "full_attention" for i in range(c["num_hidden_layers"])]
     else:
         return [None] * c["num_hidden_layers"]
-    binds = window is not None and window < c["max_position_embeddings"]
+    # a window that is no integer binds: ModelConfig then refuses it by name
+    binds = window is not None and (not isinstance(window, int) or window < c["max_position_embeddings"])
     return [window if binds and kind == "sliding_attention" else None for kind in layers]
 
 

@@ -154,6 +154,7 @@ REFUSED = [
      r"qwen3 layer_types=\['full_attention', 'chunked_attention'\]"),
     ({"model_type": "qwen3", "attention_bias": True}, r"qwen3 attention_bias=True"),
     ({"model_type": "mistral", "sliding_window": 0}, r"model.sliding_window=0 must be an integer >= 1"),
+    ({"model_type": "mistral", "sliding_window": "8"}, r"model.sliding_window='8' must be an integer >= 1"),
 ]
 
 
