@@ -10,6 +10,7 @@ import pytest
 
 from ptune import models, partition
 from ptune.models.sites import LoRA, Prefix, Prompt, Sites
+from decoding import cached_logits  # tests/models/decoding.py
 
 IDS = jnp.array([[5, 6, 7, 8, 9, 10, 11, 12], [0, 0, 13, 14, 15, 16, 17, 18]])
 MASK = jnp.array([[1, 1, 1, 1, 1, 1, 1, 1], [0, 0, 1, 1, 1, 1, 1, 1]])   # row 1 left-padded, as in generation
@@ -45,15 +46,6 @@ def test_init_cache_is_empty_and_holds_the_soft_prompt():
 def test_cached_decoding_matches_full_forward(preset, sites):
     model, params = _model(preset, sites)
     full = jax.jit(functools.partial(model.apply, output="logits"))({"params": params}, IDS, MASK)
-    decode = jax.jit(functools.partial(model.apply, output="logits", decode=True, mutable=["cache"]),
-                     static_argnames="with_prompt")
-    # Prefill (soft prompt prepended), then one token at a time; the mask always covers every cache slot.
-    logits, state = decode({"params": params, "cache": models.init_cache(model, *IDS.shape)},
-                           IDS[:, :PREFILL], MASK, POSITIONS[:, :PREFILL], with_prompt=True)
-    steps = [logits]
-    for t in range(PREFILL, IDS.shape[1]):
-        logits, state = decode({"params": params, "cache": state["cache"]}, IDS[:, t:t + 1], MASK,
-                               POSITIONS[:, t:t + 1], with_prompt=False)
-        steps.append(logits)
-    assert int(state["cache"]["index"]) == (sites.prompt.length if sites.prompt else 0) + IDS.shape[1]
-    assert np.abs(jnp.concatenate(steps, 1) - full)[REAL].max() < 1e-5
+    logits, cache = cached_logits(model, params, IDS, MASK, POSITIONS, PREFILL)
+    assert int(cache["index"]) == (sites.prompt.length if sites.prompt else 0) + IDS.shape[1]
+    assert np.abs(logits - full)[REAL].max() < 1e-5

@@ -16,6 +16,7 @@ transformers = pytest.importorskip("transformers")
 
 from ptune import methods, models, partition  # noqa: E402
 from ptune.models import hf, hf_config, pretrained  # noqa: E402
+from decoding import cached_logits  # noqa: E402  (tests/models/decoding.py)
 
 IDS = np.random.default_rng(0).integers(0, 260, (2, 24))
 PREFILL, WINDOW = 10, 8     # the window binds in the prefill and in every decoded step
@@ -74,17 +75,9 @@ def test_cached_decoding_matches_transformers(checkpoint, name):
     path, want = checkpoint(name)
     cfg, params = pretrained.load(path)
     model = models.build(cfg)
-    decode = jax.jit(functools.partial(model.apply, output="logits", decode=True, mutable=["cache"]),
-                     static_argnames="with_prompt")
     mask, positions = np.ones_like(IDS), np.broadcast_to(np.arange(IDS.shape[1]), IDS.shape)
-    logits, state = decode({"params": params, "cache": models.init_cache(model, *IDS.shape)},
-                           IDS[:, :PREFILL], mask, positions[:, :PREFILL], with_prompt=True)
-    steps = [logits]
-    for t in range(PREFILL, IDS.shape[1]):
-        logits, state = decode({"params": params, "cache": state["cache"]}, IDS[:, t:t + 1], mask,
-                               positions[:, t:t + 1], with_prompt=False)
-        steps.append(logits)
-    diff = np.abs(np.concatenate(steps, 1) - want).max()
+    logits, _ = cached_logits(model, params, IDS, mask, positions, PREFILL)
+    diff = np.abs(logits - want).max()
     print(f"{name} cached: max |logit diff| {diff:.1e}")
     assert diff <= TOL
 

@@ -2,12 +2,10 @@
 and GGUF files; config fields and GGUF contents ptune cannot honour are refused by name."""
 
 import dataclasses
-import functools
 import json
 import math
 
 import gguf
-import jax
 import numpy as np
 import pytest
 
@@ -16,6 +14,7 @@ transformers = pytest.importorskip("transformers")
 
 from ptune import assets, models  # noqa: E402
 from ptune.models import hf_config, pretrained, rope_scaling  # noqa: E402
+from decoding import cached_logits  # noqa: E402  (tests/models/decoding.py)
 
 CONTEXT = 32                                           # original_max_position_embeddings
 IDS = np.random.default_rng(0).integers(0, 260, (2, 40))   # 40 tokens: past CONTEXT
@@ -76,17 +75,9 @@ def test_cached_decoding_matches_transformers(checkpoint):
     path, _, want = checkpoint
     cfg, params = pretrained.load(path)
     model = models.build(cfg)
-    decode = jax.jit(functools.partial(model.apply, output="logits", decode=True, mutable=["cache"]),
-                     static_argnames="with_prompt")
     mask, positions = np.ones_like(IDS), np.broadcast_to(np.arange(IDS.shape[1]), IDS.shape)
-    logits, state = decode({"params": params, "cache": models.init_cache(model, *IDS.shape)},
-                           IDS[:, :PREFILL], mask, positions[:, :PREFILL], with_prompt=True)
-    steps = [logits]
-    for t in range(PREFILL, IDS.shape[1]):
-        logits, state = decode({"params": params, "cache": state["cache"]}, IDS[:, t:t + 1], mask,
-                               positions[:, t:t + 1], with_prompt=False)
-        steps.append(logits)
-    assert np.abs(np.concatenate(steps, 1) - want).max() <= 1e-5
+    logits, _ = cached_logits(model, params, IDS, mask, positions, PREFILL)
+    assert np.abs(logits - want).max() <= 1e-5
 
 
 @pytest.mark.parametrize("name", SCALINGS)
