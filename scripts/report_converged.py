@@ -369,6 +369,8 @@ def gap_verdict(data, rates, method: str, judge, rule: str) -> tuple[str, str, s
         return CLAIMS[method], "open: " + "; ".join(missing), "–"
     word = {True: "agrees", False: "does not agree"}.get(judge([gap]), judge([gap]))
     edges = [m for m in dict.fromkeys((method, "full")) if edge(m, rates[m]) != "no"]
+    if missing or edges:   # a reading of the runs so far, which the missing tasks or a wider grid may change
+        word += " (provisional)"
     evidence = (f"{method} − full {gap[0] * 100:+.1f} ± {gap[1] * 100:.1f} points, test accuracy over "
                 f"{', '.join(tasks)}; {rule}" + (f"; not yet: {'; '.join(missing)}" if missing else "")
                 + (f"; chosen rate at the grid's edge: {', '.join(edges)}" if edges else ""))

@@ -146,7 +146,9 @@ def test_ptune_vs_peft_difference_with_its_noise(tmp_path):
     assert rc.peft_row(data, rates, "spam", "lora")[2:4] == ["not run yet", "not run yet"]
 
 
-@pytest.mark.parametrize("lora, verdict", [([0.905, 0.915, 0.91], "agrees"), ([0.85, 0.86, 0.855], "does not agree")])
+# Provisional: spam, topic and genre have not run (a verdict on every task reads without the mark).
+@pytest.mark.parametrize("lora, verdict", [([0.905, 0.915, 0.91], "agrees (provisional)"),
+                                           ([0.85, 0.86, 0.855], "does not agree (provisional)")])
 def test_lora_verdict_follows_the_numbers(tmp_path, lora, verdict):
     sentiment(tmp_path, "full", [0.91, 0.92, 0.915])
     sentiment(tmp_path, "lora", lora)
@@ -163,7 +165,7 @@ def test_prompt_verdict_and_open_verdicts(tmp_path):
     sentiment(tmp_path, "lora", [0.90, 0.91])   # seed 2 not finished
     data, rates = view(tmp_path)
     table = rc.verdicts(data, rates)[2]
-    assert f"| {rc.CLAIMS['prompt']} | agrees | prompt − full -20.5 ± " in table
+    assert f"| {rc.CLAIMS['prompt']} | agrees (provisional) | prompt − full -20.5 ± " in table
     assert f"| {rc.CLAIMS['lora']} | open: lora sentiment: 2/3 seeds run; " in table
     assert f"| {rc.CLAIMS['bitfit']} | open: bitfit: learning-rate selection 0/3 rates run |" in table
     assert f"| {rc.CLAIMS['hybrid']} | open: lora sentiment: 2/3 seeds run; lora+prompt: " in table
