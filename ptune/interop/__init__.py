@@ -1,1 +1,1 @@
-"""interop"""
+"""Other formats: HF-PEFT adapters in and out, merged HF checkpoints, and PEFT-style adapter arithmetic."""
