@@ -103,14 +103,18 @@ def load(workdirs: dict[str, str], which: str | int = "latest", capacity: int | 
     if len({repr(sorted(i.items())) for i in identities.values()}) > 1:
         raise UserError(f"the tasks were trained on different bases {identities}; one bank serves one base: "
                         "serve them separately")
-    adapters, served, bases = {}, {}, {}
-    for name, (config, trainable, record) in loaded.items():
-        # The run rebuilt as it was set up (its method's frozen leaves too, e.g. PiSSA's initial factors),
-        # so that its frozen part is checked, and folded with the adapter, as training saw it. The base is
-        # read once per model config (once in all, but for tasks' differing overrides such as dropout).
+    bases = {}
+
+    def base_of(config):   # read once per model config (once in all, but for overrides such as dropout)
         key = repr(sorted(config.model.to_dict().items()))
         bases[key] = bases.get(key) or builder.base_model(config)
-        run = builder.setup(config, training=False, base=bases[key])
+        return bases[key]
+
+    adapters, served = {}, {}
+    for name, (config, trainable, record) in loaded.items():
+        # The run rebuilt as it was set up (its method's frozen leaves too, e.g. PiSSA's initial factors),
+        # so that its frozen part is checked, and folded with the adapter, as training saw it.
+        run = builder.setup(config, training=False, base=base_of(config))
         frozen = partition.split(run.params, run.labels)[1]
         checkpoint.check_base(record["base"], checkpoint.base_record(config, frozen),
                               f"{workdirs[name]} (task {name!r})")
@@ -119,7 +123,7 @@ def load(workdirs: dict[str, str], which: str | int = "latest", capacity: int | 
         kind = "classify" if run.task.kind == "classify" else "generate"
         served[name] = ServedTask(kind, run.template, config.task.max_length, tasks.class_names(run.task, run.template))
     first = next(iter(loaded.values()))[0]
-    model_cfg, state, tokenizer = bases[repr(sorted(first.model.to_dict().items()))]
+    model_cfg, state, tokenizer = base_of(first)
     base = builder.base_params(first, models.build(model_cfg), state)
     bank = bank_lib.Bank(model_cfg, base, adapters, capacity)
     return Server(bank, tokenizer, served, batch_size, max_new_tokens)
